@@ -1,0 +1,179 @@
+"""fp32 PyTorch definition of every fused op: the executable specification the CUDA kernels match.
+
+Every function computes in fp32 whatever its input dtype, rounds its outputs to the input dtype once, and
+writes into the output tensors it is given (like the CUDA ops), so a kernel and its reference can be called
+the same way. Shapes use T = tokens, H = heads, D = head_dim, R = rotary dims, B = batch, S = cache length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rope_inv_freq(rotary_dim: int, theta: float, rope_type: str = "default", factor: float = 1.0,
+                  max_position_embeddings: int | None = None, seq_len: int | None = None,
+                  device=None) -> torch.Tensor:
+    """inv_freq[j] = theta'^(-2j/R) for j < R/2, in fp32, for the rope types Persimmon configs use.
+
+    - default: theta' = theta.
+    - linear:  inv_freq / factor (positions divided by factor).
+    - dynamic (NTK): while seq_len <= max_position_embeddings, default; beyond it,
+      theta' = theta * (factor * seq_len / max_pos - (factor - 1)) ** (R / (R - 2)).
+    """
+    base = float(theta)
+    if rope_type == "dynamic" and seq_len is not None and seq_len > max_position_embeddings:
+        base = base * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
+    inv_freq = 1.0 / (base ** exponent)
+    if rope_type == "linear":
+        inv_freq = inv_freq / factor
+    return inv_freq
+
+
+def _layer_norm_f32(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float) -> torch.Tensor:
+    x = x.float()
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).square().mean(-1, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """NeoX rotate-half on dims [0, R): out[j] = x[j]cos - x[j+R/2]sin, out[j+R/2] = x[j+R/2]cos + x[j]sin."""
+    half = rotary_dim // 2
+    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+def qk_norm_rope_cache(
+    qkv: torch.Tensor,            # [T, H, 3, D]  head-major fused projection output (any strides, last dim unit)
+    positions: torch.Tensor,      # [T] int32/int64  rotary position of each token
+    inv_freq: torch.Tensor,       # [R/2] fp32  from rope_inv_freq (carries linear/dynamic scaling)
+    q_weight: torch.Tensor | None,  # [D]  q LayerNorm weight shared by all heads (None: no QK-LayerNorm)
+    q_bias: torch.Tensor | None,    # [D]
+    k_weight: torch.Tensor | None,  # [D]
+    k_bias: torch.Tensor | None,    # [D]
+    k_cache: torch.Tensor,        # [B, S, H, D]  written at slot_mapping
+    v_cache: torch.Tensor,        # [B, S, H, D]
+    slot_mapping: torch.Tensor,   # [T] int32/int64  flat slot b*S + s of each token in the caches
+    q_out: torch.Tensor,          # [T, H, D]  written
+    eps: float,
+) -> None:
+    """q_out = rope(LN_q(q)); k_cache[slot] = rope(LN_k(k)); v_cache[slot] = v.
+
+    LayerNorm over D (statistics in fp32, skipped when the weights are None), then rotary on the first
+    R = 2 * len(inv_freq) dims with angle positions * inv_freq computed in fp32 (as transformers does).
+    Slots outside [0, B*S) are an error in the CUDA op; here they raise IndexError.
+    """
+    rotary_dim = 2 * inv_freq.numel()
+    q, k, v = qkv[:, :, 0].float(), qkv[:, :, 1].float(), qkv[:, :, 2]
+    if q_weight is not None:
+        q = _layer_norm_f32(q, q_weight, q_bias, eps)
+        k = _layer_norm_f32(k, k_weight, k_bias, eps)
+    angles = positions.float()[:, None] * inv_freq.float()[None, :]   # [T, R/2]
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]   # [T, 1, R/2], shared by all heads
+    q = _rotate(q, cos, sin, rotary_dim)
+    k = _rotate(k, cos, sin, rotary_dim)
+    q_out.copy_(q.to(q_out.dtype))
+    B, S, H, D = k_cache.shape
+    slots = slot_mapping.long()
+    k_cache.view(B * S, H, D)[slots] = k.to(k_cache.dtype)
+    v_cache.view(B * S, H, D)[slots] = v.to(v_cache.dtype)
+
+
+def layernorm(
+    x: torch.Tensor,              # [N, C]
+    weight: torch.Tensor,         # [C]
+    bias: torch.Tensor,           # [C]
+    out: torch.Tensor,            # [N, C]  written
+    eps: float,
+    residual: torch.Tensor | None = None,      # [N, C]  optional residual stream added to x first
+    residual_out: torch.Tensor | None = None,  # [N, C]  written with x + residual (may alias residual)
+) -> None:
+    """out = LN(x) or, with a residual, r = round(x + residual); residual_out = r; out = LN(r).
+
+    The sum is rounded to the activation dtype before normalising, as transformers' unfused
+    `residual + hidden_states` followed by `nn.LayerNorm` does; statistics are in fp32.
+    """
+    if residual is not None:
+        summed = (x.float() + residual.float()).to(x.dtype)
+        residual_out.copy_(summed)
+        x = summed
+    out.copy_(_layer_norm_f32(x, weight, bias, eps).to(out.dtype))
+
+
+def bias_relu2(
+    x: torch.Tensor,              # [N, F]
+    bias: torch.Tensor,           # [F]
+    out: torch.Tensor,            # [N, F]  written (may alias x)
+) -> None:
+    """out = relu(x + bias)^2, computed in fp32 and rounded once (the prefill MLP epilogue)."""
+    y = torch.relu(x.float() + bias.float())
+    out.copy_((y * y).to(out.dtype))
+
+
+def attention_prefill(
+    q: torch.Tensor,              # [T, H, D]  queries of all sequences, packed
+    k_cache: torch.Tensor,        # [B, S, H, D]  keys of sequence b in row b, positions [0, seq_lens[b])
+    v_cache: torch.Tensor,        # [B, S, H, D]
+    cu_seqlens_q: torch.Tensor,   # [B+1] int32  sequence b's queries are q[cu[b]:cu[b+1]]
+    seq_lens: torch.Tensor,       # [B] int32  keys of sequence b after this chunk (cached prefix + new)
+    out: torch.Tensor,            # [T, H, D]  written
+    scale: float,
+) -> None:
+    """Causal attention of new tokens over their sequence's cache (chunked prefill).
+
+    Query i of sequence b (n_b = cu[b+1] - cu[b] queries) sits at position p = seq_lens[b] - n_b + i and
+    attends to keys [0, p]: out = softmax(q k^T * scale + causal mask) v, softmax in fp32.
+    """
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for b in range(len(lens)):
+        n, L = cu[b + 1] - cu[b], lens[b]
+        if n == 0:
+            continue
+        qb = q[cu[b]:cu[b + 1]].float().transpose(0, 1)           # [H, n, D]
+        kb = k_cache[b, :L].float().transpose(0, 1)               # [H, L, D]
+        vb = v_cache[b, :L].float().transpose(0, 1)
+        scores = torch.matmul(qb, kb.transpose(1, 2)) * scale     # [H, n, L]
+        qpos = torch.arange(L - n, L, device=q.device)[:, None]
+        kpos = torch.arange(L, device=q.device)[None, :]
+        scores = scores.masked_fill(kpos > qpos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[cu[b]:cu[b + 1]] = torch.matmul(probs, vb).transpose(0, 1).to(out.dtype)
+
+
+def attention_decode(
+    q: torch.Tensor,              # [B, H, D]  one query per sequence
+    k_cache: torch.Tensor,        # [B, S, H, D]
+    v_cache: torch.Tensor,        # [B, S, H, D]
+    seq_lens: torch.Tensor,       # [B] int32  keys to attend to (the query's own key included); 0 = idle row
+    out: torch.Tensor,            # [B, H, D]  written (zeros for idle rows)
+    scale: float,
+) -> None:
+    """out[b] = softmax(q[b] k[b, :len]^T * scale) v[b, :len], softmax in fp32."""
+    lens = seq_lens.tolist()
+    for b, L in enumerate(lens):
+        if L == 0:
+            out[b].zero_()
+            continue
+        qb = q[b].float()[:, None, :]                             # [H, 1, D]
+        kb = k_cache[b, :L].float().transpose(0, 1)               # [H, L, D]
+        vb = v_cache[b, :L].float().transpose(0, 1)
+        probs = torch.softmax(torch.matmul(qb, kb.transpose(1, 2)) * scale, dim=-1)
+        out[b] = torch.matmul(probs, vb)[:, 0].to(out.dtype)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+__all__ = ["rope_inv_freq", "qk_norm_rope_cache", "layernorm", "bias_relu2", "attention_prefill",
+           "attention_decode", "default_scale"]
