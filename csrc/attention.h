@@ -1,0 +1,40 @@
+// Torch-free launchers of the two attention ops; semantics in persimmon_rt/reference.py.
+// T = packed query tokens, B = sequences, S = cache length, H = heads, D = head_dim.
+// All tensors contiguous, fp16 or bf16 (`dtype`), 16-byte aligned; shapes are checked by the caller
+// (torch_bindings.cpp) before launch. Launchers throw std::exception on a launch failure.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "dtype.h"
+
+namespace persimmon_rt {
+
+// out = causal softmax(q k^T * scale) v of the new tokens of every sequence over its cache.
+void launch_attention_prefill(const void* q,               // [T, H, D]
+                              const void* k_cache,         // [B, S, H, D]
+                              const void* v_cache,         // [B, S, H, D]
+                              const int32_t* cu_seqlens_q, // [B + 1]  sequence b owns queries [cu[b], cu[b+1])
+                              const int32_t* seq_lens,     // [B]  keys of sequence b after this chunk
+                              void* out,                   // [T, H, D]  written
+                              int num_tokens, int batch, int cache_len, int num_heads, int head_dim,
+                              float scale, DType dtype, cudaStream_t stream);
+
+// Bytes of scratch launch_attention_decode needs for this shape (0 if none); the caller allocates it
+// on the launch stream so CUDA-graph capture stays allocation-free inside the kernels.
+size_t attention_decode_workspace_bytes(int batch, int cache_len, int num_heads, int head_dim);
+
+// out[b] = softmax(q[b] k[b, :seq_lens[b]]^T * scale) v[b, :seq_lens[b]]; zeros where seq_lens[b] == 0.
+void launch_attention_decode(const void* q,                // [B, H, D]
+                             const void* k_cache,          // [B, S, H, D]
+                             const void* v_cache,          // [B, S, H, D]
+                             const int32_t* seq_lens,      // [B]
+                             void* out,                    // [B, H, D]  written
+                             void* workspace,              // attention_decode_workspace_bytes(...) bytes
+                             int batch, int cache_len, int num_heads, int head_dim,
+                             float scale, DType dtype, cudaStream_t stream);
+
+}  // namespace persimmon_rt

@@ -1,0 +1,129 @@
+"""Token sampling and the reference `generate` loop (KV cache, left-padded batches, stop tokens).
+
+Sampling works on fp32 logits and follows transformers' warpers: temperature, then top-k, then top-p
+(nucleus, keeping at least one token). The fast engine reuses `sample` so both paths agree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature is None or temperature < 0 or temperature != temperature:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be a non-negative integer (0 disables it), got {top_k!r}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """[B, V] fp32 logits -> scaled logits with filtered-out tokens at -inf."""
+    logits = logits.float()
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    if top_k:
+        k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[..., -1:] = False                     # the most likely token always survives
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row of [B, V] logits: argmax when not sampling (or temperature 0), else a draw."""
+    if not do_sample or temperature == 0:
+        return logits.float().argmax(dim=-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class GenerationMixin:
+    """`generate` for the module-level models, on whatever device they live."""
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 inputs_embeds: torch.Tensor | None = None, min_new_tokens: int = 0, **unused) -> torch.Tensor:
+        """Returns the prompt followed by the new tokens ([B, prompt + new]), as transformers does; with
+        only `inputs_embeds`, just the new tokens. Sequences that finished are padded with `pad_token_id`.
+
+        Defaults come from generation_config.json when the model directory has one, then from
+        transformers' defaults (greedy, 20 new tokens; when sampling top_k=50, top_p=1.0, temperature=1.0).
+        Positions follow the attention mask, so a left-padded batch generates what each row would alone.
+        """
+        if not hasattr(self, "lm_head"):
+            raise TypeError(f"{type(self).__name__} has no language-model head; use PersimmonForCausalLM")
+        gen = self.generation_config or {}
+        do_sample = gen.get("do_sample", False) if do_sample is None else do_sample
+        temperature = gen.get("temperature", 1.0) if temperature is None else temperature
+        top_k = gen.get("top_k", 50) if top_k is None else top_k
+        top_p = gen.get("top_p", 1.0) if top_p is None else top_p
+        validate_sampling(temperature, top_k, top_p)
+        if eos_token_id is None:
+            eos_token_id = gen.get("eos_token_id", self.config.eos_token_id)
+        eos = torch.tensor([] if eos_token_id is None else
+                           (list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]),
+                           dtype=torch.long, device=self.device)
+        if pad_token_id is None:
+            pad_token_id = gen.get("pad_token_id", self.config.pad_token_id)
+        if pad_token_id is None:
+            pad_token_id = int(eos[0]) if eos.numel() else 0
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("generate needs input_ids or inputs_embeds")
+        prompt = input_ids if input_ids is not None else None
+        bsz, prompt_len = (prompt.shape if prompt is not None else inputs_embeds.shape[:2])
+        if prompt_len == 0:
+            raise ValueError("the prompt is empty: give at least one token (e.g. the BOS token)")
+        if max_new_tokens is None:
+            max_new_tokens = (max_length - prompt_len) if max_length is not None else gen.get("max_new_tokens", 20)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        limit = self.config.max_position_embeddings
+        if prompt_len + max_new_tokens > limit and self.config.rope_type != "dynamic":
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_position_embeddings ({limit})")
+
+        if attention_mask is None:
+            attention_mask = torch.ones(bsz, prompt_len, dtype=torch.long, device=self.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self(input_ids=prompt, inputs_embeds=inputs_embeds if prompt is None else None,
+                   attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        next_logits = out.logits[:, -1, :]
+        finished = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            if step < min_new_tokens and eos.numel():
+                next_logits = next_logits.float().index_fill(-1, eos, float("-inf"))
+            token = sample(next_logits, do_sample, temperature, top_k, top_p, generator)
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            new_tokens.append(token)
+            if eos.numel():
+                finished |= torch.isin(token, eos)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            attention_mask = torch.cat((attention_mask, attention_mask.new_ones(bsz, 1)), dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+            out = self(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            next_logits = out.logits[:, -1, :]
+        generated = torch.stack(new_tokens, dim=1) if new_tokens else torch.empty(bsz, 0, dtype=torch.long,
+                                                                                  device=self.device)
+        return generated if prompt is None else torch.cat((prompt, generated), dim=1)

@@ -1,0 +1,164 @@
+"""HF-format weight files: read (safetensors single or sharded, pytorch_model*.bin) and write (safetensors).
+
+Reading is lazy: safetensors tensors are views of the memory-mapped file, so an 8B checkpoint is paged in
+once, straight into the parameters that `assign=True` hands them to, and never held twice in RAM.
+Writing goes to a temporary directory that is renamed into place, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import torch
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, malformed, or does not match the model it is loaded into."""
+
+
+def weight_files(directory: str) -> list[str]:
+    """The weight files of an HF-format directory, in the order an index lists them."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"model directory {directory!r} does not exist")
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index_path = os.path.join(directory, index_name)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path, encoding="utf-8") as fh:
+                    weight_map = json.load(fh)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index_path} is not a valid weight index ({exc!r})") from exc
+            shards = list(dict.fromkeys(weight_map.values()))
+            missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+            if missing:
+                raise CheckpointError(f"{index_path} lists shard(s) that do not exist: {', '.join(missing)}")
+            return [os.path.join(directory, s) for s in shards]
+    for single in (SAFE_WEIGHTS, BIN_WEIGHTS):
+        path = os.path.join(directory, single)
+        if os.path.isfile(path):
+            return [path]
+    raise FileNotFoundError(
+        f"no weights in {directory!r}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}")
+
+
+def iter_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of one weight file; safetensors tensors are mmap-backed views."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt", device="cpu") as fh:
+                for name in fh.keys():
+                    yield name, fh.get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers / short files
+            raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {path} (loaded with weights_only=True): {exc}") from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
+        yield from state.items()
+
+
+def load_state_dict(directory: str) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF-format directory (lazy, mmap-backed where the format allows)."""
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        for name, tensor in iter_tensors(path):
+            if name in state:
+                raise CheckpointError(f"tensor {name!r} appears in more than one shard ({path})")
+            state[name] = tensor
+    return state
+
+
+def check_state_dict(expected: dict[str, tuple[torch.Size, torch.dtype | None]],
+                     found: dict[str, torch.Tensor], ignore: tuple[str, ...] = ()) -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(k for k in expected if k not in found)
+    unexpected = sorted(k for k in found if k not in expected and not any(p in k for p in ignore))
+    bad_shape = [f"{k}: checkpoint {tuple(found[k].shape)}, model {tuple(shape)}"
+                 for k, (shape, _) in expected.items() if k in found and tuple(found[k].shape) != tuple(shape)]
+    bad_dtype = [f"{k}: {found[k].dtype}" for k in expected if k in found and not found[k].is_floating_point()]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if bad_shape:
+        problems.append(f"wrong shapes: {'; '.join(bad_shape)}")
+    if bad_dtype:
+        problems.append(f"non-floating-point weights: {', '.join(bad_dtype)}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the model: " + " | ".join(problems))
+
+
+def find_non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of tensors holding NaN or Inf (reads every tensor once; opt-in because it touches all pages)."""
+    return [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary directory beside `final`; rename it to `final` only if the block succeeds."""
+    final = os.path.abspath(final)
+    if os.path.exists(final) and not overwrite and os.listdir(final):
+        raise FileExistsError(f"output directory {final!r} exists and is not empty")
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], directory: str,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None) -> list[str]:
+    """Write `state` as model.safetensors, or as shards plus model.safetensors.index.json when larger
+    than `max_shard_bytes`. Tensors sharing storage are written as independent copies. Returns the files."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    meta = {"format": "pt", **(metadata or {})}
+    os.makedirs(directory, exist_ok=True)
+    if len(shards) == 1:
+        names = [SAFE_WEIGHTS]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, os.path.join(directory, name),
+                  metadata=meta)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
+        with open(os.path.join(directory, SAFE_INDEX), "w", encoding="utf-8") as fh:
+            json.dump(index, fh, indent=2, sort_keys=True)
+    return [os.path.join(directory, n) for n in names]
