@@ -134,13 +134,15 @@ class PersimmonConfig:
             raise ConfigError(f"config.json describes model_type {model_type!r}, not 'persimmon'")
         rope_parameters = data.pop("rope_parameters", None)
         if rope_parameters:
-            # transformers 5: rope_theta / partial_rotary_factor / scaling live together in one dict.
-            data.setdefault("rope_theta", rope_parameters.get("rope_theta", 25000.0))
+            # transformers 5 keeps rope_theta / partial_rotary_factor / scaling together in one dict, which
+            # wins over the top-level keys (it also writes a stale top-level partial_rotary_factor of 0.5).
+            if "rope_theta" in rope_parameters:
+                data["rope_theta"] = rope_parameters["rope_theta"]
             if "partial_rotary_factor" in rope_parameters:
-                data.setdefault("partial_rotary_factor", rope_parameters["partial_rotary_factor"])
+                data["partial_rotary_factor"] = rope_parameters["partial_rotary_factor"]
             rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
-            if rope_type != "default" and data.get("rope_scaling") is None:
-                data["rope_scaling"] = {"rope_type": rope_type, "factor": rope_parameters.get("factor")}
+            data["rope_scaling"] = (None if rope_type == "default"
+                                    else {"rope_type": rope_type, "factor": rope_parameters.get("factor")})
         if "dtype" in data and "torch_dtype" not in data:
             data["torch_dtype"] = data.pop("dtype")
         data.pop("dtype", None)
@@ -169,11 +171,7 @@ class PersimmonConfig:
                                    "factor": self.rope_scaling["factor"]}
         out["rope_parameters"] = rope_parameters
         out["model_type"] = self.model_type
-        out.setdefault("architectures", None)
-        result = {**self.extra, **out}
-        if result.get("architectures") is None:
-            result.pop("architectures")
-        return result
+        return {**self.extra, **out}
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
