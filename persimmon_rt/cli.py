@@ -1,0 +1,61 @@
+"""The ``persimmon-rt`` command (also ``python -m persimmon_rt``): a small dispatcher over subcommands.
+
+A subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``
+(and usually a standalone ``main(argv)``); register it in COMMANDS. Errors print one line
+``persimmon-rt: error: ...`` (exit 2 for usage errors, 1 otherwise); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from importlib import import_module
+
+from . import __version__
+
+PROG = "persimmon-rt"
+COMMANDS = {
+    "convert": ("persimmon_rt.convert", "convert an original adept checkpoint to an HF-format directory"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Fast, faithful inference for the Persimmon decoder family.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, summary) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=summary)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        import_module(module).add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def _warning(message, category, filename, lineno, file=None, line=None):
+    print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning
+        try:
+            return import_module(args._module).run(args) or 0
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            if args.debug:
+                raise
+            message = " ".join(str(exc).split("\n")) or type(exc).__name__
+            if not isinstance(exc, (OSError, ValueError)):  # CheckpointError and ConfigError are ValueErrors
+                message = f"{type(exc).__name__}: {message}"
+            print(f"{PROG}: error: {message}", file=sys.stderr)
+            return 1

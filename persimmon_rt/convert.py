@@ -1,0 +1,371 @@
+"""Convert an original Persimmon release (adept-inference / Megatron ``model_optim_rng.pt``) to an HF-format
+directory: safetensors weights, config.json, tokenizer.model and generation_config.json.
+
+The checkpoint is read with `safe_unpickle` (nothing in it is executed and the adept-inference code need
+not be installed); the architecture comes from the checkpoint's own ``args`` namespace, and every tensor is
+checked against the shapes that config implies. Keys are renamed the way transformers' converter does
+(flatten with '.', then ``self_attention``→``self_attn``, ``language_model.encoder``→``model``,
+``word_embeddings_for_head``→``lm_head``, ``language_model.embedding.word_embeddings``→``model.embed_tokens``;
+``rotary_emb.inv_freq`` buffers are dropped). Output is written to a temporary directory renamed into place,
+so an interrupted conversion leaves nothing behind.
+
+Command line: ``python -m persimmon_rt convert --adept PATH --out DIR [--dtype ...] [--overwrite]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+
+import torch
+
+from .config import ConfigError, PersimmonConfig
+from .safe_unpickle import Placeholder, load as safe_load
+from .weights import DEFAULT_SHARD_BYTES, CheckpointError, atomic_directory, check_state_dict, save_state_dict
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_NAMES = ("model_optim_rng.pt", "model_rng.pt")
+VOCAB = "adept_vocab.model"
+EOD_PIECE = "|ENDOFTEXT|"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+RENAMES = (("self_attention", "self_attn"), ("language_model.encoder", "model"),
+           ("word_embeddings_for_head", "lm_head"), ("language_model.embedding.word_embeddings", "model.embed_tokens"))
+QK_SHARED_MODES = ("weights_per_layer", "weights_per_tensor_parallel_rank_and_layer")
+
+
+# ------------------------------------------------------------------------------------------------ locating
+def locate_checkpoint(path: str | os.PathLike) -> tuple[str, str | None]:
+    """(model_optim_rng.pt, adept_vocab.model or None) for a release directory or a .pt file."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isfile(path):
+        checkpoint, search = path, [os.path.dirname(path)]
+        for _ in range(3):
+            search.append(os.path.dirname(search[-1]))
+    elif os.path.isdir(path):
+        checkpoint, search = _checkpoint_in(path), [path, os.path.dirname(path)]
+    else:
+        raise FileNotFoundError(f"adept checkpoint {path!r} does not exist")
+    _check_single_rank(os.path.dirname(checkpoint))
+    vocab = next((os.path.join(d, VOCAB) for d in search if os.path.isfile(os.path.join(d, VOCAB))), None)
+    return checkpoint, vocab
+
+
+def _checkpoint_in(directory: str) -> str:
+    tracker = os.path.join(directory, TRACKER)
+    if os.path.isfile(tracker):
+        with open(tracker, encoding="utf-8") as fh:
+            text = fh.read().strip()
+        if text == "release":
+            iteration_dir = "release"
+        elif text.isdigit():
+            iteration_dir = f"iter_{int(text):07d}"
+        else:
+            raise CheckpointError(f"{tracker} holds {text!r}, expected an iteration number or 'release'")
+        candidates = [os.path.join(directory, iteration_dir)]
+    else:
+        candidates = [directory]
+    for base in candidates:
+        _check_single_rank(os.path.join(base, "mp_rank_00"))
+        for sub in ("mp_rank_00", ""):
+            for name in CHECKPOINT_NAMES:
+                if os.path.isfile(os.path.join(base, sub, name)):
+                    return os.path.join(base, sub, name)
+    raise FileNotFoundError(
+        f"no adept checkpoint in {directory!r}: expected {TRACKER} pointing at "
+        f"iter_XXXXXXX/mp_rank_00/{CHECKPOINT_NAMES[0]}, or that file itself")
+
+
+def _check_single_rank(rank_dir: str) -> None:
+    parent = os.path.dirname(rank_dir)
+    if not os.path.basename(rank_dir).startswith("mp_rank_") or not os.path.isdir(parent):
+        return
+    ranks = sorted(n for n in os.listdir(parent) if n.startswith("mp_rank_"))
+    if ranks and ranks != ["mp_rank_00"]:
+        raise CheckpointError(
+            f"{parent} holds a tensor/pipeline-parallel checkpoint ({', '.join(ranks)}); only single-rank "
+            "(TP=1, PP=1) releases are supported: merge the shards into one with Megatron's checkpoint tools first")
+
+
+# --------------------------------------------------------------------------------------------------- config
+def _fields(args) -> dict:
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    if isinstance(args, Mapping):
+        return dict(args)
+    if isinstance(args, Placeholder) and isinstance(args.state, dict):
+        return args.state
+    raise CheckpointError(f"checkpoint 'args' is a {type(args).__name__}, expected an argparse.Namespace")
+
+
+def _value(v):
+    """Unwrap an Enum the loader could not import (a Placeholder built from a single value)."""
+    return v.args[0] if isinstance(v, Placeholder) and len(v.args) == 1 else v
+
+
+def config_from_args(args) -> PersimmonConfig:
+    """PersimmonConfig from a checkpoint's ``args`` namespace (names the field that is missing or invalid)."""
+    a = _fields(args)
+
+    def get(name, kind, optional=False, default=None):
+        value = _value(a.get(name))
+        if value is None:
+            if optional:
+                return default
+            raise CheckpointError(f"checkpoint args lack the field {name!r}, needed to build the config")
+        if kind is bool:
+            ok, want = isinstance(value, bool), "true or false"
+        else:
+            number = (int, float) if kind is float else int
+            ok = isinstance(value, number) and not isinstance(value, bool) and value > 0
+            want = f"a positive {kind.__name__}"
+        if not ok:
+            raise CheckpointError(f"checkpoint args field {name!r} = {value!r} is invalid (expected {want})")
+        return value
+
+    layers, hidden, heads = get("num_layers", int), get("hidden_size", int), get("num_attention_heads", int)
+    vocab = get("padded_vocab_size", int)
+    ffn = get("ffn_hidden_size", int, optional=True, default=4 * hidden)
+    kv_channels = get("kv_channels", int, optional=True)
+    if hidden % heads or (kv_channels is not None and kv_channels * heads != hidden):
+        raise CheckpointError(f"checkpoint args: kv_channels={kv_channels} with num_attention_heads={heads} and "
+                              f"hidden_size={hidden} is unsupported (head_dim must equal hidden_size / heads)")
+    max_positions = get("max_position_embeddings", int, optional=True) or get("seq_length", int, optional=True)
+    if max_positions is None:
+        raise CheckpointError("checkpoint args lack both 'max_position_embeddings' and 'seq_length'")
+    rotary_pct, rope_base = get("rotary_pct", float), get("rotary_emb_base", float)
+    eps = get("layernorm_epsilon", float)
+    pos_emb = _value(a.get("pos_emb", "rotary"))
+    if pos_emb not in (None, "rotary"):
+        raise CheckpointError(f"checkpoint args: pos_emb={pos_emb!r} is unsupported (Persimmon uses 'rotary')")
+    if not get("sq_relu", bool):
+        raise CheckpointError("checkpoint args: sq_relu is false; only squared-ReLU MLPs (Persimmon) are supported")
+    if a.get("apply_residual_connection_post_layernorm"):
+        raise CheckpointError("checkpoint args: apply_residual_connection_post_layernorm=True is unsupported")
+    untie = get("untie_embeddings", bool)
+    qk = _value(a.get("qk_layernorm"))
+    if qk is None:
+        raise CheckpointError("checkpoint args lack the field 'qk_layernorm', needed to build the config")
+    if qk == "weights_per_attention_head_and_layer":
+        raise CheckpointError("checkpoint args: qk_layernorm='weights_per_attention_head_and_layer' (separate "
+                              "weights per head) is unsupported; Persimmon shares one [head_dim] QK-LayerNorm")
+    if isinstance(qk, bool) or qk in QK_SHARED_MODES or qk == "none":
+        qk_layernorm = qk if isinstance(qk, bool) else qk != "none"
+    else:
+        raise CheckpointError(f"checkpoint args: qk_layernorm={qk!r} is invalid (expected one of 'none', "
+                              f"{', '.join(repr(m) for m in QK_SHARED_MODES)}, or a bool)")
+    dtype = "bfloat16" if a.get("bf16") else "float16" if a.get("fp16") else "float32"
+    try:
+        return PersimmonConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=max_positions, layer_norm_eps=float(eps),
+            rope_theta=float(rope_base), partial_rotary_factor=float(rotary_pct), qk_layernorm=qk_layernorm,
+            tie_word_embeddings=not untie, torch_dtype=dtype, extra={"architectures": ["PersimmonForCausalLM"]})
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint args describe an invalid model: {exc}") from exc
+
+
+def expected_shapes(config: PersimmonConfig) -> dict[str, tuple[int, ...]]:
+    """HF parameter name -> shape for `config`."""
+    h, f, v, d = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    shapes = {"model.embed_tokens.weight": (v, h), "model.final_layernorm.weight": (h,),
+              "model.final_layernorm.bias": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        layer = {"input_layernorm": [(h,), (h,)], "post_attention_layernorm": [(h,), (h,)],
+                 "self_attn.query_key_value": [(3 * h, h), (3 * h,)], "self_attn.dense": [(h, h), (h,)],
+                 "mlp.dense_h_to_4h": [(f, h), (f,)], "mlp.dense_4h_to_h": [(h, f), (h,)]}
+        if config.qk_layernorm:
+            layer.update({"self_attn.q_layernorm": [(d,), (d,)], "self_attn.k_layernorm": [(d,), (d,)]})
+        for module, (weight, bias) in layer.items():
+            shapes[f"{p}{module}.weight"], shapes[f"{p}{module}.bias"] = weight, bias
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------- state dict
+def _flatten(tree: Mapping, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def hf_name(key: str) -> str:
+    for old, new in RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def renamed_state_dict(model: Mapping) -> dict[str, torch.Tensor]:
+    """Flatten the nested ``model`` dict and rename to HF keys (inv_freq buffers dropped)."""
+    state = {}
+    for key, value in _flatten(model):
+        if "rotary_emb.inv_freq" in key or value is None or key.endswith("_extra_state"):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"checkpoint model entry {key!r} is a {type(value).__name__}, not a tensor")
+        state[hf_name(key)] = value
+    return state
+
+
+def _check_tensor_parallel(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    for name in ("model.layers.0.self_attn.query_key_value.weight", "model.layers.0.mlp.dense_h_to_4h.weight",
+                 "model.embed_tokens.weight"):
+        if name in state and name in expected and state[name].dim() == 2:
+            rows, want = state[name].shape[0], expected[name][0]
+            if 0 < rows < want and want % rows == 0:
+                raise CheckpointError(
+                    f"this looks like one tensor-parallel shard (TP={want // rows}): {name} has shape "
+                    f"{tuple(state[name].shape)}, a TP=1 checkpoint has {expected[name]}; merge the shards first")
+
+
+def _as_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
+        return DTYPES[dtype.replace("torch.", "")]
+    raise ValueError(f"dtype must be one of float16, bfloat16, float32 (or None to keep the checkpoint's), "
+                     f"got {dtype!r}")
+
+
+def _eod_token(vocab: str, vocab_size: int) -> int | None:
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=vocab)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the sentencepiece model {vocab}: {exc}") from exc
+    if sp.get_piece_size() > vocab_size:
+        raise CheckpointError(f"{vocab} has {sp.get_piece_size()} pieces, more than the model's vocab_size "
+                              f"{vocab_size}: tokenizer and checkpoint do not belong together")
+    token = sp.piece_to_id(EOD_PIECE)
+    return token if sp.id_to_piece(token) == EOD_PIECE else None
+
+
+def _human(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, nbytes: int):
+        self.live = enabled and sys.stderr.isatty()
+        self.total, self.nbytes, self.start = total, nbytes, time.monotonic()
+
+    def update(self, done: int, nbytes: int, what: str = "converting") -> None:
+        if self.live:
+            print(f"\r{what}: {done}/{self.total} tensors, {_human(nbytes)} / {_human(self.nbytes)}",
+                  end="", file=sys.stderr, flush=True)
+
+    def line(self, text: str) -> None:
+        if self.live:
+            print(f"\r{text}\033[K", end="", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- convert
+def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.PathLike, dtype=None,
+                             max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                             progress: bool = True) -> PersimmonConfig:
+    """Convert an adept release (directory or ``model_optim_rng.pt``) into an HF-format directory.
+
+    dtype: None keeps the checkpoint's dtype; torch.float16 / bfloat16 / float32 (or their names) convert.
+    Returns the config written to ``out_dir/config.json``.
+    """
+    dtype = _as_dtype(dtype)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite):
+        raise FileExistsError(f"output directory {out_dir!r} exists and is not empty (pass overwrite=True / "
+                              "--overwrite to replace it)")
+    checkpoint_path, vocab = locate_checkpoint(adept_path)
+    start = time.monotonic()
+    checkpoint = safe_load(checkpoint_path)
+    if not isinstance(checkpoint, Mapping) or "args" not in checkpoint or "model" not in checkpoint:
+        keys = sorted(map(str, checkpoint)) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        hint = " (virtual-pipeline checkpoints are unsupported)" if isinstance(keys, list) and "model0" in keys else ""
+        raise CheckpointError(f"{checkpoint_path} is not an adept/Megatron checkpoint: expected 'args' and "
+                              f"'model' entries, found {keys}{hint}")
+    config = config_from_args(checkpoint["args"])
+    if not isinstance(checkpoint["model"], Mapping):
+        raise CheckpointError(f"{checkpoint_path}: 'model' is a {type(checkpoint['model']).__name__}, not a dict")
+    state = renamed_state_dict(checkpoint["model"])
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = expected_shapes(config)
+    _check_tensor_parallel(state, expected)
+    try:
+        check_state_dict({k: (s, None) for k, s in expected.items()}, state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{checkpoint_path}: {exc}") from None
+    state = {name: state[name] for name in expected}  # canonical order: embeddings, layers, head
+
+    source_dtypes = {t.dtype for t in state.values()}
+    if dtype is None:
+        only = next(iter(source_dtypes)) if len(source_dtypes) == 1 else None
+        dtype = only if only in DTYPES.values() else config.dtype
+    config.torch_dtype = str(dtype).replace("torch.", "")
+
+    if vocab is None:
+        warnings.warn(f"no {VOCAB} found next to {checkpoint_path} (or up to 3 parents); converting without a "
+                      "tokenizer (copy it to tokenizer.model in the output yourself)", stacklevel=2)
+        eod = None
+    else:
+        eod = _eod_token(vocab, config.vocab_size)
+    if eod is not None:
+        config.bos_token_id = config.eos_token_id = eod
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                  "pad_token_id": config.eos_token_id}
+
+    total = sum(t.numel() * dtype.itemsize for t in state.values())
+    bar = _Progress(progress, len(state), total)
+    done = 0
+    for i, (name, tensor) in enumerate(state.items()):
+        if tensor.dtype != dtype:
+            state[name] = tensor.to(dtype)
+        done += tensor.numel() * dtype.itemsize
+        bar.update(i + 1, done)
+    bar.line(f"writing {_human(total)} to {out_dir} ...")
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        files = save_state_dict(state, tmp, max_shard_bytes=max_shard_bytes)
+        config.save_pretrained(tmp)
+        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as fh:
+            json.dump(generation, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        if vocab is not None:
+            shutil.copyfile(vocab, os.path.join(tmp, "tokenizer.model"))
+    if progress:
+        bar.line("")
+        print(f"converted {len(state)} tensors ({_human(total)}, {config.torch_dtype}, {len(files)} file(s)) "
+              f"from {checkpoint_path} to {out_dir} in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adept", required=True, metavar="PATH",
+                        help=f"release directory (with {TRACKER}) or a {CHECKPOINT_NAMES[0]} file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output HF-format directory")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="output dtype (default: keep the checkpoint's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress or summary output")
+
+
+def run(args: argparse.Namespace) -> int:
+    convert_adept_checkpoint(args.adept, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                             progress=not args.quiet)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``persimmon-rt convert`` on its own: parse `argv` and convert (errors propagate)."""
+    parser = argparse.ArgumentParser(prog="persimmon-rt convert",
+                                     description="Convert an original adept Persimmon checkpoint to HF format.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
