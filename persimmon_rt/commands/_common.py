@@ -1,0 +1,57 @@
+"""Arguments and engine construction shared by the text-generating subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="DIR", default=None,
+                        help="HF-format model directory (default: the embedded demo model)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="weights and activations (default: float16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="KV cache length (default: the model's max_position_embeddings)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop when the reply contains TEXT (repeatable)")
+
+
+def model_dir(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    from ..demo import demo_model_path
+
+    return demo_model_path()
+
+
+def load_engine(args: argparse.Namespace, max_batch_size: int = 1):
+    from ..engine import Engine
+
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available()
+                                                                        else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch build sees no CUDA GPU")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    engine = Engine.from_pretrained(model_dir(args), dtype=dtype, device=device, max_batch_size=max_batch_size,
+                                    max_seq_len=args.max_seq_len)
+    if engine.tokenizer is None:
+        raise ValueError(f"{model_dir(args)} has no tokenizer.model; text generation needs one")
+    return engine
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop_strings=args.stop)

@@ -1,0 +1,66 @@
+"""`persimmon-rt info`: the installed build, the GPU, and (for a model directory) what it needs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from ._common import model_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="DIR", default=None, help="model directory (default: the demo model)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size for the memory estimate")
+    parser.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the maximum)")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import __version__, ops
+    from ..config import PersimmonConfig
+    from ..engine import StaticKVCache
+    from ..weights import weight_files
+
+    print(f"persimmon_rt {__version__}, torch {torch.__version__}")
+    if ops.HAVE_CUDA_EXT:
+        archs = getattr(ops._C, "CUDA_ARCHS", "unknown")
+        print(f"CUDA extension: built (architectures {archs})")
+    else:
+        print("CUDA extension: not built (every op runs on its PyTorch reference)")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"GPU {i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor}, "
+                  f"{p.multi_processor_count} SMs")
+    else:
+        print("GPU: none visible to torch")
+
+    path = model_dir(args)
+    config = PersimmonConfig.from_pretrained(path)
+    files = weight_files(path)
+    disk = sum(os.path.getsize(f) for f in files)
+    dtype = getattr(torch, args.dtype)
+    n_params = _count_parameters(config)
+    weights = n_params * torch.finfo(dtype).bits // 8
+    context = args.context or config.max_position_embeddings
+    cache = StaticKVCache.nbytes(config, args.batch, context, dtype)
+    print(f"model: {path}")
+    print(f"  {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads "
+          f"x {config.head_dim}, ffn {config.intermediate_size}, vocab {config.vocab_size}, "
+          f"max positions {config.max_position_embeddings}, rotary {config.rotary_dim} dims "
+          f"(theta {config.rope_theta:g}, {config.rope_type})")
+    print(f"  {n_params / 1e6:.1f} M parameters, {disk / 2**20:.1f} MiB on disk in {len(files)} file(s), "
+          f"saved as {config.torch_dtype}")
+    print(f"  memory at {args.dtype}, batch {args.batch} x context {context}: weights {weights / 2**30:.2f} GiB "
+          f"+ KV cache {cache / 2**30:.2f} GiB = {(weights + cache) / 2**30:.2f} GiB (plus activations)")
+    return 0
+
+
+
+def _count_parameters(config) -> int:
+    from ..model import PersimmonForCausalLM
+
+    with torch.device("meta"):           # shapes only, no memory
+        return PersimmonForCausalLM(config).num_parameters()
