@@ -324,15 +324,10 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
 
     total = sum(t.numel() * dtype.itemsize for t in state.values())
     bar = _Progress(progress, len(state), total)
-    done = 0
-    for i, (name, tensor) in enumerate(state.items()):
-        if tensor.dtype != dtype:
-            state[name] = tensor.to(dtype)
-        done += tensor.numel() * dtype.itemsize
-        bar.update(i + 1, done)
-    bar.line(f"writing {_human(total)} to {out_dir} ...")
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        files = save_state_dict(state, tmp, max_shard_bytes=max_shard_bytes)
+        # Converted one shard at a time: a dtype change never holds a second copy of the model in memory.
+        files = save_state_dict(state, tmp, max_shard_bytes=max_shard_bytes, dtype=dtype,
+                                on_shard=lambda n, nbytes: bar.update(n, nbytes, "writing"))
         config.save_pretrained(tmp)
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as fh:
             json.dump(generation, fh, indent=2, sort_keys=True)

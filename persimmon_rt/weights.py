@@ -132,32 +132,41 @@ def atomic_directory(final: str, overwrite: bool = False) -> Iterator[str]:
 
 
 def save_state_dict(state: dict[str, torch.Tensor], directory: str,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None) -> list[str]:
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None,
+                    dtype: torch.dtype | None = None, on_shard=None) -> list[str]:
     """Write `state` as model.safetensors, or as shards plus model.safetensors.index.json when larger
-    than `max_shard_bytes`. Tensors sharing storage are written as independent copies. Returns the files."""
+    than `max_shard_bytes`. Tensors are converted to `dtype` (if given) one shard at a time, so at most one
+    converted shard is in memory; `on_shard(tensors_written, bytes_written)` reports progress after each
+    shard. Tensors sharing storage are written as independent copies. Returns the files written."""
     from safetensors.torch import save_file
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * (dtype.itemsize if dtype is not None else t.element_size())
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + nbytes(tensor) > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][name] = tensor
-        size += nbytes
+        size += nbytes(tensor)
     meta = {"format": "pt", **(metadata or {})}
     os.makedirs(directory, exist_ok=True)
     if len(shards) == 1:
         names = [SAFE_WEIGHTS]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    written_tensors = written_bytes = 0
     for name, shard in zip(names, shards):
-        save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, os.path.join(directory, name),
-                  metadata=meta)
+        save_file({k: v.detach().to(dtype=dtype or v.dtype, device="cpu").contiguous() for k, v in shard.items()},
+                  os.path.join(directory, name), metadata=meta)
+        written_tensors += len(shard)
+        written_bytes += sum(nbytes(t) for t in shard.values())
+        if on_shard is not None:
+            on_shard(written_tensors, written_bytes)
     if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total},
+        index = {"metadata": {"total_size": sum(nbytes(t) for t in state.values())},
                  "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
         with open(os.path.join(directory, SAFE_INDEX), "w", encoding="utf-8") as fh:
             json.dump(index, fh, indent=2, sort_keys=True)
