@@ -45,11 +45,12 @@ def bias_relu2(x, bias, out):
         reference.bias_relu2(x, bias, out)
 
 
-def attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, out, scale):
+def attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, max_seqlen_q, out, scale):
     if use_cuda_kernels(q):
-        torch.ops.persimmon_rt.attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, out, scale)
+        torch.ops.persimmon_rt.attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, max_seqlen_q, out,
+                                                 scale)
     else:
-        reference.attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, out, scale)
+        reference.attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, max_seqlen_q, out, scale)
 
 
 def attention_decode(q, k_cache, v_cache, seq_lens, out, scale):
@@ -57,3 +58,10 @@ def attention_decode(q, k_cache, v_cache, seq_lens, out, scale):
         torch.ops.persimmon_rt.attention_decode(q, k_cache, v_cache, seq_lens, out, scale)
     else:
         reference.attention_decode(q, k_cache, v_cache, seq_lens, out, scale)
+
+
+def decode_linear(x, weight, bias, residual, out, relu2=False):
+    if use_cuda_kernels(x):
+        torch.ops.persimmon_rt.decode_linear(x, weight, bias, residual, out, relu2)
+    else:
+        reference.decode_linear(x, weight, bias, residual, out, relu2)

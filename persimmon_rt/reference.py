@@ -125,6 +125,7 @@ def attention_prefill(
     v_cache: torch.Tensor,        # [B, S, H, D]
     cu_seqlens_q: torch.Tensor,   # [B+1] int32  sequence b's queries are q[cu[b]:cu[b+1]]
     seq_lens: torch.Tensor,       # [B] int32  keys of sequence b after this chunk (cached prefix + new)
+    max_seqlen_q: int,            # >= max_b n_b; sizes the CUDA grid without a host sync (unused here)
     out: torch.Tensor,            # [T, H, D]  written
     scale: float,
 ) -> None:
@@ -171,9 +172,30 @@ def attention_decode(
         out[b] = torch.matmul(probs, vb)[:, 0].to(out.dtype)
 
 
+def decode_linear(
+    x: torch.Tensor,              # [M, K]  M <= 16 rows (decode: one per sequence)
+    weight: torch.Tensor,         # [N, K]  nn.Linear layout
+    bias: torch.Tensor | None,    # [N]
+    residual: torch.Tensor | None,  # [M, N]  added after the activation (may alias out)
+    out: torch.Tensor,            # [M, N]  written
+    relu2: bool = False,
+) -> None:
+    """out = act(x W^T + bias) + residual, act = relu(.)^2 when relu2 else identity; fp32 accumulation,
+    the epilogue in fp32, rounded once. The decode projections: QKV (bias), dense and MLP-down (bias +
+    residual), MLP-up (bias + relu2), lm_head (no bias; out may be fp32 for sampling)."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    if relu2:
+        y = torch.relu(y).square()
+    if residual is not None:
+        y = y + residual.float()
+    out.copy_(y.to(out.dtype))
+
+
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
 __all__ = ["rope_inv_freq", "qk_norm_rope_cache", "layernorm", "bias_relu2", "attention_prefill",
-           "attention_decode", "default_scale"]
+           "attention_decode", "decode_linear", "default_scale"]
