@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -170,9 +171,12 @@ class Engine:
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.inv_freq = self._inv_freq(self.max_seq_len if config.rope_type != "dynamic" else 0)
+        self._gemv = ops.use_cuda_kernels(self.weights.embed) and ops.has_op("decode_linear")
         self._graphs: dict[tuple[int, bool], _DecodeGraph] = {}
         self._graph_pool = None
         self._lock = threading.Lock()
+        # Timings of the last wave: prefill_s (prompt + first token), decode_s over decode_steps steps.
+        self.last_stats: dict = {}
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
@@ -240,19 +244,32 @@ class Engine:
                 ops.layernorm(h, lw.ln_in_w, lw.ln_in_b, x, c.layer_norm_eps)
             else:
                 ops.layernorm(down, lw.ln_in_w, lw.ln_in_b, x, c.layer_norm_eps, h, h)
-            qkv = F.linear(x, lw.qkv_w, lw.qkv_b).view(T, H, 3, D)
+            qkv = self._linear(x, lw.qkv_w, lw.qkv_b).view(T, H, 3, D)
             ops.qk_norm_rope_cache(qkv, positions, self.inv_freq, lw.q_ln_w, lw.q_ln_b, lw.k_ln_w, lw.k_ln_b,
                                    self.cache.k[i], self.cache.v[i], slots, q, c.layer_norm_eps)
-            attn = F.linear(attend(q, i).view(T, H * D), lw.dense_w, lw.dense_b)
+            attn = self._linear(attend(q, i).view(T, H * D), lw.dense_w, lw.dense_b)
             ops.layernorm(attn, lw.ln_post_w, lw.ln_post_b, x, c.layer_norm_eps, h, h)
-            up = F.linear(x, lw.up_w)
-            ops.bias_relu2(up, lw.up_b, up)
-            down = F.linear(up, lw.down_w, lw.down_b)
+            up = self._linear(x, lw.up_w, lw.up_b, relu2=True)
+            down = self._linear(up, lw.down_w, lw.down_b)
         if select is not None:
             down, h = down[select], h[select]
         out = torch.empty_like(h)
         ops.layernorm(down, w.final_ln_w, w.final_ln_b, out, c.layer_norm_eps, h, torch.empty_like(h))
-        return F.linear(out, w.lm_head).float()
+        return self._linear(out, w.lm_head, out_dtype=torch.float32)
+
+    def _linear(self, x, weight, bias=None, relu2=False, out_dtype=None) -> torch.Tensor:
+        """x W^T (+ bias) (then relu^2): the decode GEMV (weight streaming, epilogue fused) for up to 16 rows on
+        the GPU; cuBLAS plus the bias_relu2 epilogue otherwise. out_dtype=float32 gives fp32 logits."""
+        if self._gemv and x.shape[0] <= 16:
+            out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
+            ops.decode_linear(x, weight, bias, None, out, relu2)
+            return out
+        if relu2:
+            y = F.linear(x, weight)
+            ops.bias_relu2(y, bias, y)
+            return y
+        y = F.linear(x, weight, bias)
+        return y if out_dtype is None else y.to(out_dtype)
 
     def _prefill(self, prompts: list[torch.Tensor | None], embeds: list[torch.Tensor | None]) -> torch.Tensor:
         """Write the prompts of batch rows 0..n-1 into the cache, in chunks of at most prefill_chunk_tokens
@@ -448,6 +465,7 @@ class Engine:
         if seed is not None:
             torch.manual_seed(seed)
         greedy = temperature == 0
+        started = time.perf_counter()
         logits = self._prefill(prompts, embeds)
         bucket = _bucket(B, self.max_batch_size)
         g = self._graph_for(bucket, greedy)
@@ -462,7 +480,10 @@ class Engine:
         texts = [""] * B
         finished = [False] * B
         pos = list(lens)
-        tokens = first.tolist()
+        tokens = first.tolist()                  # syncs: the prefill (and first sample) is done
+        self.last_stats = {"batch": B, "prompt_tokens": sum(lens), "prefill_s": time.perf_counter() - started,
+                           "decode_steps": 0, "decode_s": 0.0}
+        decode_started = time.perf_counter()
         for step in range(max_new_tokens):
             for r in range(B):
                 if finished[r]:
@@ -500,6 +521,8 @@ class Engine:
             else:
                 self._decode_step(g, greedy)
             tokens = g.next_tokens[:B].tolist()
+            self.last_stats["decode_steps"] += 1
+            self.last_stats["decode_s"] = time.perf_counter() - decode_started
 
 
 def greedy_or_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

@@ -21,6 +21,11 @@ def use_cuda_kernels(t: torch.Tensor) -> bool:
     return HAVE_CUDA_EXT and t.is_cuda
 
 
+def has_op(name: str) -> bool:
+    """Whether the built extension registers torch.ops.persimmon_rt.<name>."""
+    return HAVE_CUDA_EXT and hasattr(torch.ops.persimmon_rt, name)
+
+
 def qk_norm_rope_cache(qkv, positions, inv_freq, q_weight, q_bias, k_weight, k_bias, k_cache, v_cache,
                        slot_mapping, q_out, eps):
     if use_cuda_kernels(qkv):
