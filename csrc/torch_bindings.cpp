@@ -1,0 +1,461 @@
+// The only C++ file that includes torch: schemas of torch.ops.persimmon_rt.*, argument checks whose
+// messages name the tensor and the expected shape (run before any launch), and CUDA impls that
+// forward to the torch-free launchers on the current stream. Every op writes into outputs it is given
+// and returns nothing, so the Meta impls (torch.compile, fake tensors, opcheck) are no-ops.
+// Semantics of every op: persimmon_rt/reference.py.
+
+#include <Python.h>
+
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "attention.h"
+#include "bias_relu2.h"
+#include "decode_linear.h"
+#include "layernorm.h"
+#include "qk_norm_rope_cache.h"
+
+namespace persimmon_rt {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ---- checks -------------------------------------------------------------------------------------------
+
+constexpr int64_t kAny = -1;
+
+std::string dims_str(const std::vector<int64_t>& dims) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << (dims[i] == kAny ? std::string("*") : std::to_string(dims[i]));
+  s << "]";
+  return s.str();
+}
+
+// `symbols` names the dims (e.g. "[T, H, 3, D]"); kAny in `dims` matches any size.
+void check_shape(const char* op, const Tensor& t, const char* name, const char* symbols, std::vector<int64_t> dims) {
+  bool ok = t.dim() == static_cast<int64_t>(dims.size());
+  for (size_t i = 0; ok && i < dims.size(); ++i) ok = dims[i] == kAny || t.size(i) == dims[i];
+  TORCH_CHECK(ok, op, ": ", name, " must have shape ", symbols, " = ", dims_str(dims), ", got ", t.sizes());
+}
+
+void check_dtype(const char* op, const Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+void check_index_dtype(const char* op, const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+              " must be int32 or int64, got ", t.scalar_type());
+}
+
+void check_contiguous(const char* op, const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+}
+
+DType activation_dtype(const char* op, const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float16 or bfloat16, got ", t.scalar_type());
+  return t.scalar_type() == at::kHalf ? DType::kHalf : DType::kBFloat16;
+}
+
+// Device-side checks, CUDA impls only: same GPU as `ref`, and 16-byte alignment for vector access.
+void check_device(const char* op, const Tensor& t, const char* name, const Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), ", got ", t.device());
+}
+
+void check_aligned(const char* op, const Tensor& t, const char* name) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+              " must start 16-byte aligned (a view at an odd offset? pass a contiguous copy)");
+}
+
+const void* opt_ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void meta_noop(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  torch::jit::drop(*stack, op.schema().arguments().size());
+}
+
+// ---- qk_norm_rope_cache -------------------------------------------------------------------------------
+
+constexpr const char* kQk = "qk_norm_rope_cache";
+
+void check_qk_norm_rope_cache(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,
+                              const OptTensor& q_weight, const OptTensor& q_bias, const OptTensor& k_weight,
+                              const OptTensor& k_bias, const Tensor& k_cache, const Tensor& v_cache,
+                              const Tensor& slot_mapping, const Tensor& q_out) {
+  TORCH_CHECK(qkv.dim() == 4, kQk, ": qkv must have shape [T, H, 3, D], got ", qkv.sizes());
+  const int64_t T = qkv.size(0), H = qkv.size(1), D = qkv.size(3);
+  check_shape(kQk, qkv, "qkv", "[T, H, 3, D]", {T, H, 3, D});
+  activation_dtype(kQk, qkv, "qkv");
+  TORCH_CHECK(D % 8 == 0 && D >= 8 && D <= 256, kQk, ": head_dim D must be a multiple of 8 in [8, 256], got ", D);
+  TORCH_CHECK(H >= 1, kQk, ": qkv needs at least one head");
+  TORCH_CHECK(qkv.stride(3) == 1 && qkv.stride(0) % 8 == 0 && qkv.stride(1) % 8 == 0 && qkv.stride(2) % 8 == 0, kQk,
+              ": qkv must have a unit last stride and other strides that are multiples of 8, got ", qkv.strides());
+  check_shape(kQk, positions, "positions", "[T]", {T});
+  check_index_dtype(kQk, positions, "positions");
+  check_contiguous(kQk, positions, "positions");
+  TORCH_CHECK(inv_freq.dim() == 1 && 2 * inv_freq.size(0) <= D, kQk,
+              ": inv_freq must have shape [R/2] with rotary dims R <= D = ", D, ", got ", inv_freq.sizes());
+  check_dtype(kQk, inv_freq, "inv_freq", at::kFloat);
+  check_contiguous(kQk, inv_freq, "inv_freq");
+  const std::pair<const OptTensor*, const char*> affine[] = {
+      {&q_weight, "q_weight"}, {&q_bias, "q_bias"}, {&k_weight, "k_weight"}, {&k_bias, "k_bias"}};
+  for (const auto& [t, name] : affine) {
+    if (!t->has_value()) continue;
+    check_shape(kQk, **t, name, "[D]", {D});
+    check_dtype(kQk, **t, name, qkv.scalar_type());
+    check_contiguous(kQk, **t, name);
+  }
+  TORCH_CHECK(k_cache.dim() == 4, kQk, ": k_cache must have shape [B, S, H, D], got ", k_cache.sizes());
+  check_shape(kQk, k_cache, "k_cache", "[B, S, H, D]", {kAny, kAny, H, D});
+  check_shape(kQk, v_cache, "v_cache", "[B, S, H, D] (as k_cache)", k_cache.sizes().vec());
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
+    check_dtype(kQk, *t, name, qkv.scalar_type());
+    check_contiguous(kQk, *t, name);
+  }
+  check_shape(kQk, slot_mapping, "slot_mapping", "[T]", {T});
+  check_index_dtype(kQk, slot_mapping, "slot_mapping");
+  check_contiguous(kQk, slot_mapping, "slot_mapping");
+  check_shape(kQk, q_out, "q_out", "[T, H, D]", {T, H, D});
+  check_dtype(kQk, q_out, "q_out", qkv.scalar_type());
+  check_contiguous(kQk, q_out, "q_out");
+}
+
+void qk_norm_rope_cache_cuda(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,
+                             const OptTensor& q_weight, const OptTensor& q_bias, const OptTensor& k_weight,
+                             const OptTensor& k_bias, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping,
+                             Tensor& q_out, double eps) {
+  check_qk_norm_rope_cache(qkv, positions, inv_freq, q_weight, q_bias, k_weight, k_bias, k_cache, v_cache,
+                           slot_mapping, q_out);
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&positions, "positions"},
+                                {&inv_freq, "inv_freq"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"},
+                                {&slot_mapping, "slot_mapping"}, {&q_out, "q_out"}})
+    check_device(kQk, *t, name, qkv);
+  for (const auto& [t, name] : {std::pair<const OptTensor*, const char*>{&q_weight, "q_weight"}, {&q_bias, "q_bias"},
+                                {&k_weight, "k_weight"}, {&k_bias, "k_bias"}}) {
+    if (!t->has_value()) continue;
+    check_device(kQk, **t, name, qkv);
+    check_aligned(kQk, **t, name);
+  }
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&qkv, "qkv"}, {&k_cache, "k_cache"},
+                                {&v_cache, "v_cache"}, {&q_out, "q_out"}})
+    check_aligned(kQk, *t, name);
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  launch_qk_norm_rope_cache(qkv.data_ptr(), positions.data_ptr(), inv_freq.data_ptr<float>(), opt_ptr(q_weight),
+                            opt_ptr(q_bias), opt_ptr(k_weight), opt_ptr(k_bias), k_cache.data_ptr(),
+                            v_cache.data_ptr(), slot_mapping.data_ptr(), q_out.data_ptr(), qkv.size(0),
+                            static_cast<int>(qkv.size(1)), static_cast<int>(qkv.size(3)),
+                            static_cast<int>(2 * inv_freq.size(0)), k_cache.size(0) * k_cache.size(1), qkv.stride(0),
+                            qkv.stride(1), qkv.stride(2), positions.scalar_type() == at::kLong,
+                            slot_mapping.scalar_type() == at::kLong, static_cast<float>(eps),
+                            activation_dtype(kQk, qkv, "qkv"), current_stream());
+}
+
+// ---- layernorm ----------------------------------------------------------------------------------------
+
+constexpr const char* kLn = "layernorm";
+
+void check_layernorm(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out,
+                     const OptTensor& residual, const OptTensor& residual_out) {
+  TORCH_CHECK(x.dim() >= 1, kLn, ": x must have shape [..., C], got a scalar");
+  const int64_t C = x.size(-1);
+  activation_dtype(kLn, x, "x");
+  TORCH_CHECK(C % 8 == 0 && C >= 8 && C <= kLayerNormMaxHidden, kLn,
+              ": hidden size C must be a multiple of 8 in [8, ", kLayerNormMaxHidden, "], got ", C);
+  check_contiguous(kLn, x, "x");
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&weight, "weight"}, {&bias, "bias"}}) {
+    check_shape(kLn, *t, name, "[C]", {C});
+    check_dtype(kLn, *t, name, x.scalar_type());
+    check_contiguous(kLn, *t, name);
+  }
+  check_shape(kLn, out, "out", "[..., C] (as x)", x.sizes().vec());
+  check_dtype(kLn, out, "out", x.scalar_type());
+  check_contiguous(kLn, out, "out");
+  TORCH_CHECK(residual.has_value() == residual_out.has_value(), kLn,
+              ": residual and residual_out must be given together");
+  if (!residual.has_value()) return;
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&*residual, "residual"},
+                                {&*residual_out, "residual_out"}}) {
+    check_shape(kLn, *t, name, "[..., C] (as x)", x.sizes().vec());
+    check_dtype(kLn, *t, name, x.scalar_type());
+    check_contiguous(kLn, *t, name);
+  }
+}
+
+void layernorm_cuda(const Tensor& x, const Tensor& weight, const Tensor& bias, Tensor& out, double eps,
+                    const OptTensor& residual, const OptTensor& residual_out) {
+  check_layernorm(x, weight, bias, out, residual, residual_out);
+  std::vector<std::pair<const Tensor*, const char*>> tensors = {{&x, "x"}, {&weight, "weight"}, {&bias, "bias"},
+                                                                {&out, "out"}};
+  if (residual.has_value()) {
+    tensors.emplace_back(&*residual, "residual");
+    tensors.emplace_back(&*residual_out, "residual_out");
+  }
+  for (const auto& [t, name] : tensors) {
+    check_device(kLn, *t, name, x);
+    check_aligned(kLn, *t, name);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t C = x.size(-1);
+  launch_layernorm(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), opt_ptr(residual),
+                   residual_out.has_value() ? residual_out->data_ptr() : nullptr, x.numel() / C,
+                   static_cast<int>(C), static_cast<float>(eps), activation_dtype(kLn, x, "x"), current_stream());
+}
+
+// ---- bias_relu2 ---------------------------------------------------------------------------------------
+
+constexpr const char* kBr = "bias_relu2";
+
+void check_bias_relu2(const Tensor& x, const Tensor& bias, const Tensor& out) {
+  TORCH_CHECK(x.dim() >= 1, kBr, ": x must have shape [..., F], got a scalar");
+  const int64_t F = x.size(-1);
+  activation_dtype(kBr, x, "x");
+  TORCH_CHECK(F % 8 == 0 && F >= 8, kBr, ": features F must be a positive multiple of 8, got ", F);
+  check_contiguous(kBr, x, "x");
+  check_shape(kBr, bias, "bias", "[F]", {F});
+  check_dtype(kBr, bias, "bias", x.scalar_type());
+  check_contiguous(kBr, bias, "bias");
+  check_shape(kBr, out, "out", "[..., F] (as x)", x.sizes().vec());
+  check_dtype(kBr, out, "out", x.scalar_type());
+  check_contiguous(kBr, out, "out");
+}
+
+void bias_relu2_cuda(const Tensor& x, const Tensor& bias, Tensor& out) {
+  check_bias_relu2(x, bias, out);
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&x, "x"}, {&bias, "bias"}, {&out, "out"}}) {
+    check_device(kBr, *t, name, x);
+    check_aligned(kBr, *t, name);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t F = x.size(-1);
+  launch_bias_relu2(x.data_ptr(), bias.data_ptr(), out.data_ptr(), x.numel() / F, F, activation_dtype(kBr, x, "x"),
+                    current_stream());
+}
+
+// ---- decode_linear ------------------------------------------------------------------------------------
+
+constexpr const char* kDl = "decode_linear";
+
+// Byte range [first, last) that a tensor's elements span.
+std::pair<uintptr_t, uintptr_t> byte_span(const Tensor& t) {
+  const auto first = reinterpret_cast<uintptr_t>(t.data_ptr());
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return {first, first + static_cast<uintptr_t>((last + 1) * t.element_size())};
+}
+
+bool overlap(const Tensor& a, const Tensor& b) {
+  const auto [a0, a1] = byte_span(a);
+  const auto [b0, b1] = byte_span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+void check_decode_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& residual,
+                         const Tensor& out) {
+  TORCH_CHECK(x.dim() == 2, kDl, ": x must have shape [M, K], got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2, kDl, ": weight must have shape [N, K], got ", weight.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  activation_dtype(kDl, x, "x");
+  TORCH_CHECK(M >= 1 && M <= kDecodeLinearMaxRows, kDl, ": x must have 1 to ", kDecodeLinearMaxRows,
+              " rows (M, the decode batch), got ", M);
+  TORCH_CHECK(K >= 8 && K % 8 == 0 && K <= INT32_MAX, kDl, ": K must be a positive multiple of 8, got ", K);
+  TORCH_CHECK(N >= 1 && N <= INT32_MAX, kDl, ": weight must have 1 to 2^31 - 1 rows (N), got ", N);
+  // Rows are read with 16-byte loads: unit column stride, row stride a multiple of 8 elements.
+  TORCH_CHECK(x.stride(1) == 1 && (M == 1 || (x.stride(0) % 8 == 0 && x.stride(0) >= K)), kDl,
+              ": x must have a unit column stride and a row stride >= K that is a multiple of 8, got strides ",
+              x.strides());
+  check_shape(kDl, weight, "weight", "[N, K] (K as x)", {N, K});
+  check_dtype(kDl, weight, "weight", x.scalar_type());
+  check_contiguous(kDl, weight, "weight");
+  if (bias.has_value()) {
+    check_shape(kDl, *bias, "bias", "[N]", {N});
+    check_dtype(kDl, *bias, "bias", x.scalar_type());
+    check_contiguous(kDl, *bias, "bias");
+  }
+  if (residual.has_value()) {
+    check_shape(kDl, *residual, "residual", "[M, N]", {M, N});
+    check_dtype(kDl, *residual, "residual", x.scalar_type());
+    check_contiguous(kDl, *residual, "residual");
+  }
+  check_shape(kDl, out, "out", "[M, N]", {M, N});
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() || out.scalar_type() == at::kFloat, kDl, ": out must be ",
+              x.scalar_type(), " (as x) or float32, got ", out.scalar_type());
+  check_contiguous(kDl, out, "out");
+}
+
+void decode_linear_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& residual,
+                        Tensor& out, bool relu2) {
+  check_decode_linear(x, weight, bias, residual, out);
+  check_device(kDl, weight, "weight", x);
+  check_device(kDl, out, "out", x);
+  if (bias.has_value()) check_device(kDl, *bias, "bias", x);
+  if (residual.has_value()) {
+    check_device(kDl, *residual, "residual", x);
+    // Each output element is read from residual and written by the same thread: exact aliasing is fine.
+    TORCH_CHECK(residual->data_ptr() == out.data_ptr() || !overlap(*residual, out), kDl,
+                ": residual must be out itself or not overlap it");
+  }
+  // Blocks write out while others still read x.
+  TORCH_CHECK(!overlap(x, out), kDl, ": x must not overlap out");
+  check_aligned(kDl, x, "x");
+  check_aligned(kDl, weight, "weight");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  launch_decode_linear(x.data_ptr(), weight.data_ptr(), opt_ptr(bias), opt_ptr(residual), out.data_ptr(),
+                       M == 1 ? K : x.stride(0), static_cast<int>(M), static_cast<int>(weight.size(0)),
+                       static_cast<int>(K), relu2, activation_dtype(kDl, x, "x"), out.scalar_type() == at::kFloat,
+                       current_stream());
+}
+
+// ---- attention ops ------------------------------------------------------------------------------------
+// Launchers and their preconditions: csrc/attention.h. These checks cover the layout the launchers
+// assume (contiguous, [.., H, D] matching the cache); the launchers reject head dims they lack kernels for.
+
+constexpr const char* kAp = "attention_prefill";
+constexpr const char* kAd = "attention_decode";
+
+void check_attention_cache(const char* op, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache) {
+  activation_dtype(op, q, "q");
+  TORCH_CHECK(k_cache.dim() == 4, op, ": k_cache must have shape [B, S, H, D], got ", k_cache.sizes());
+  check_shape(op, k_cache, "k_cache", "[B, S, H, D] (H, D as q)", {kAny, kAny, q.size(1), q.size(2)});
+  check_shape(op, v_cache, "v_cache", "[B, S, H, D] (as k_cache)", k_cache.sizes().vec());
+  const int64_t D = q.size(2);
+  TORCH_CHECK(D == 64 || D == 128, op, ": head_dim D must be 64 or 128 (the kernels' tile shapes), got ", D);
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&q, "q"}, {&k_cache, "k_cache"},
+                                {&v_cache, "v_cache"}}) {
+    check_dtype(op, *t, name, q.scalar_type());
+    check_contiguous(op, *t, name);
+  }
+}
+
+void check_attention_prefill(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                             const Tensor& cu_seqlens_q, const Tensor& seq_lens, const Tensor& out) {
+  TORCH_CHECK(q.dim() == 3, kAp, ": q must have shape [T, H, D], got ", q.sizes());
+  check_attention_cache(kAp, q, k_cache, v_cache);
+  const int64_t B = k_cache.size(0);
+  check_shape(kAp, cu_seqlens_q, "cu_seqlens_q", "[B + 1]", {B + 1});
+  check_shape(kAp, seq_lens, "seq_lens", "[B]", {B});
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&cu_seqlens_q, "cu_seqlens_q"},
+                                {&seq_lens, "seq_lens"}}) {
+    check_dtype(kAp, *t, name, at::kInt);
+    check_contiguous(kAp, *t, name);
+  }
+  check_shape(kAp, out, "out", "[T, H, D] (as q)", q.sizes().vec());
+  check_dtype(kAp, out, "out", q.scalar_type());
+  check_contiguous(kAp, out, "out");
+}
+
+void check_attention_decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& seq_lens,
+                            const Tensor& out) {
+  TORCH_CHECK(q.dim() == 3, kAd, ": q must have shape [B, H, D], got ", q.sizes());
+  check_attention_cache(kAd, q, k_cache, v_cache);
+  check_shape(kAd, k_cache, "k_cache", "[B, S, H, D] (B as q)", {q.size(0), kAny, q.size(1), q.size(2)});
+  check_shape(kAd, seq_lens, "seq_lens", "[B]", {q.size(0)});
+  check_dtype(kAd, seq_lens, "seq_lens", at::kInt);
+  check_contiguous(kAd, seq_lens, "seq_lens");
+  check_shape(kAd, out, "out", "[B, H, D] (as q)", q.sizes().vec());
+  check_dtype(kAd, out, "out", q.scalar_type());
+  check_contiguous(kAd, out, "out");
+}
+
+void attention_prefill_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cu_seqlens_q,
+                            const Tensor& seq_lens, int64_t max_seqlen_q, Tensor& out, double scale) {
+  check_attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, out);
+  TORCH_CHECK(max_seqlen_q >= 0, kAp, ": max_seqlen_q must be >= the longest sequence's new tokens, got ",
+              max_seqlen_q);
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&k_cache, "k_cache"}, {&v_cache, "v_cache"},
+                                {&cu_seqlens_q, "cu_seqlens_q"}, {&seq_lens, "seq_lens"}, {&out, "out"}})
+    check_device(kAp, *t, name, q);
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&q, "q"}, {&k_cache, "k_cache"},
+                                {&v_cache, "v_cache"}, {&out, "out"}})
+    check_aligned(kAp, *t, name);
+  const c10::cuda::CUDAGuard guard(q.device());
+  // The caller's max_seqlen_q sizes the grid (reading cu_seqlens_q here would sync with the device);
+  // T bounds it for free.
+  const int T = static_cast<int>(q.size(0));
+  const int max_q_len = static_cast<int>(max_seqlen_q < T ? max_seqlen_q : T);
+  launch_attention_prefill(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), cu_seqlens_q.data_ptr<int32_t>(),
+                           seq_lens.data_ptr<int32_t>(), out.data_ptr(), T, static_cast<int>(k_cache.size(0)), max_q_len,
+                           static_cast<int>(k_cache.size(1)),
+                           static_cast<int>(q.size(1)), static_cast<int>(q.size(2)), static_cast<float>(scale),
+                           activation_dtype(kAp, q, "q"), current_stream());
+}
+
+void attention_decode_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& seq_lens,
+                           Tensor& out, double scale) {
+  check_attention_decode(q, k_cache, v_cache, seq_lens, out);
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&k_cache, "k_cache"}, {&v_cache, "v_cache"},
+                                {&seq_lens, "seq_lens"}, {&out, "out"}})
+    check_device(kAd, *t, name, q);
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&q, "q"}, {&k_cache, "k_cache"},
+                                {&v_cache, "v_cache"}, {&out, "out"}})
+    check_aligned(kAd, *t, name);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int B = static_cast<int>(q.size(0)), S = static_cast<int>(k_cache.size(1)), H = static_cast<int>(q.size(1)),
+            D = static_cast<int>(q.size(2));
+  // Scratch from torch's caching allocator on the current stream: under CUDA-graph capture it comes
+  // from the graph's private pool, so replays reuse it without allocating.
+  const size_t ws_bytes = attention_decode_workspace_bytes(B, S, H, D);
+  const Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+  launch_attention_decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seq_lens.data_ptr<int32_t>(),
+                          out.data_ptr(), ws_bytes ? workspace.data_ptr() : nullptr, B, S, H, D,
+                          static_cast<float>(scale), activation_dtype(kAd, q, "q"), current_stream());
+}
+
+}  // namespace
+}  // namespace persimmon_rt
+
+// ---- registration -------------------------------------------------------------------------------------
+
+TORCH_LIBRARY(persimmon_rt, m) {
+  m.def(
+      "qk_norm_rope_cache(Tensor qkv, Tensor positions, Tensor inv_freq, Tensor? q_weight, Tensor? q_bias, "
+      "Tensor? k_weight, Tensor? k_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+      "Tensor(c!) q_out, float eps) -> ()");
+  m.def(
+      "layernorm(Tensor x, Tensor weight, Tensor bias, Tensor(a!) out, float eps, Tensor? residual=None, "
+      "Tensor(b!)? residual_out=None) -> ()");
+  m.def("bias_relu2(Tensor x, Tensor bias, Tensor(a!) out) -> ()");
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor(a!) out, bool relu2) -> ()");
+  // ---- attention ops ----
+  m.def(
+      "attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, Tensor seq_lens, "
+      "int max_seqlen_q, Tensor(a!) out, float scale) -> ()");
+  m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor(a!) out, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
+  m.impl("qk_norm_rope_cache", &persimmon_rt::qk_norm_rope_cache_cuda);
+  m.impl("layernorm", &persimmon_rt::layernorm_cuda);
+  m.impl("bias_relu2", &persimmon_rt::bias_relu2_cuda);
+  m.impl("decode_linear", &persimmon_rt::decode_linear_cuda);
+  m.impl("attention_prefill", &persimmon_rt::attention_prefill_cuda);
+  m.impl("attention_decode", &persimmon_rt::attention_decode_cuda);
+}
+
+// Meta (fake-tensor) impls: the ops only write into their arguments, so there is nothing to compute;
+// shape errors surface when the CUDA impl runs.
+TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
+  for (const char* op : {"qk_norm_rope_cache", "layernorm", "bias_relu2", "decode_linear", "attention_prefill",
+                         "attention_decode"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&persimmon_rt::meta_noop>());
+}
+
+// `from persimmon_rt import _C` loads this library (running the registrations above); the module
+// itself is empty: the ops live under torch.ops.persimmon_rt.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "persimmon_rt CUDA ops (torch.ops.persimmon_rt)", -1,
+                               nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}

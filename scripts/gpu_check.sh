@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One GPU session's worth of checks: build the extension, run every test (CUDA ones included), then the
+# benchmarks. Logs go to $OUT (or ./gpu-logs). Usage: scripts/gpu_check.sh [quick|full]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu-logs}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+start=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 \
+  || { tail -50 "$out/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+
+python3 -m pytest -q -rs -p no:cacheprovider tests > "$out/tests.log" 2>&1
+tail -25 "$out/tests.log"
+[ "${1:-quick}" = "full" ] || exit 0
+python3 benchmarks/bench_generate.py --json "$out/generate.json" 2>&1 | tee "$out/generate.log"
