@@ -8,6 +8,9 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+# A compiler that links libstdc++ statically into the extension turns every error an op raises into a
+# process abort (the exception cannot cross into torch's libstdc++): prefer the system g++.
+[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++
 start=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 \
   || { tail -50 "$out/build.log"; exit 1; }
