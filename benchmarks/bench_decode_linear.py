@@ -1,0 +1,182 @@
+"""Decode GEMV (torch.ops.persimmon_rt.decode_linear) against cuBLAS on the Persimmon-8B decode shapes.
+
+Each row times, in the same process on the same card:
+  ours      decode_linear with its fused epilogue
+  cublas    F.linear alone (with bias where the layer has one): the GEMV cuBLAS picks
+  cublas+e  the whole op unfused: F.linear, then the epilogue as the fastest separate ops there are
+            (residual add; bias_relu2 of this package for MLP-up; the fp32 cast for lm_head)
+Bytes = weight + x + bias + residual + out, so TB/s compares with the device-to-device copy (bytes read
+plus written; eager `copy_` of 1 GiB, median of 20, as in bench_ops.py) measured in the same run.
+Weights rotate over enough buffers (>= 256 MB together) that the 50 MB L2 cannot hold them.
+Main timing ("graph"): a CUDA graph of `--launches` back-to-back calls, each on the next buffer (as in the
+decode graph), replayed with CUDA events around it; median replay / launches. "1 call": one call alone
+between two events, queued behind a GPU sleep so that host-side launch cost is excluded (launch latency,
+ramp-up and tail of a lone kernel included); median.
+
+    python benchmarks/bench_decode_linear.py [--rows 1 8] [--dtype float16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+import persimmon_rt.ops  # noqa: F401  (registers torch.ops.persimmon_rt)
+
+# name: (N, K, bias, residual, relu2, fp32 out)
+SHAPES = {
+    "qkv 12288x4096": (12288, 4096, True, False, False, False),
+    "dense 4096x4096": (4096, 4096, True, True, False, False),
+    "mlp_up 16384x4096": (16384, 4096, True, False, True, False),
+    "mlp_down 4096x16384": (4096, 16384, True, True, False, False),
+    "lm_head 262144x4096": (262144, 4096, False, False, False, True),
+}
+ROTATE_BYTES = 256 << 20
+
+
+def time_graph(fn, launches: int, reps: int) -> float:
+    """Median seconds per call of fn(i), from replays of a graph of `launches` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(2):  # warm-up (cuBLAS handles, workspaces) outside the capture
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(launches):
+            fn(i)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / launches)
+    return statistics.median(times)
+
+
+def time_single(fn, reps: int) -> float:
+    """Median seconds of one call fn(i) alone, queued behind a GPU sleep (no host overhead inside)."""
+    fn(0)
+    times = []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(200_000)
+        start.record()
+        fn(i)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(reps: int) -> tuple[float, float]:
+    """(eager, graph-captured) device-to-device copy of 1 GiB, bytes read + written per second."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    eager = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        eager.append(start.elapsed_time(end) / 1e3)
+    graph = time_graph(lambda i: dst.copy_(src), 8, reps)
+    return 2 * src.numel() / statistics.median(eager), 2 * src.numel() / graph
+
+
+def bench_shape(name, M, dtype, launches, reps):
+    N, K, has_bias, has_res, relu2, fp32_out = SHAPES[name]
+    dev = "cuda"
+    w_bytes = N * K * dtype.itemsize
+    nbuf = max(2, -(-ROTATE_BYTES // w_bytes))
+    weights = [torch.randn(N, K, device=dev, dtype=dtype).mul_(K ** -0.5) for _ in range(nbuf)]
+    x = torch.randn(M, K, device=dev, dtype=dtype)
+    bias = torch.randn(N, device=dev, dtype=dtype) if has_bias else None
+    residual = torch.randn(M, N, device=dev, dtype=dtype) if has_res else None
+    out_dtype = torch.float32 if fp32_out else dtype
+    out = torch.empty(M, N, device=dev, dtype=out_dtype)
+    op = torch.ops.persimmon_rt
+
+    def ours(i):
+        op.decode_linear(x, weights[i % nbuf], bias, residual, out, relu2)
+
+    def cublas(i):
+        return F.linear(x, weights[i % nbuf], bias)
+
+    def cublas_epilogue(i):
+        w = weights[i % nbuf]
+        if relu2:  # cuBLAS without bias, then the fused bias + relu^2 kernel
+            op.bias_relu2(F.linear(x, w), bias, out)
+        elif has_res:
+            torch.add(F.linear(x, w, bias), residual, out=out)
+        elif fp32_out:
+            out.copy_(F.linear(x, w, bias))
+        else:  # QKV: bias only, nothing to add to cuBLAS
+            F.linear(x, w, bias)
+
+    # Correctness before timing: ours against the unfused composition in fp32.
+    ours(0)
+    y = F.linear(x.float(), weights[0].float(), None if bias is None else bias.float())
+    if relu2:
+        y = torch.relu(y).square()
+    if residual is not None:
+        y = y + residual.float()
+    err = ((out.float() - y).norm() / y.norm()).item()
+    assert err < 1e-2, f"{name} M={M}: relative error {err:.2e}"
+
+    n_launch = max(launches, nbuf)
+    t_ours = time_graph(ours, n_launch, reps)
+    t_cublas = time_graph(cublas, n_launch, reps)
+    t_cublas_e = time_graph(cublas_epilogue, n_launch, reps)
+    t_ours_1 = time_single(ours, reps)
+    t_cublas_1 = time_single(cublas, reps)
+    nbytes = (w_bytes + x.numel() * dtype.itemsize + (N * dtype.itemsize if has_bias else 0)
+              + (M * N * dtype.itemsize if has_res else 0) + M * N * out_dtype.itemsize)
+    weights.clear()
+    return nbytes, t_ours, t_cublas, t_cublas_e, t_ours_1, t_cublas_1
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="decode batch sizes M")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--launches", type=int, default=16, help="calls per captured graph")
+    parser.add_argument("--reps", type=int, default=30, help="graph replays (median taken)")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+
+    copy_bps, copy_graph_bps = copy_bandwidth(args.reps)
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}, torch {torch.__version__}, {args.dtype}; device-to-device copy {copy_bps / 1e12:.3f} TB/s "
+          f"(eager copy_; inside a CUDA graph the same copy runs at {copy_graph_bps / 1e12:.3f} TB/s)")
+    header = ("| GPU | shape | M | ours us | ours TB/s | % copy | cuBLAS us | cuBLAS TB/s | cuBLAS+epi us "
+              "| x vs cuBLAS | x vs cuBLAS+epi | ours 1 call us | cuBLAS 1 call us | x (1 call) |")
+    rows = []
+    for M in args.rows:
+        for name in SHAPES:
+            nbytes, t_o, t_c, t_ce, t_o1, t_c1 = bench_shape(name, M, dtype, args.launches, args.reps)
+            rows.append(f"| {gpu} | {name} | {M} | {t_o * 1e6:.1f} | {nbytes / t_o / 1e12:.3f} | "
+                        f"{100 * nbytes / t_o / copy_bps:.1f} | {t_c * 1e6:.1f} | {nbytes / t_c / 1e12:.3f} | "
+                        f"{t_ce * 1e6:.1f} | {t_c / t_o:.2f} | {t_ce / t_o:.2f} | {t_o1 * 1e6:.1f} | "
+                        f"{t_c1 * 1e6:.1f} | {t_c1 / t_o1:.2f} |")
+            print(rows[-1], flush=True)
+            torch.cuda.empty_cache()
+    print()
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for r in rows:
+        print(r)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+// Decode GEMV with a fused epilogue: out = act(x W^T + bias) + residual, act = relu(.)^2 or identity,
+// fp32 accumulation and epilogue, rounded once. Semantics: persimmon_rt/reference.py::decode_linear.
+//
+// At decode batch sizes (M <= 16 rows) the op is a stream over W: every weight byte is read once and
+// used for M multiply-adds, so the kernel is shaped for bytes in flight, not arithmetic.
+//
+// Tensor cores do the multiply-adds (mma.m16n8k16, W as the 16-row A operand, x as the 8-column B
+// operand), because then a lane's registers can take W straight from 16-byte loads: a dot product does
+// not care in which order it visits k, so lane (g = lane / 4, q = lane % 4) loads the 8 consecutive
+// k of [32c + 8q, 32c + 8q + 8) of rows g and g + 8 of its 16-row tile, and feeds them to two mma
+// k-steps (the first four k to step 0, the last four to step 1). x is loaded with the same
+// permutation (lane g holds x row g), so the products pair up exactly as in the plain dot product.
+// No shuffles, no per-element conversion: per 32 bytes of W a lane issues two loads and, per 8 rows of
+// x, two mma.
+//
+// Block = WARPS warps on one tile of 16 * RT output features; the K range is split across the warps
+// (split-K inside the block), so a narrow output (N = 4096) still gives 8 warps per 16 rows, every
+// warp keeping J chunks x RT x 2 loads of 16 bytes in flight. The warps' fp32 partial sums meet in
+// shared memory and the epilogue runs once per output on the full sum: no workspace, no second kernel.
+//
+// x (tiny, re-read by every block) is loaded through L1; W (read once) bypasses L1 so it cannot evict x.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "attention_common.cuh"
+#include "common.cuh"
+
+namespace persimmon_rt {
+namespace gemv {
+
+struct DecodeLinearParams {
+  const void* x;         // [M, K]  row stride ldx elements, unit column stride, 16-byte aligned rows
+  const void* weight;    // [N, K]  contiguous, 16-byte aligned
+  const void* bias;      // [N]  or nullptr
+  const void* residual;  // [M, N]  contiguous, or nullptr; may alias out (read before written, same thread)
+  void* out;             // [M, N]  contiguous; T or float (OutT)
+  int64_t ldx;           // x row stride in elements, a multiple of 8
+  int M;                 // 1..8 * MT; x rows >= M are never read
+  int N;
+  int K;                 // multiple of 8
+  bool relu2;
+};
+
+// RT: 16-row tiles per block (each warp covers all of them, reusing its x fragment); MT: 8-row groups
+// of x (M <= 8 * MT); J: 32-k chunks loaded per loop step; WARPS: K split of the block; MIN_BLOCKS:
+// resident blocks per SM the register allocation must allow; L2_256B: weight loads ask L2 to fetch
+// whole 256-byte segments.
+template <int RT_, int MT_, int J_, int WARPS_, int MIN_BLOCKS_, bool L2_256B_ = true>
+struct GemvConfig {
+  static constexpr int RT = RT_, MT = MT_, J = J_, WARPS = WARPS_, MIN_BLOCKS = MIN_BLOCKS_;
+  static constexpr bool L2_256B = L2_256B_;
+  static constexpr int kThreads = WARPS * 32;
+  static constexpr int kRowsPerBlock = 16 * RT;
+  static constexpr int kMaxM = 8 * MT;
+};
+
+constexpr int kChunk = 32;  // k per chunk: 4 lanes x 8 elements
+
+// 16-byte read-only load of streamed weights that skips L1; with L2_256B it also asks L2 to fetch the
+// whole 256-byte segment (a warp reads J * 64 contiguous bytes of each of its rows per step).
+template <bool L2_256B>
+__device__ __forceinline__ uint4 ld_weight_16(const void* p) {
+  if constexpr (L2_256B) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+  } else {
+    return attention::ld_stream_16(p);
+  }
+}
+
+// 16-byte read-only load of x through L1 (every block re-reads x).
+__device__ __forceinline__ uint4 ld_x_16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+template <typename OutT>
+__device__ __forceinline__ void store_out(OutT* p, float v) {
+  if constexpr (std::is_same_v<OutT, float>) {
+    *p = v;
+  } else {
+    *p = from_float<OutT>(v);
+  }
+}
+
+// Grid: ceil(N / (16 * RT)) blocks of Cfg::kThreads threads.
+template <typename T, typename OutT, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_kernel(const DecodeLinearParams p) {
+  constexpr int RT = Cfg::RT, MT = Cfg::MT, J = Cfg::J, WARPS = Cfg::WARPS;
+  constexpr int kVals = RT * MT * 4;  // accumulator floats per lane
+  __shared__ float s_partial[WARPS][kVals][32];
+
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int g = lane / 4;
+  const int q = lane % 4;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * Cfg::kRowsPerBlock;
+  const int K = p.K;
+
+  // Row pointers of this lane's weight rows (n0 + 16 rt + 8 h + g) and x rows (8 t + g), already
+  // offset by its 8-element column slot; rows past the end are never read (clamped, predicated off).
+  const T* w_row[RT][2];
+  bool w_ok[RT][2];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = n0 + 16 * rt + 8 * h + g;
+      w_ok[rt][h] = n < p.N;
+      w_row[rt][h] = static_cast<const T*>(p.weight) + (w_ok[rt][h] ? n : 0) * K + 8 * q;
+    }
+  const T* x_row[MT];
+  bool x_ok[MT];
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    const int m = 8 * t + g;
+    x_ok[t] = m < p.M;
+    x_row[t] = static_cast<const T*>(p.x) + (x_ok[t] ? m : 0) * p.ldx + 8 * q;
+  }
+
+  // This warp's contiguous share of the chunks.
+  const int chunks = (K + kChunk - 1) / kChunk;
+  const int per_warp = (chunks + WARPS - 1) / WARPS;
+  const int c_begin = warp * per_warp;
+  const int c_end = min(chunks, c_begin + per_warp);
+
+  float acc[RT][MT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[rt][t][i] = 0.f;
+
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  for (int c = c_begin; c < c_end; c += J) {
+    bool ok[J];
+#pragma unroll
+    for (int j = 0; j < J; ++j) ok[j] = c + j < c_end && (c + j) * kChunk + 8 * q < K;
+
+    // All of the step's loads are issued before the first mma: weights first (they come from DRAM).
+    uint4 wv[J][RT][2];
+    uint4 xv[J][MT];
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          wv[j][rt][h] = ok[j] && w_ok[rt][h] ? ld_weight_16<Cfg::L2_256B>(w_row[rt][h] + (c + j) * kChunk) : zero;
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int t = 0; t < MT; ++t) xv[j][t] = ok[j] && x_ok[t] ? ld_x_16(x_row[t] + (c + j) * kChunk) : zero;
+
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) {
+        // A fragment: a[0] rows g / k-slots 2q..2q+1, a[1] rows g+8, a[2] rows g / slots 2q+8..2q+9,
+        // a[3] rows g+8. Step 0 takes the lane's k 0..3 (.x, .y), step 1 its k 4..7 (.z, .w).
+        const uint32_t a0[4] = {wv[j][rt][0].x, wv[j][rt][1].x, wv[j][rt][0].y, wv[j][rt][1].y};
+        const uint32_t a1[4] = {wv[j][rt][0].z, wv[j][rt][1].z, wv[j][rt][0].w, wv[j][rt][1].w};
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+          attention::mma_m16n8k16<T>(acc[rt][t], a0, xv[j][t].x, xv[j][t].y);
+          attention::mma_m16n8k16<T>(acc[rt][t], a1, xv[j][t].z, xv[j][t].w);
+        }
+      }
+  }
+
+  // Sum the warps' partials: lane-contiguous stores and loads, free of bank conflicts.
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s_partial[warp][(rt * MT + t) * 4 + i][lane] = acc[rt][t][i];
+  __syncthreads();
+
+  const T* bias = static_cast<const T*>(p.bias);
+  const T* residual = static_cast<const T*>(p.residual);
+  OutT* out = static_cast<OutT*>(p.out);
+  for (int idx = threadIdx.x; idx < kVals * 32; idx += Cfg::kThreads) {
+    const int v = idx / 32, ln = idx % 32;
+    const int rt = v / (MT * 4), t = (v / 4) % MT, i = v % 4;
+    // C fragment: c[i] is (row g + 8 (i / 2), column 2q + i % 2) of the 16x8 tile.
+    const int64_t n = n0 + 16 * rt + ln / 4 + 8 * (i / 2);
+    const int m = 8 * t + 2 * (ln % 4) + i % 2;
+    if (n >= p.N || m >= p.M) continue;
+    float y = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) y += s_partial[w][v][ln];
+    if (bias != nullptr) y += to_float(bias[n]);
+    if (p.relu2) {
+      const float r = y < 0.f ? 0.f : y;  // not fmaxf: relu must keep a NaN, as torch.relu does
+      y = r * r;
+    }
+    const int64_t o = static_cast<int64_t>(m) * p.N + n;
+    if (residual != nullptr) y += to_float(residual[o]);
+    store_out(out + o, y);
+  }
+}
+
+}  // namespace gemv
+}  // namespace persimmon_rt
