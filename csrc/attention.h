@@ -14,20 +14,24 @@
 namespace persimmon_rt {
 
 // out = causal softmax(q k^T * scale) v of the new tokens of every sequence over its cache.
+// max_q_len >= max_b (cu[b+1] - cu[b]) sizes the grid without reading cu_seqlens_q on the host.
+// head_dim 64 or 128.
 void launch_attention_prefill(const void* q,               // [T, H, D]
                               const void* k_cache,         // [B, S, H, D]
                               const void* v_cache,         // [B, S, H, D]
                               const int32_t* cu_seqlens_q, // [B + 1]  sequence b owns queries [cu[b], cu[b+1])
                               const int32_t* seq_lens,     // [B]  keys of sequence b after this chunk
                               void* out,                   // [T, H, D]  written
-                              int num_tokens, int batch, int cache_len, int num_heads, int head_dim,
-                              float scale, DType dtype, cudaStream_t stream);
+                              int num_tokens, int batch, int max_q_len, int cache_len, int num_heads,
+                              int head_dim, float scale, DType dtype, cudaStream_t stream);
 
 // Bytes of scratch launch_attention_decode needs for this shape (0 if none); the caller allocates it
 // on the launch stream so CUDA-graph capture stays allocation-free inside the kernels.
 size_t attention_decode_workspace_bytes(int batch, int cache_len, int num_heads, int head_dim);
 
 // out[b] = softmax(q[b] k[b, :seq_lens[b]]^T * scale) v[b, :seq_lens[b]]; zeros where seq_lens[b] == 0.
+// The launch depends only on the shapes (never on seq_lens), so it can be captured in a CUDA graph and
+// replayed with new lengths. head_dim 64 or 128.
 void launch_attention_decode(const void* q,                // [B, H, D]
                              const void* k_cache,          // [B, S, H, D]
                              const void* v_cache,          // [B, S, H, D]

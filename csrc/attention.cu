@@ -1,0 +1,140 @@
+// Launchers of the attention kernels: pick the template instance for (dtype, head_dim), size the grid,
+// check the launch. Torch-free.
+#include "attention.h"
+
+#include <algorithm>
+#include <string>
+
+#include "common.cuh"
+#include "kernels/attention_decode.cuh"
+#include "kernels/attention_prefill.cuh"
+
+namespace persimmon_rt {
+namespace {
+
+using attention::DecodeParams;
+using attention::PrefillParams;
+using attention::PrefillTile;
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+[[noreturn]] void unsupported_head_dim(const char* op, int head_dim) {
+  throw std::invalid_argument(std::string(op) + ": head_dim must be 64 or 128, got " + std::to_string(head_dim));
+}
+
+// head_dim 64 (Persimmon): 4 warps x 32 query rows, 64-key tiles; 48 KB of shared memory and < 256
+// registers a thread keep two blocks on an SM. On the H100 (benchmarks/attention_variants.cu, 2K-16K
+// tokens, three runs) this beat 8 warps x 16 rows by 5-17 %, 32-key tiles by 4-11 % and 16-row warps
+// with 128-key tiles by 14-29 %. head_dim 128 doubles every fragment, so a warp takes 16 rows to stay
+// under the register limit.
+using PrefillTile64 = PrefillTile<64, 2, 4, 64>;
+using PrefillTile128 = PrefillTile<128, 1, 4, 64>;
+
+template <typename T, typename Tile>
+void prefill(const PrefillParams& p, int batch, int max_q_len, cudaStream_t stream) {
+  const auto kernel = attention::attention_prefill_kernel<T, Tile>;
+  PRT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  const dim3 grid(p.num_heads, static_cast<unsigned>(ceil_div(max_q_len, Tile::kBlockM)), batch);
+  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+  PRT_CUDA_CHECK(cudaGetLastError());
+}
+
+// Decode: each thread keeps kDecodeUnroll 16-byte K and V loads in flight, in at most 64 registers.
+// Measured on the H100 (benchmarks/attention_variants.cu, batch 1 and 8 at 2K and 16K keys): few, long
+// splits stream the cache best, about 4 blocks of 128 threads per SM (batch 1, 16K keys: 97 % of copy
+// against 92 % with 8 blocks per SM). Where that gives a row 2 or more splits, 256-thread blocks with
+// half the splits are as fast or faster (batch 1, 2K keys: 74 % vs 69 %, 71 % vs 71 % in two runs);
+// at one split a row 128 threads win (batch 8, 2K keys: 102 % vs 96-100 %).
+constexpr int kDecodeUnroll = 4;
+constexpr int kDecodeRegsPerThread = 64;
+constexpr int kDecodeBlocksPerSm = 4;      // of 128 threads
+constexpr int kDecodeMaxSplits = 64;
+constexpr int kDecodeMinSplitKeys = 128;  // fewer keys per split and the merge costs more than it saves
+
+struct DecodeShape {
+  int threads;
+  int splits;
+};
+
+DecodeShape decode_shape(int batch, int cache_len, int num_heads) {
+  int device = 0;
+  int sms = 0;
+  PRT_CUDA_CHECK(cudaGetDevice(&device));
+  PRT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int rows = std::max(1, batch * num_heads);
+  const int by_length = static_cast<int>(ceil_div(cache_len, kDecodeMinSplitKeys));
+  const int splits = std::max(1, std::min({sms * kDecodeBlocksPerSm / rows, by_length, kDecodeMaxSplits}));
+  return splits >= 2 ? DecodeShape{256, splits / 2} : DecodeShape{128, 1};
+}
+
+template <typename T, int D, int THREADS>
+void decode(const DecodeParams& p, int batch, cudaStream_t stream) {
+  constexpr int kMinBlocks = 65536 / (THREADS * kDecodeRegsPerThread);
+  attention::attention_decode_split_kernel<T, D, THREADS, kDecodeUnroll, kMinBlocks>
+      <<<dim3(p.num_splits, p.num_heads, batch), THREADS, 0, stream>>>(p);
+  PRT_CUDA_CHECK(cudaGetLastError());
+  if (p.num_splits > 1)
+    PRT_CUDA_CHECK(attention::launch_pdl(attention::attention_decode_combine_kernel<T, D>, dim3(p.num_heads, batch),
+                                         dim3(D), stream, p));
+}
+
+template <typename T, int D>
+void decode_threads(const DecodeParams& p, int threads, int batch, cudaStream_t stream) {
+  if (threads == 256) decode<T, D, 256>(p, batch, stream);
+  else decode<T, D, 128>(p, batch, stream);
+}
+
+}  // namespace
+
+void launch_attention_prefill(const void* q, const void* k_cache, const void* v_cache, const int32_t* cu_seqlens_q,
+                              const int32_t* seq_lens, void* out, int num_tokens, int batch, int max_q_len,
+                              int cache_len, int num_heads, int head_dim, float scale, DType dtype,
+                              cudaStream_t stream) {
+  PRT_REQUIRE(batch >= 0 && batch <= 65535 && num_heads > 0 && num_heads <= 65535 && max_q_len >= 0,
+              "batch and num_heads must be in [0, 65535], max_q_len >= 0");
+  if (num_tokens == 0 || batch == 0 || max_q_len == 0) return;
+  PRT_REQUIRE(ceil_div(max_q_len, 64) <= 65535, "max_q_len must be < 2^22 (grid y limit)");
+  const PrefillParams p{q, k_cache, v_cache, cu_seqlens_q, seq_lens, out, num_heads, cache_len, scale * kLog2e};
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    switch (head_dim) {
+      case 64: prefill<T, PrefillTile64>(p, batch, max_q_len, stream); break;
+      case 128: prefill<T, PrefillTile128>(p, batch, max_q_len, stream); break;
+      default: unsupported_head_dim("attention_prefill", head_dim);
+    }
+  });
+}
+
+size_t attention_decode_workspace_bytes(int batch, int cache_len, int num_heads, int head_dim) {
+  const int splits = decode_shape(batch, cache_len, num_heads).splits;
+  if (splits == 1) return 0;
+  const size_t slots = size_t(batch) * num_heads * splits;
+  return slots * (head_dim + 2) * sizeof(float);
+}
+
+void launch_attention_decode(const void* q, const void* k_cache, const void* v_cache, const int32_t* seq_lens,
+                             void* out, void* workspace, int batch, int cache_len, int num_heads, int head_dim,
+                             float scale, DType dtype, cudaStream_t stream) {
+  PRT_REQUIRE(batch >= 0 && batch <= 65535 && num_heads > 0 && num_heads <= 65535,
+              "batch and num_heads must be in [0, 65535]");
+  if (batch == 0) return;
+  const DecodeShape shape = decode_shape(batch, cache_len, num_heads);
+  const int splits = shape.splits;
+  const size_t slots = size_t(batch) * num_heads * splits;
+  PRT_REQUIRE(splits == 1 || workspace != nullptr, "workspace is required for this shape");
+  float* partial_out = static_cast<float*>(workspace);                      // [B, H, splits, D]
+  float* partial_max = partial_out + (splits > 1 ? slots * head_dim : 0);  // [B, H, splits]
+  float* partial_sum = partial_max + (splits > 1 ? slots : 0);             // [B, H, splits]
+  const DecodeParams p{q,           k_cache,   v_cache,   seq_lens, out,   partial_out, partial_max,
+                       partial_sum, num_heads, cache_len, splits,   scale * kLog2e};
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    switch (head_dim) {
+      case 64: decode_threads<T, 64>(p, shape.threads, batch, stream); break;
+      case 128: decode_threads<T, 128>(p, shape.threads, batch, stream); break;
+      default: unsupported_head_dim("attention_decode", head_dim);
+    }
+  });
+}
+
+}  // namespace persimmon_rt

@@ -1,0 +1,149 @@
+"""attention_prefill: causal attention of packed new tokens over each sequence's KV cache.
+
+CPU tests check the fp32 reference against an independent formulation (SDPA with is_causal or an
+explicit mask). CUDA tests check the kernel against the reference in fp32: its error must be at most
+twice that of the same attention computed by plain PyTorch in the low precision, plus a tiny floor.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from persimmon_rt import reference
+
+from op_utils import check_against_fp32, poisoned_like, requires_cuda
+
+
+def make_case(n_q: list[int], n_kv: list[int], heads: int, head_dim: int, dtype, device, pad: int = 3):
+    """Random inputs for sequences with n_q[b] new tokens and n_kv[b] keys in total (prefix = n_kv - n_q).
+
+    Cache positions at or beyond seq_lens[b] (and `pad` extra rows past the longest sequence) hold NaN,
+    so a kernel that reads a key it must not see produces NaN.
+    """
+    batch = len(n_q)
+    cache_len = max(n_kv) + pad
+    q = torch.randn(sum(n_q), heads, head_dim, device=device).to(dtype)
+    k_cache = torch.randn(batch, cache_len, heads, head_dim, device=device).to(dtype)
+    v_cache = torch.randn(batch, cache_len, heads, head_dim, device=device).to(dtype)
+    for b, L in enumerate(n_kv):
+        k_cache[b, L:] = float("nan")
+        v_cache[b, L:] = float("nan")
+    cu = torch.tensor([0] + list(itertools.accumulate(n_q)), dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(n_kv, dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, cu, seq_lens
+
+
+def lowp_attention(q, k_cache, v_cache, cu, seq_lens):
+    """The same causal attention in plain PyTorch in the inputs' precision (the error baseline)."""
+    out = torch.empty_like(q)
+    cu_l, lens = cu.tolist(), seq_lens.tolist()
+    scale = reference.default_scale(q.shape[-1])
+    for b, L in enumerate(lens):
+        n = cu_l[b + 1] - cu_l[b]
+        if n == 0:
+            continue
+        qb = q[cu_l[b]:cu_l[b + 1]].transpose(0, 1)               # [H, n, D]
+        kb = k_cache[b, :L].transpose(0, 1)
+        vb = v_cache[b, :L].transpose(0, 1)
+        scores = torch.matmul(qb, kb.transpose(1, 2)) * scale
+        mask = torch.arange(L, device=q.device)[None, :] > torch.arange(L - n, L, device=q.device)[:, None]
+        probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+        out[cu_l[b]:cu_l[b + 1]] = torch.matmul(probs, vb).transpose(0, 1)
+    return out
+
+
+def run_and_check(n_q, n_kv, heads, head_dim, dtype, max_seqlen_q=None):
+    q, k_cache, v_cache, cu, seq_lens = make_case(n_q, n_kv, heads, head_dim, dtype, "cuda")
+    scale = reference.default_scale(head_dim)
+    out = poisoned_like(q)
+    torch.ops.persimmon_rt.attention_prefill(q, k_cache, v_cache, cu, seq_lens, max_seqlen_q or max(n_q), out, scale)
+    ref = torch.empty(q.shape, dtype=torch.float32, device="cuda")
+    reference.attention_prefill(q.float(), k_cache.float(), v_cache.float(), cu, seq_lens, max(n_q), ref, scale)
+    check_against_fp32(out, ref, lowp_attention(q, k_cache, v_cache, cu, seq_lens))
+
+
+# ---- CPU: the reference against independent formulations ------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 7, 83])
+def test_reference_matches_sdpa_causal(n):
+    heads, head_dim = 3, 16
+    q, k_cache, v_cache, cu, seq_lens = make_case([n], [n], heads, head_dim, torch.float32, "cpu")
+    out = torch.empty_like(q)
+    reference.attention_prefill(q, k_cache, v_cache, cu, seq_lens, n, out, 0.3)
+    want = F.scaled_dot_product_attention(q.transpose(0, 1), k_cache[0, :n].transpose(0, 1),
+                                          v_cache[0, :n].transpose(0, 1), is_causal=True, scale=0.3)
+    torch.testing.assert_close(out, want.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_matches_sdpa_masked_chunks():
+    """Packed sequences with cached prefixes (and one with no new tokens) against explicit masks."""
+    heads, head_dim = 2, 8
+    n_q, n_kv = [5, 0, 1, 9], [12, 4, 7, 9]
+    q, k_cache, v_cache, cu, seq_lens = make_case(n_q, n_kv, heads, head_dim, torch.float32, "cpu")
+    out = poisoned_like(q)
+    reference.attention_prefill(q, k_cache, v_cache, cu, seq_lens, max(n_q), out, 0.5)
+    for b, (n, L) in enumerate(zip(n_q, n_kv)):
+        if n == 0:
+            continue
+        allowed = torch.arange(L)[None, :] <= torch.arange(L - n, L)[:, None]   # key j visible to query i
+        want = F.scaled_dot_product_attention(q[cu[b]:cu[b + 1]].transpose(0, 1), k_cache[b, :L].transpose(0, 1),
+                                              v_cache[b, :L].transpose(0, 1), attn_mask=allowed, scale=0.5)
+        torch.testing.assert_close(out[cu[b]:cu[b + 1]], want.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+# ---- CUDA kernel ------------------------------------------------------------------------------------
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("n", [1, 7, 83, 1029, 4096])
+def test_single_sequence(n, head_dim, dtype):
+    run_and_check([n], [n], 4, head_dim, dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_packed_sequences(head_dim, dtype):
+    n = [83, 1, 1029, 7, 300, 128]
+    run_and_check(n, n, 4, head_dim, dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_chunked_prefill_with_cached_prefix(head_dim, dtype):
+    """New chunks after cached prefixes, one sequence idle (no new tokens) and one decode-like row; the
+    grid bound is the loose one a caller has without reading cu_seqlens_q (all tokens)."""
+    n_q = [7, 83, 1, 0, 200, 129]
+    n_kv = [100, 583, 4096, 50, 1200, 4100]
+    run_and_check(n_q, n_kv, 4, head_dim, dtype, max_seqlen_q=sum(n_q))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_persimmon_shape(dtype):
+    """64 heads x 64, the model's layer shape, on a 2048-token prompt."""
+    run_and_check([2048], [2048], 64, 64, dtype)
+
+
+@requires_cuda
+def test_rejects_unsupported_head_dim():
+    q, k_cache, v_cache, cu, seq_lens = make_case([4], [4], 2, 96, torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="head_dim"):
+        torch.ops.persimmon_rt.attention_prefill(q, k_cache, v_cache, cu, seq_lens, 4, torch.empty_like(q), 0.1)
+
+
+@requires_cuda
+def test_opcheck():
+    q, k_cache, v_cache, cu, seq_lens = make_case([7, 83], [20, 83], 2, 64, torch.float16, "cuda")
+    out = torch.empty_like(q)
+    torch.library.opcheck(torch.ops.persimmon_rt.attention_prefill,
+                          (q, k_cache, v_cache, cu, seq_lens, 83, out, 0.125))
