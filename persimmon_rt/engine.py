@@ -465,10 +465,11 @@ class Engine:
         if seed is not None:
             torch.manual_seed(seed)
         greedy = temperature == 0
+        bucket = _bucket(B, self.max_batch_size)
+        # Capture (its warm-up steps write the cache at position 0) before the prefill fills the cache.
+        g = self._graph_for(bucket, greedy)
         started = time.perf_counter()
         logits = self._prefill(prompts, embeds)
-        bucket = _bucket(B, self.max_batch_size)
-        g = self._graph_for(bucket, greedy)
         temp = torch.ones(bucket, 1)            # idle rows sample at temperature 1 (ignored, but finite)
         temp[:B] = max(temperature, 1e-6)
         g.temperature.copy_(temp)

@@ -127,7 +127,7 @@ def test_from_transformers_uses_the_weights_in_place(tmp_path):
 def test_engine_from_pretrained_on_cpu(tmp_path):
     model = lively_model()
     model.save_pretrained(tmp_path)
-    engine = Engine.from_pretrained(tmp_path, max_batch_size=1, max_seq_len=32)
+    engine = Engine.from_pretrained(tmp_path, device="cpu", max_batch_size=1, max_seq_len=32)
     assert engine.device.type == "cpu" and engine.dtype == torch.float32
     assert engine.generate([[1, 2]], max_new_tokens=4, stop_token_ids=[]).token_ids[0] == \
         reference_continuation(model, [1, 2], 4)
@@ -163,14 +163,23 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_engine_greedy_equals_reference_for_64_steps(dtype):
     """The engine in fp16/bf16 on the GPU (CUDA kernels, graphs) against the fp32 reference model on the CPU
-    holding the same (rounded) weights: a large init keeps logit gaps far above low-precision error."""
-    reference_model = lively_model(max_position_embeddings=128)
-    gpu_model = reference_model.to(dtype).to("cuda")
-    reference_model = lively_model(max_position_embeddings=128)
+    holding the same (rounded) weights. Greedy tokens must agree up to the first step where the reference's
+    two best logits are closer than the low-precision logit error could separate (a near tie); usually
+    there is none within the 64 steps."""
+    shape = dict(max_position_embeddings=128, hidden_size=256, num_attention_heads=4)   # head_dim 64
+    gpu_model = lively_model(**shape).to(dtype).to("cuda")
+    reference_model = lively_model(**shape)
     reference_model.load_state_dict({k: v.float().cpu() for k, v in gpu_model.state_dict().items()})
     engine = Engine(gpu_model, gpu_model.config, max_batch_size=4, max_seq_len=128)
     prompts = [torch.randint(1, 97, (n,)).tolist() for n in (5, 17, 9)]
     result = engine.generate(prompts, max_new_tokens=64, stop_token_ids=[])
     assert engine._graphs and all(g.graph is not None for g in engine._graphs.values())
+    tie_margin = {torch.float16: 0.05, torch.bfloat16: 0.4}[dtype]     # ~4x the logit error measured per dtype
     for prompt, ids in zip(prompts, result.token_ids):
-        assert ids == reference_continuation(reference_model, prompt, 64)
+        expected = reference_continuation(reference_model, prompt, 64)
+        with torch.no_grad():
+            logits = reference_model(torch.tensor([prompt + expected])).logits[0, len(prompt) - 1:-1]
+        top2 = logits.topk(2).values
+        near_ties = ((top2[:, 0] - top2[:, 1]) < tie_margin).nonzero()
+        must_agree = int(near_ties[0]) if len(near_ties) else 64
+        assert ids[:must_agree] == expected[:must_agree]
