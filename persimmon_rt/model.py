@@ -10,6 +10,7 @@ exceed the fp16 range); fp16 is for inference.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -242,8 +243,8 @@ class PersimmonPreTrainedModel(nn.Module, GenerationMixin):
     # -- loading and saving
     @classmethod
     def from_config(cls, config: PersimmonConfig, dtype: torch.dtype | None = None, device=None):
-        """A randomly initialised model (see init_weights)."""
-        with torch.device(device or "cpu"):
+        """A randomly initialised model (see init_weights), on `device` (default: torch's current default)."""
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             model = cls(config)
         model.init_weights()
         return model.to(dtype) if dtype is not None else model

@@ -73,3 +73,17 @@ def test_module_entry_point_and_usage_errors():
     assert ok.returncode == 0 and "persimmon-rt" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "persimmon_rt", "nosuchcommand"], capture_output=True, text=True)
     assert bad.returncode == 2 and "persimmon-rt: error:" in bad.stderr
+
+
+def test_bench_on_the_demo_model_and_against_transformers(capsys, tmp_path):
+    out_json = tmp_path / "bench.json"
+    code, out, _ = run_cli(["bench", "--context", "16", "--batch", "1,2", "--prefill", "32", "--new-tokens", "4",
+                            "--json", str(out_json)], capsys)
+    result = json.loads(out_json.read_text())
+    cases = [r["case"] for r in result["rows"]]
+    assert code == 0 and cases == ["decode b=1 ctx=16", "decode b=2 ctx=16", "prefill 32"]
+    assert all(r["ms_per_step"] > 0 for r in result["rows"][:2]) and "decode b=2 ctx=16" in out
+    pytest.importorskip("transformers")
+    code, out, _ = run_cli(["bench", "--preset", "tiny", "--transformers", "eager", "--context", "8",
+                            "--new-tokens", "4", "--prefill", ""], capsys)
+    assert code == 0 and "transformers eager" in out
