@@ -142,7 +142,9 @@ class _DecodeGraph:
 
 class Engine:
     """Prefill + decode over a static KV cache. One generate call at a time: calls from several threads
-    are serialised by a lock (the cache and the captured graphs are shared state)."""
+    are serialised by a lock (the cache and the captured graphs are shared state). A stream holds the
+    lock until it is exhausted or closed (`close()` on the iterator, or leaving a `for` loop early and
+    dropping it)."""
 
     def __init__(self, model: torch.nn.Module, config: PersimmonConfig, max_batch_size: int = 1,
                  max_seq_len: int | None = None, tokenizer=None, use_cuda_graphs: bool = True,
