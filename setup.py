@@ -39,7 +39,7 @@ def _cuda_extension():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": opt + ["-std=c++17"],
+            "cxx": opt,                     # torch picks the C++ standard its headers need (C++20 from 2.10)
             "nvcc": opt + gencode + ["-std=c++17", "-lineinfo", "--use_fast_math", "--expt-relaxed-constexpr",
                                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                                      "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
