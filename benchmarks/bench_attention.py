@@ -14,52 +14,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from timing import copy_tbps, graph_ms_per_call, median_ms
+
 from persimmon_rt import ops
 
 HEADS, HEAD_DIM = 64, 64
 SCALE = 1.0 / math.sqrt(HEAD_DIM)
-
-
-def median_ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def copy_tbps() -> float:
-    src = torch.randn(256 * 2**20, device="cuda")   # 1 GiB
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), reps=20)
-    return 2 * src.numel() * src.element_size() / ms / 1e9
-
-
-def graph_ms_per_call(calls, reps: int = 20) -> float:
-    """Median time of one call in a captured graph that runs `calls` (a list of closures) back to back."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return median_ms(graph.replay, reps) / len(calls)
 
 
 def sdpa(backend, q, k, v, causal):

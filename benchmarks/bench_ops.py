@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 
 import torch
 import torch.nn.functional as F
+
+from timing import copy_tbps, graph_ms_per_call
 
 from persimmon_rt import ops, reference
 
@@ -30,40 +31,9 @@ HEADS, HEAD_DIM, ROTARY_DIM, THETA = 64, 64, 32, 25000.0   # Persimmon-8B attent
 HIDDEN, FFN = 4096, 16384
 
 
-def median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def copy_tbps() -> float:
-    src = torch.randn(256 * 2**20, device="cuda")   # 1 GiB
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    return 2 * src.numel() * src.element_size() / median_ms(lambda: dst.copy_(src), reps=20) / 1e9
-
-
 def graph_us_per_call(calls, reps: int = 30) -> float:
-    """Median time of one call in a captured graph that runs `calls` (closures) back to back."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):   # warm-up: compilation, autotuning, allocator pools
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    return 1e3 * median_ms(graph.replay, reps) / len(calls)
-
+    """Median time of one call, in µs, in a captured graph that runs `calls` back to back."""
+    return 1e3 * graph_ms_per_call(calls, reps)
 
 def rotation(bytes_per_set: int, min_calls: int = 16) -> tuple[int, int]:
     """(input sets, calls per graph): sets covering 4x L2 (at most 64), calls a multiple of the sets."""
