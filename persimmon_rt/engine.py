@@ -156,9 +156,13 @@ class Engine:
         self.dtype = self.weights.embed.dtype
         if self.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"unsupported weight dtype {self.dtype}; use float16, bfloat16 or float32")
-        if self.device.type == "cuda" and self.dtype == torch.float32 and ops.HAVE_CUDA_EXT:
-            raise ValueError("the CUDA kernels take float16 or bfloat16 weights; load with dtype=torch.float16 "
-                             "or torch.bfloat16 (float32 runs on the CPU reference path)")
+        if ops.use_cuda_kernels(self.weights.embed):
+            if self.dtype == torch.float32:
+                raise ValueError("the CUDA kernels take float16 or bfloat16 weights; load with dtype=torch.float16 "
+                                 "or torch.bfloat16 (float32 runs on the CPU reference path)")
+            if config.head_dim not in (64, 128):
+                raise ValueError(f"the CUDA attention kernels support head_dim 64 and 128, this model has "
+                                 f"{config.head_dim}; run it on the CPU reference path (device='cpu')")
         self.max_batch_size = int(max_batch_size)
         self.max_seq_len = int(max_seq_len or config.max_position_embeddings)
         if self.max_batch_size < 1 or self.max_seq_len < 2:
@@ -169,6 +173,8 @@ class Engine:
         self._check_cache_fits()
         self.cache = StaticKVCache(config, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
         self.tokenizer = tokenizer
+        generation_config = getattr(model, "generation_config", None)   # ours: a dict from the model dir
+        self.generation_config = generation_config if isinstance(generation_config, dict) else {}
         self.prefill_chunk_tokens = int(prefill_chunk_tokens)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.scale = 1.0 / math.sqrt(config.head_dim)
@@ -196,17 +202,13 @@ class Engine:
             tokenizer = PersimmonTokenizer.from_pretrained(path)
         except FileNotFoundError:
             pass
-        engine = cls(model, model.config, max_batch_size, max_seq_len, tokenizer, **kwargs)
-        engine.generation_config = model.generation_config
-        return engine
+        return cls(model, model.config, max_batch_size, max_seq_len, tokenizer, **kwargs)
 
     @classmethod
     def from_transformers(cls, model, tokenizer=None, **kwargs) -> "Engine":
         """Wrap an already-loaded transformers PersimmonForCausalLM; its weights are used in place."""
         config = PersimmonConfig.from_dict(model.config.to_dict())
         return cls(model, config, tokenizer=tokenizer, **kwargs)
-
-    generation_config: dict = {}
 
     def _check_cache_fits(self) -> None:
         if self.device.type != "cuda":
@@ -379,7 +381,7 @@ class Engine:
         validate_sampling(temperature, top_k, top_p)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        token_prompts, embed_prompts, texts_in = self._normalise_prompts(prompts, inputs_embeds)
+        token_prompts, embed_prompts = self._normalise_prompts(prompts, inputs_embeds)
         stop_ids = self._stop_ids(stop_token_ids)
         events = self._generate_events(token_prompts, embed_prompts, max_new_tokens, temperature, top_k, top_p,
                                        seed, stop_ids, list(stop_strings or []))
@@ -417,7 +419,7 @@ class Engine:
                                      f"got {tuple(e.shape)}")
                 if not e.is_floating_point():
                     raise ValueError(f"inputs_embeds must be floating point, got {e.dtype}")
-            return [None] * len(embeds), embeds, None
+            return [None] * len(embeds), embeds
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
@@ -434,7 +436,7 @@ class Engine:
             if int(t.min()) < 0 or int(t.max()) >= V:
                 raise ValueError(f"prompt token ids must be in [0, {V}); got min {int(t.min())}, max {int(t.max())}")
             out.append(t)
-        return out, [None] * len(out), None
+        return out, [None] * len(out)
 
     def _stop_ids(self, stop_token_ids) -> list[int]:
         if stop_token_ids is not None:
