@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Build the CUDA extension against the CUDA torch (2.14.1+cu130, on this machine's disk) without a GPU, and
+# check that every op registers: catches build breaks before they reach a GPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x /usr/local/cuda/bin/nvcc ]; then
+  echo "CUDA extension build: skipped (no /usr/local/cuda/bin/nvcc)"
+  exit 0
+fi
+python3 -m venv .venv-cuda
+. .venv-cuda/bin/activate
+python -m pip install -q torch==2.14.1 numpy setuptools wheel ninja
+site=$(python -c "import site; print(site.getsitepackages()[0])")
+# CUDA_HOME must be given: autodetection picks /usr/local and the link fails (cannot find -lcudart);
+# ATen's CUDA headers need the CUDA runtime headers that ship inside the nvidia wheels.
+export CUDA_HOME=/usr/local/cuda CPATH="$site/nvidia/cu13/include${CPATH:+:$CPATH}" MAX_JOBS=2
+build_dir=$(mktemp -d)
+# Built in place for the import check, then removed so the CPU test run never sees this binary.
+trap 'rm -f persimmon_rt/_C*.so' EXIT
+python setup.py build_ext --inplace --build-temp "$build_dir" > "$build_dir/build.log" 2>&1 \
+  || { tail -40 "$build_dir/build.log"; exit 1; }
+python - <<'PY'
+import torch
+import persimmon_rt.ops as ops
+assert ops.HAVE_CUDA_EXT, "persimmon_rt._C did not import"
+ops_expected = ["qk_norm_rope_cache", "layernorm", "bias_relu2", "attention_prefill", "attention_decode",
+                "decode_linear"]
+missing = [n for n in ops_expected if not ops.has_op(n)]
+assert not missing, f"ops not registered: {missing}"
+print(f"CUDA extension build: ok against torch {torch.__version__} ({len(ops_expected)} ops registered)")
+PY
+deactivate
