@@ -137,6 +137,7 @@ class _DecodeGraph:
     temperature: torch.Tensor             # [B, 1] fp32 (0 = greedy)
     top_k: torch.Tensor                   # [B] int64 (0 = off)
     top_p: torch.Tensor                   # [B, 1] fp32
+    active: torch.Tensor                  # [B] int32: 1 for rows still generating (their inputs advance)
     next_tokens: torch.Tensor = field(default=None)  # [B] int64, written by the step
 
 
@@ -333,6 +334,12 @@ class Engine:
 
         logits = self._forward(g.tokens, g.positions, g.slots, attend)
         g.next_tokens = greedy_or_sample(logits, g.temperature, g.top_k, g.top_p, greedy)
+        # The next step's inputs, advanced on the device so the host only reads the sampled tokens:
+        # active rows feed their token back and move one position on; retired and idle rows stay put.
+        g.tokens.copy_(g.next_tokens)
+        g.positions.add_(g.active)
+        g.slots.add_(g.active)
+        g.seq_lens.add_(g.active)
 
     def _graph_for(self, bucket: int, greedy: bool) -> _DecodeGraph:
         key = (bucket, greedy)
@@ -344,7 +351,7 @@ class Engine:
                          torch.arange(bucket, device=dev) * self.max_seq_len,
                          torch.zeros(bucket, dtype=torch.int32, device=dev),
                          torch.ones(bucket, 1, device=dev), torch.zeros(bucket, dtype=torch.long, device=dev),
-                         torch.ones(bucket, 1, device=dev))
+                         torch.ones(bucket, 1, device=dev), torch.zeros(bucket, dtype=torch.int32, device=dev))
         if self.use_cuda_graphs:
             # Warm up on a side stream (allocator and kernel handles), then capture one step. Idle rows
             # (seq_len 0) keep the capture from reading the cache; replays read the real lengths.
@@ -484,12 +491,14 @@ class Engine:
                     for _ in range(B)]
         texts = [""] * B
         finished = [False] * B
-        pos = list(lens)
+        self._start_decode(g, lens, first)
+        seq_lens = [L + 1 for L in lens]         # host copy, for dynamic rotary only
         tokens = first.tolist()                  # syncs: the prefill (and first sample) is done
         self.last_stats = {"batch": B, "prompt_tokens": sum(lens), "prefill_s": time.perf_counter() - started,
                            "decode_steps": 0, "decode_s": 0.0}
         decode_started = time.perf_counter()
         for step in range(max_new_tokens):
+            retired = []
             for r in range(B):
                 if finished[r]:
                     continue
@@ -501,33 +510,48 @@ class Engine:
                     reason = "stop"
                 elif step == max_new_tokens - 1:
                     reason = "length"
-                if reason and decoders[r]:
-                    delta += decoders[r].flush()
-                finished[r] = reason is not None
+                if reason:
+                    delta += decoders[r].flush() if decoders[r] else ""
+                    finished[r] = True
+                    retired.append(r)
                 yield StreamEvent(idx[r], tok, delta, reason)
             if all(finished) or step == max_new_tokens - 1:
                 break
-            # Inputs of the next step; finished and idle rows attend to nothing (seq_len 0).
-            cur = torch.zeros(bucket, dtype=torch.long)
-            positions = torch.zeros(bucket, dtype=torch.long)
-            seq_lens = torch.zeros(bucket, dtype=torch.int32)
-            for r in range(B):
-                if not finished[r]:
-                    cur[r], positions[r], seq_lens[r] = tokens[r], pos[r], pos[r] + 1
-                    pos[r] += 1
+            if retired:
+                self._retire_rows(g, retired)
             if self.config.rope_type == "dynamic":
-                self.inv_freq.copy_(self._inv_freq(max(pos)))
-            g.tokens.copy_(cur, non_blocking=True)
-            g.positions.copy_(positions, non_blocking=True)
-            g.slots.copy_(positions + torch.arange(bucket) * self.max_seq_len, non_blocking=True)
-            g.seq_lens.copy_(seq_lens, non_blocking=True)
+                self.inv_freq.copy_(self._inv_freq(max(n for n, done in zip(seq_lens, finished) if not done)))
             if g.graph is not None:
                 g.graph.replay()
             else:
                 self._decode_step(g, greedy)
+            seq_lens = [n + (not done) for n, done in zip(seq_lens, finished)]
             tokens = g.next_tokens[:B].tolist()
             self.last_stats["decode_steps"] += 1
             self.last_stats["decode_s"] = time.perf_counter() - decode_started
+
+    def _start_decode(self, g: _DecodeGraph, lens: list[int], first: torch.Tensor) -> None:
+        """Inputs of the first decode step: row r feeds `first[r]` at position lens[r]; idle rows attend to
+        nothing (seq_len 0) and write their (ignored) K/V at position 0 of their own cache row."""
+        bucket, B, S = g.tokens.shape[0], len(lens), self.max_seq_len
+        positions = torch.zeros(bucket, dtype=torch.long)
+        positions[:B] = torch.tensor(lens)
+        active = torch.zeros(bucket, dtype=torch.int32)
+        active[:B] = 1
+        g.tokens.zero_()
+        g.tokens[:B].copy_(first)
+        g.positions.copy_(positions)
+        g.slots.copy_(positions + torch.arange(bucket) * S)
+        g.seq_lens.copy_((positions + 1) * active)
+        g.active.copy_(active)
+
+    def _retire_rows(self, g: _DecodeGraph, rows: list[int]) -> None:
+        """Finished rows stop advancing, attend to nothing and write at position 0 of their own row (so a
+        row that used its whole budget never writes past its end into the next row)."""
+        index = torch.tensor(rows, device=self.device)
+        g.active.index_fill_(0, index, 0)
+        g.seq_lens.index_fill_(0, index, 0)
+        g.slots.index_copy_(0, index, index * self.max_seq_len)
 
 
 def greedy_or_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
