@@ -56,13 +56,18 @@ class GenerationMixin:
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  seed: int | None = None, generator: torch.Generator | None = None,
-                 inputs_embeds: torch.Tensor | None = None, min_new_tokens: int = 0, **unused) -> torch.Tensor:
+                 inputs_embeds: torch.Tensor | None = None, min_new_tokens: int = 0,
+                 use_engine: bool | None = None, **unused) -> torch.Tensor:
         """Returns the prompt followed by the new tokens ([B, prompt + new]), as transformers does; with
         only `inputs_embeds`, just the new tokens. Sequences that finished are padded with `pad_token_id`.
 
         Defaults come from generation_config.json when the model directory has one, then from
         transformers' defaults (greedy, 20 new tokens; when sampling top_k=50, top_p=1.0, temperature=1.0).
         Positions follow the attention mask, so a left-padded batch generates what each row would alone.
+
+        use_engine: run on the fast Engine (static cache, CUDA graphs, fused kernels). The default (None)
+        does so for token prompts on a GPU where the kernels apply; sampled draws then come from the
+        engine's in-graph sampler (same distribution, different random stream).
         """
         if not hasattr(self, "lm_head"):
             raise TypeError(f"{type(self).__name__} has no language-model head; use PersimmonForCausalLM")
@@ -101,6 +106,21 @@ class GenerationMixin:
 
         if attention_mask is None:
             attention_mask = torch.ones(bsz, prompt_len, dtype=torch.long, device=self.device)
+        if use_engine is None:
+            use_engine = prompt is not None and min_new_tokens == 0 and _engine_applies(self)
+        if use_engine and max_new_tokens > 0:
+            if prompt is None or min_new_tokens:
+                raise ValueError("the engine path takes token prompts and no min_new_tokens")
+            rows = [row[mask.bool()].tolist() for row, mask in zip(prompt, attention_mask)]
+            engine = _engine_for(self, bsz, max(len(r) for r in rows) + max_new_tokens)
+            result = engine.generate(rows, max_new_tokens=max_new_tokens,
+                                     temperature=temperature if do_sample else 0.0, top_k=top_k or 0,
+                                     top_p=top_p, seed=seed, stop_token_ids=eos.tolist())
+            width = max(len(ids) for ids in result.token_ids)
+            generated = torch.full((bsz, width), pad_token_id, dtype=torch.long)
+            for r, ids in enumerate(result.token_ids):
+                generated[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            return torch.cat((prompt, generated.to(prompt.device)), dim=1)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self(input_ids=prompt, inputs_embeds=inputs_embeds if prompt is None else None,
                    attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
@@ -127,3 +147,24 @@ class GenerationMixin:
         generated = torch.stack(new_tokens, dim=1) if new_tokens else torch.empty(bsz, 0, dtype=torch.long,
                                                                                   device=self.device)
         return generated if prompt is None else torch.cat((prompt, generated), dim=1)
+
+
+def _engine_applies(model) -> bool:
+    from . import ops
+
+    weight = next(model.parameters())
+    return (ops.use_cuda_kernels(weight) and weight.dtype in (torch.float16, torch.bfloat16)
+            and model.config.head_dim in (64, 128))
+
+
+def _engine_for(model, batch: int, seq_len: int):
+    """The model's cached Engine, rebuilt when a call needs a larger batch or sequence length."""
+    from .engine import Engine
+
+    engine = getattr(model, "_engine", None)
+    if engine is None or engine.max_batch_size < batch or engine.max_seq_len < seq_len:
+        if engine is not None:
+            model._engine = engine = None           # free the old cache before allocating the new one
+        engine = Engine(model, model.config, max_batch_size=batch, max_seq_len=seq_len)
+        model._engine = engine
+    return engine

@@ -183,3 +183,16 @@ def test_cuda_engine_greedy_equals_reference_for_64_steps(dtype):
         near_ties = ((top2[:, 0] - top2[:, 1]) < tie_margin).nonzero()
         must_agree = int(near_ties[0]) if len(near_ties) else 64
         assert ids[:must_agree] == expected[:must_agree]
+
+
+def test_model_generate_through_the_engine_equals_the_module_path():
+    model = lively_model(pad_token_id=0)
+    prompts = [torch.randint(1, 97, (n,)) for n in (3, 8, 5)]
+    ids = torch.zeros(3, 8, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, 8 - len(p):], mask[r, 8 - len(p):] = p, 1
+    by_modules = model.generate(ids, attention_mask=mask, max_new_tokens=10, use_engine=False)
+    by_engine = model.generate(ids, attention_mask=mask, max_new_tokens=10, use_engine=True)
+    assert torch.equal(by_engine, by_modules)
+    assert model._engine.max_batch_size == 3           # cached for the next call
