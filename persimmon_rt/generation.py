@@ -67,7 +67,8 @@ class GenerationMixin:
 
         use_engine: run on the fast Engine (static cache, CUDA graphs, fused kernels). The default (None)
         does so for token prompts on a GPU where the kernels apply; sampled draws then come from the
-        engine's in-graph sampler (same distribution, different random stream).
+        engine's in-graph sampler (same distribution, different random stream). The engine and its KV cache
+        stay on the model (`model._engine`) for the next call; `del model._engine` frees them.
         """
         if not hasattr(self, "lm_head"):
             raise TypeError(f"{type(self).__name__} has no language-model head; use PersimmonForCausalLM")
