@@ -17,12 +17,17 @@ Per layer (T packed tokens; the residual stream h is carried between fused Layer
     down  = up W_down^T + b_down
 Decode runs the same function for one token per row inside a CUDA graph per batch bucket; the
 graph reads tokens, positions, slots, lengths and sampling parameters from static device tensors.
+With tensor parallelism (`tp`, see tensor_parallel.py) each rank runs this over its heads and MLP columns;
+`a` and `down` are all-reduced in place before their LayerNorm and the logits gathered over the vocabulary,
+all inside the same graph.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -50,13 +55,13 @@ class LayerWeights:
     k_ln_w: torch.Tensor | None
     k_ln_b: torch.Tensor | None
     dense_w: torch.Tensor
-    dense_b: torch.Tensor
+    dense_b: torch.Tensor | None          # None on tensor-parallel ranks > 0 (rank 0 adds it to the sum)
     ln_post_w: torch.Tensor
     ln_post_b: torch.Tensor
     up_w: torch.Tensor
     up_b: torch.Tensor
     down_w: torch.Tensor
-    down_b: torch.Tensor
+    down_b: torch.Tensor | None           # as dense_b
 
 
 @dataclass
@@ -75,12 +80,20 @@ class Weights:
         prefix = "model." if "model.embed_tokens.weight" in p else ""
 
         def get(name, optional=False):
+            if name == "lm_head.weight":
+                return p.get(name, p[f"{prefix}embed_tokens.weight"])
             if name in p:
                 return p[name]
             if optional:
                 return None
             raise KeyError(f"the model has no parameter {name!r}")
 
+        return cls.assemble(get, config, prefix)
+
+    @classmethod
+    def assemble(cls, get, config: PersimmonConfig, prefix: str) -> "Weights":
+        """Weights from get(HF name, optional=False) -> tensor (None when optional and absent). "lm_head.weight"
+        is asked for by that name; the getter decides what stands in for it (the embedding when tied)."""
         layers = []
         for i in range(config.num_hidden_layers):
             n = f"{prefix}layers.{i}."
@@ -93,22 +106,24 @@ class Weights:
                 get(n + "post_attention_layernorm.weight"), get(n + "post_attention_layernorm.bias"),
                 get(n + "mlp.dense_h_to_4h.weight"), get(n + "mlp.dense_h_to_4h.bias"),
                 get(n + "mlp.dense_4h_to_h.weight"), get(n + "mlp.dense_4h_to_h.bias")))
-        lm_head = p.get("lm_head.weight", p[f"{prefix}embed_tokens.weight"])
-        return cls(p[f"{prefix}embed_tokens.weight"], layers, p[f"{prefix}final_layernorm.weight"],
-                   p[f"{prefix}final_layernorm.bias"], lm_head)
+        return cls(get(f"{prefix}embed_tokens.weight"), layers, get(f"{prefix}final_layernorm.weight"),
+                   get(f"{prefix}final_layernorm.bias"), get("lm_head.weight"))
 
 
 class StaticKVCache:
-    """Per-layer K and V, [max_batch, max_seq, heads, head_dim]; row b belongs to batch slot b."""
+    """Per-layer K and V, [max_batch, max_seq, heads, head_dim]; row b belongs to batch slot b. Under tensor
+    parallelism over N ranks each rank holds its heads only (num_heads = H / N)."""
 
-    def __init__(self, config: PersimmonConfig, max_batch: int, max_seq: int, dtype, device):
-        shape = (max_batch, max_seq, config.num_attention_heads, config.head_dim)
+    def __init__(self, config: PersimmonConfig, max_batch: int, max_seq: int, dtype, device,
+                 num_heads: int | None = None):
+        shape = (max_batch, max_seq, num_heads or config.num_attention_heads, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
 
     @staticmethod
-    def nbytes(config: PersimmonConfig, max_batch: int, max_seq: int, dtype) -> int:
-        per_token = 2 * config.num_hidden_layers * config.hidden_size * torch.finfo(dtype).bits // 8
+    def nbytes(config: PersimmonConfig, max_batch: int, max_seq: int, dtype, tp_size: int = 1) -> int:
+        """Bytes of the cache (of one rank's share under tensor parallelism over tp_size ranks)."""
+        per_token = 2 * config.num_hidden_layers * config.hidden_size * torch.finfo(dtype).bits // 8 // tp_size
         return per_token * max_batch * max_seq
 
 
@@ -145,15 +160,34 @@ class Engine:
     """Prefill + decode over a static KV cache. One generate call at a time: calls from several threads
     are serialised by a lock (the cache and the captured graphs are shared state). A stream holds the
     lock until it is exhausted or closed (`close()` on the iterator, or leaving a `for` loop early and
-    dropping it)."""
+    dropping it).
 
-    def __init__(self, model: torch.nn.Module, config: PersimmonConfig, max_batch_size: int = 1,
+    Tensor parallelism: pass `tp` (a `tensor_parallel.TensorParallel`) and run the same calls on every rank
+    (launched by torchrun); each rank holds 1/N of the weights (sliced from `model`, or `weights` made by
+    `tensor_parallel.load_shard`) and of the KV cache, and every rank returns the same tokens."""
+
+    def __init__(self, model: torch.nn.Module | None, config: PersimmonConfig, max_batch_size: int = 1,
                  max_seq_len: int | None = None, tokenizer=None, use_cuda_graphs: bool = True,
-                 prefill_chunk_tokens: int = 4096):
+                 prefill_chunk_tokens: int = 4096, tp=None, weights: Weights | None = None):
         self.config = config
         self.model = model                          # keeps the parameters alive
-        self.weights = Weights.from_module(model, config)
+        self.tp = tp if tp is not None and tp.world_size > 1 else None     # None: the single-device path
+        tp_size = self.tp.world_size if self.tp is not None else 1
+        if self.tp is not None:
+            from .tensor_parallel import check_tp_config, weights_from_module
+
+            check_tp_config(config, tp_size)
+        if weights is not None:
+            self.weights = weights                  # already this rank's share under tensor parallelism
+        elif self.tp is not None:
+            self.weights = weights_from_module(model, config, self.tp.rank, tp_size)
+        else:
+            self.weights = Weights.from_module(model, config)
+        self.num_heads = config.num_attention_heads // tp_size     # this rank's heads (KV cache, attention)
         self.device = self.weights.embed.device
+        if self.tp is not None and self.tp.device.type != self.device.type:
+            raise ValueError(f"the weights are on {self.device} but the tensor-parallel group communicates on "
+                             f"{self.tp.device} (NCCL needs CUDA weights, gloo CPU ones)")
         self.dtype = self.weights.embed.dtype
         if self.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"unsupported weight dtype {self.dtype}; use float16, bfloat16 or float32")
@@ -172,7 +206,8 @@ class Engine:
             raise ValueError(f"max_seq_len {self.max_seq_len} exceeds max_position_embeddings "
                              f"{config.max_position_embeddings}")
         self._check_cache_fits()
-        self.cache = StaticKVCache(config, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
+        self.cache = StaticKVCache(config, self.max_batch_size, self.max_seq_len, self.dtype, self.device,
+                                   self.num_heads)
         self.tokenizer = tokenizer
         generation_config = getattr(model, "generation_config", None)   # ours: a dict from the model dir
         self.generation_config = generation_config if isinstance(generation_config, dict) else {}
@@ -190,20 +225,35 @@ class Engine:
     # ------------------------------------------------------------------------------------------ building
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float16, device=None, max_batch_size: int = 1,
-                        max_seq_len: int | None = None, **kwargs) -> "Engine":
-        from .model import PersimmonForCausalLM
+                        max_seq_len: int | None = None, tp=None, **kwargs) -> "Engine":
+        """Load an HF-format directory. With `tp` (tensor parallelism over more than one rank) each rank reads
+        only its slices of the checkpoint (`tensor_parallel.load_shard`) onto `device` (default tp.device)."""
+        from .model import GENERATION_CONFIG, PersimmonForCausalLM
         from .tokenizer import PersimmonTokenizer
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        sharded = tp is not None and tp.world_size > 1
+        default = tp.device if sharded else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(device or default)
         if device.type == "cpu" and dtype == torch.float16:
             dtype = torch.float32                     # the CPU reference path computes in fp32 anyway
-        model = PersimmonForCausalLM.from_pretrained(path, dtype=dtype, device=device)
         tokenizer = None
         try:
             tokenizer = PersimmonTokenizer.from_pretrained(path)
         except FileNotFoundError:
             pass
-        return cls(model, model.config, max_batch_size, max_seq_len, tokenizer, **kwargs)
+        if not sharded:
+            model = PersimmonForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+            return cls(model, model.config, max_batch_size, max_seq_len, tokenizer, **kwargs)
+        from .tensor_parallel import load_shard
+
+        config = PersimmonConfig.from_pretrained(path)
+        weights = load_shard(path, config, tp.rank, tp.world_size, dtype=dtype, device=device)
+        engine = cls(None, config, max_batch_size, max_seq_len, tokenizer, tp=tp, weights=weights, **kwargs)
+        gen_path = os.path.join(os.fspath(path), GENERATION_CONFIG)
+        if os.path.isfile(gen_path):
+            with open(gen_path, encoding="utf-8") as fh:
+                engine.generation_config = json.load(fh)
+        return engine
 
     @classmethod
     def from_transformers(cls, model, tokenizer=None, **kwargs) -> "Engine":
@@ -214,11 +264,14 @@ class Engine:
     def _check_cache_fits(self) -> None:
         if self.device.type != "cuda":
             return
-        need = StaticKVCache.nbytes(self.config, self.max_batch_size, self.max_seq_len, self.dtype)
+        tp_size = self.tp.world_size if self.tp is not None else 1
+        need = StaticKVCache.nbytes(self.config, self.max_batch_size, self.max_seq_len, self.dtype, tp_size)
         free, _ = torch.cuda.mem_get_info(self.device)
+        if self.tp is not None:
+            free = self.tp.min_over_ranks(free)      # every rank decides alike (none waits in a collective)
         reserve = 2 * 2**30          # activations of a prefill chunk, logits, graph pools
         if need + reserve > free:
-            per_token = StaticKVCache.nbytes(self.config, 1, 1, self.dtype)
+            per_token = StaticKVCache.nbytes(self.config, 1, 1, self.dtype, tp_size)
             budget = max(free - reserve, 0) // per_token
             raise MemoryError(
                 f"KV cache for max_batch_size={self.max_batch_size} x max_seq_len={self.max_seq_len} needs "
@@ -236,9 +289,12 @@ class Engine:
         """Run every layer over packed tokens and return fp32 logits of the rows in `select` (all if None).
 
         attend(q [T, H, D], layer) -> [T, H, D] is the attention of this pass (prefill or decode).
+        Under tensor parallelism H is this rank's heads; the dense and MLP-down outputs are partial sums,
+        all-reduced in place before the LayerNorm that adds them to the residual, and the vocabulary slices
+        of the logits are gathered. Without it the `self.tp` checks are all that is added (at trace time).
         """
-        c, w = self.config, self.weights
-        H, D = c.num_attention_heads, c.head_dim
+        c, w, tp = self.config, self.weights, self.tp
+        H, D = self.num_heads, c.head_dim
         h = F.embedding(tokens, w.embed) if inputs_embeds is None else inputs_embeds
         T = h.shape[0]
         x = torch.empty_like(h)
@@ -253,14 +309,19 @@ class Engine:
             ops.qk_norm_rope_cache(qkv, positions, self.inv_freq, lw.q_ln_w, lw.q_ln_b, lw.k_ln_w, lw.k_ln_b,
                                    self.cache.k[i], self.cache.v[i], slots, q, c.layer_norm_eps)
             attn = self._linear(attend(q, i).view(T, H * D), lw.dense_w, lw.dense_b)
+            if tp is not None:
+                tp.all_reduce_(attn)
             ops.layernorm(attn, lw.ln_post_w, lw.ln_post_b, x, c.layer_norm_eps, h, h)
             up = self._linear(x, lw.up_w, lw.up_b, relu2=True)
             down = self._linear(up, lw.down_w, lw.down_b)
+            if tp is not None:
+                tp.all_reduce_(down)
         if select is not None:
             down, h = down[select], h[select]
         out = torch.empty_like(h)
         ops.layernorm(down, w.final_ln_w, w.final_ln_b, out, c.layer_norm_eps, h, torch.empty_like(h))
-        return self._linear(out, w.lm_head, out_dtype=torch.float32)
+        logits = self._linear(out, w.lm_head, out_dtype=torch.float32)
+        return logits if tp is None else tp.gather_vocab(logits)
 
     def _linear(self, x, weight, bias=None, relu2=False, out_dtype=None) -> torch.Tensor:
         """x W^T (+ bias) (then relu^2): the decode GEMV (weight streaming, epilogue fused) for up to 16 rows on
@@ -364,7 +425,10 @@ class Engine:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             g.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g.graph, pool=self._graph_pool):
+            # Under tensor parallelism other threads (NCCL's, the process group's watchdog) make CUDA calls
+            # while this thread captures; "thread_local" keeps those from invalidating the capture.
+            mode = "global" if self.tp is None else "thread_local"
+            with torch.cuda.graph(g.graph, pool=self._graph_pool, capture_error_mode=mode):
                 self._decode_step(g, greedy)
         self._graphs[key] = g
         return g
@@ -473,9 +537,13 @@ class Engine:
                                  f"max_seq_len ({self.max_seq_len})")
         if self.config.rope_type == "dynamic":
             self.inv_freq.copy_(self._inv_freq(max(lens)))
+        greedy = temperature == 0
+        if self.tp is not None and not greedy:
+            # Every rank draws the same random numbers (the logits are identical), so the sampled tokens
+            # agree without a collective in the step: one seed, rank 0's, for the whole wave.
+            seed = self.tp.shared_seed(seed)
         if seed is not None:
             torch.manual_seed(seed)
-        greedy = temperature == 0
         bucket = _bucket(B, self.max_batch_size)
         # Capture (its warm-up steps write the cache at position 0) before the prefill fills the cache.
         g = self._graph_for(bucket, greedy)

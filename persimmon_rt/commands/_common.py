@@ -37,19 +37,34 @@ def model_dir(args: argparse.Namespace) -> str:
     return demo_model_path()
 
 
-def load_engine(args: argparse.Namespace, max_batch_size: int = 1):
+def load_engine(args: argparse.Namespace, max_batch_size: int = 1, tp=None):
+    """The engine for these arguments; with `tp` (tensor parallelism) this rank's share of it, on tp.device."""
     from ..engine import Engine
 
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available()
                                                                         else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this torch build sees no CUDA GPU")
+    if tp is not None:
+        device = tp.device                    # one GPU per rank (cuda:LOCAL_RANK), or the CPU under gloo
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     engine = Engine.from_pretrained(model_dir(args), dtype=dtype, device=device, max_batch_size=max_batch_size,
-                                    max_seq_len=args.max_seq_len)
+                                    max_seq_len=args.max_seq_len, tp=tp)
     if engine.tokenizer is None:
         raise ValueError(f"{model_dir(args)} has no tokenizer.model; text generation needs one")
     return engine
+
+
+def model_and_sampling_argv(args: argparse.Namespace) -> list[str]:
+    """The options of add_model_arguments and add_sampling_arguments that reproduce `args` (for re-launching
+    a command in other processes). Values go as --opt=value so ones starting with '-' survive."""
+    argv = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in ("model", "device", "dtype", "max_seq_len")
+            if getattr(args, name) is not None]
+    argv += [f"--max-new-tokens={args.max_new_tokens}", f"--temperature={args.temperature!r}",
+             f"--top-k={args.top_k}", f"--top-p={args.top_p!r}"]
+    if args.seed is not None:
+        argv.append(f"--seed={args.seed}")
+    return argv + [f"--stop={s}" for s in args.stop]
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 
-from ._common import add_model_arguments, add_sampling_arguments, load_engine, sampling_kwargs
+from ..config import PersimmonConfig
+from ._common import (add_model_arguments, add_sampling_arguments, load_engine, model_and_sampling_argv, model_dir,
+                      sampling_kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,13 +20,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser, temperature=0.8)
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (text, token ids, finish reason, timings) instead of streaming")
+    parser.add_argument("--tp", type=int, default=None, metavar="N",
+                        help="tensor parallelism over N GPUs (N processes under torchrun; rank 0 prints)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import tensor_parallel
+
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise ValueError("empty prompt: pass it as an argument or on standard input")
-    engine = load_engine(args)
+    if args.tp is not None and args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    if not tensor_parallel.in_launched_run():
+        if args.tp is not None and args.tp > 1:      # re-run this command in N processes, prompt as argument
+            tensor_parallel.check_tp_config(PersimmonConfig.from_pretrained(model_dir(args)), args.tp)
+            flags = ["--json"] * args.json + ["--debug"] * bool(getattr(args, "debug", False))
+            return tensor_parallel.launch(args.tp, ["generate", *model_and_sampling_argv(args), *flags, "--", prompt])
+        return _generate(args, prompt, load_engine(args), sys.stdout)
+    tp = tensor_parallel.TensorParallel.init_from_env("cpu" if args.device == "cpu" else None)
+    if args.tp is not None and args.tp != tp.world_size:
+        raise ValueError(f"--tp {args.tp} but torchrun started {tp.world_size} processes")
+    engine = load_engine(args, tp=tp)
+    with contextlib.nullcontext(sys.stdout) if tp.rank == 0 else open(os.devnull, "w") as out:
+        code = _generate(args, prompt, engine, out)           # every rank generates; rank 0 prints
+    # Only after success: shutdown's barrier would wait forever for a rank that failed. On an error the
+    # process exits with the group still up and torchrun stops the other ranks.
+    tp.shutdown()
+    return code
+
+
+def _generate(args: argparse.Namespace, prompt: str, engine, stdout) -> int:
     ids = engine.tokenizer.encode(prompt)
     start = time.perf_counter()
     first_token_at = None
@@ -33,14 +61,14 @@ def run(args: argparse.Namespace) -> int:
         pieces.append(event.text)
         reason = event.finished or reason
         if not args.json:
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
+            stdout.write(event.text)
+            stdout.flush()
     elapsed = time.perf_counter() - start
     text = engine._final_text(token_ids, args.stop)
     if args.json:
         print(json.dumps({"prompt": prompt, "text": text, "token_ids": token_ids, "finish_reason": reason,
                           "prompt_tokens": len(ids), "seconds": round(elapsed, 4),
-                          "time_to_first_token": round((first_token_at or start) - start, 4)}))
+                          "time_to_first_token": round((first_token_at or start) - start, 4)}), file=stdout)
     else:
-        sys.stdout.write("\n")
+        stdout.write("\n")
     return 0
