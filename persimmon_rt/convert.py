@@ -27,7 +27,8 @@ import torch
 
 from .config import ConfigError, PersimmonConfig
 from .safe_unpickle import Placeholder, load as safe_load
-from .weights import DEFAULT_SHARD_BYTES, CheckpointError, atomic_directory, check_state_dict, save_state_dict
+from .weights import (DEFAULT_SHARD_BYTES, CheckpointError, atomic_directory, check_state_dict, expected_shapes,
+                      save_state_dict)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_NAMES = ("model_optim_rng.pt", "model_rng.pt")
@@ -168,25 +169,6 @@ def config_from_args(args) -> PersimmonConfig:
             tie_word_embeddings=not untie, torch_dtype=dtype, extra={"architectures": ["PersimmonForCausalLM"]})
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint args describe an invalid model: {exc}") from exc
-
-
-def expected_shapes(config: PersimmonConfig) -> dict[str, tuple[int, ...]]:
-    """HF parameter name -> shape for `config`."""
-    h, f, v, d = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
-    shapes = {"model.embed_tokens.weight": (v, h), "model.final_layernorm.weight": (h,),
-              "model.final_layernorm.bias": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        layer = {"input_layernorm": [(h,), (h,)], "post_attention_layernorm": [(h,), (h,)],
-                 "self_attn.query_key_value": [(3 * h, h), (3 * h,)], "self_attn.dense": [(h, h), (h,)],
-                 "mlp.dense_h_to_4h": [(f, h), (f,)], "mlp.dense_4h_to_h": [(h, f), (h,)]}
-        if config.qk_layernorm:
-            layer.update({"self_attn.q_layernorm": [(d,), (d,)], "self_attn.k_layernorm": [(d,), (d,)]})
-        for module, (weight, bias) in layer.items():
-            shapes[f"{p}{module}.weight"], shapes[f"{p}{module}.bias"] = weight, bias
-    return shapes
 
 
 # ---------------------------------------------------------------------------------------------- state dict

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .config import PersimmonConfig
-from .weights import CheckpointError, weight_files
+from .weights import CheckpointError, expected_shapes, weight_files
 
 NVLS_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # Set by `persimmon-rt generate --tp N` in the processes it launches under torchrun.
@@ -202,27 +202,6 @@ def _open_sources(path: str, stack: contextlib.ExitStack) -> dict:
     return sources
 
 
-def expected_shapes(config: PersimmonConfig) -> dict[str, tuple[int, ...]]:
-    """HF name -> full shape of every tensor of a PersimmonForCausalLM checkpoint with this config. (Written
-    out rather than read from a meta-device model: building one imports torch._dynamo, and importing that
-    after init_process_group keeps the gloo group alive past destroy_process_group.)"""
-    h, f, v, d = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
-    shapes = {"model.embed_tokens.weight": (v, h), "model.final_layernorm.weight": (h,),
-              "model.final_layernorm.bias": (h,), "lm_head.weight": (v, h)}
-    for i in range(config.num_hidden_layers):
-        n = f"model.layers.{i}."
-        shapes.update({
-            n + "input_layernorm.weight": (h,), n + "input_layernorm.bias": (h,),
-            n + "self_attn.query_key_value.weight": (3 * h, h), n + "self_attn.query_key_value.bias": (3 * h,),
-            n + "self_attn.dense.weight": (h, h), n + "self_attn.dense.bias": (h,),
-            n + "post_attention_layernorm.weight": (h,), n + "post_attention_layernorm.bias": (h,),
-            n + "mlp.dense_h_to_4h.weight": (f, h), n + "mlp.dense_h_to_4h.bias": (f,),
-            n + "mlp.dense_4h_to_h.weight": (h, f), n + "mlp.dense_4h_to_h.bias": (h,)})
-        if config.qk_layernorm:
-            shapes.update({n + f"self_attn.{qk}_layernorm.{p}": (d,) for qk in "qk" for p in ("weight", "bias")})
-    return shapes
-
-
 def _check_shapes(path: str, config: PersimmonConfig, sources: dict) -> None:
     """Every tensor the engine needs is present with the shape the config implies (before reading any)."""
     expected = expected_shapes(config)
@@ -346,5 +325,5 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
 
 
 __all__ = ["TensorParallel", "shard_rule", "take_shard", "shard_range", "check_tp_config", "weights_from_module",
-           "load_shard", "expected_shapes", "launch", "in_launched_run", "NVLS_OFF_ENV", "TP_CHILD_ENV",
+           "load_shard", "launch", "in_launched_run", "NVLS_OFF_ENV", "TP_CHILD_ENV",
            "REPLICATE", "SPLIT_ROWS", "SPLIT_COLUMNS", "FIRST_RANK"]

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .config import PersimmonConfig
+
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
@@ -84,6 +86,26 @@ def load_state_dict(directory: str) -> dict[str, torch.Tensor]:
                 raise CheckpointError(f"tensor {name!r} appears in more than one shard ({path})")
             state[name] = tensor
     return state
+
+
+def expected_shapes(config: PersimmonConfig) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every tensor of a PersimmonForCausalLM checkpoint for `config` (no lm_head when
+    the embeddings are tied). Written out from the config, not read off a model, so it needs no torch module."""
+    h, f, v, d = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    shapes = {"model.embed_tokens.weight": (v, h), "model.final_layernorm.weight": (h,),
+              "model.final_layernorm.bias": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        layer = {"input_layernorm": [(h,), (h,)], "post_attention_layernorm": [(h,), (h,)],
+                 "self_attn.query_key_value": [(3 * h, h), (3 * h,)], "self_attn.dense": [(h, h), (h,)],
+                 "mlp.dense_h_to_4h": [(f, h), (f,)], "mlp.dense_4h_to_h": [(h, f), (h,)]}
+        if config.qk_layernorm:
+            layer.update({"self_attn.q_layernorm": [(d,), (d,)], "self_attn.k_layernorm": [(d,), (d,)]})
+        for module, (weight, bias) in layer.items():
+            shapes[f"{p}{module}.weight"], shapes[f"{p}{module}.bias"] = weight, bias
+    return shapes
 
 
 def check_state_dict(expected: dict[str, tuple[torch.Size, torch.dtype | None]],

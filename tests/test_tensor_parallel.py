@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import persimmon_rt as prt
+from persimmon_rt.weights import expected_shapes
 from persimmon_rt import ops
 from persimmon_rt import tensor_parallel as tpm
 from persimmon_rt.engine import Engine, Weights
@@ -153,12 +154,14 @@ def test_load_shard_names_what_is_missing_or_misshapen(tmp_path):
         load_shard(tmp_path, tp_model(num_hidden_layers=3).config, 0, 2)
 
 
-@pytest.mark.parametrize("qk_layernorm", [True, False])
-def test_expected_shapes_match_the_model(qk_layernorm):
+@pytest.mark.parametrize("qk_layernorm, tied", [(True, False), (False, False), (True, True)])
+def test_expected_shapes_match_the_model(qk_layernorm, tied):
     config = tp_model(qk_layernorm=qk_layernorm).config
+    config.tie_word_embeddings = tied
     with torch.device("meta"):
         model = prt.PersimmonForCausalLM(config)
-    assert tpm.expected_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    assert expected_shapes(config) == state
 
 
 def _flat(w: Weights):
