@@ -54,11 +54,10 @@ def _generate(args: argparse.Namespace, prompt: str, engine, stdout) -> int:
     ids = engine.tokenizer.encode(prompt)
     start = time.perf_counter()
     first_token_at = None
-    pieces, token_ids, reason = [], [], "length"
+    token_ids, reason = [], "length"
     for event in engine.generate([ids], stream=True, **sampling_kwargs(args)):
         first_token_at = first_token_at or time.perf_counter()
         token_ids.append(event.token_id)
-        pieces.append(event.text)
         reason = event.finished or reason
         if not args.json:
             stdout.write(event.text)
