@@ -318,7 +318,9 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
             shutil.copyfile(vocab, os.path.join(tmp, "tokenizer.model"))
     if progress:
         bar.line("")
-        print(f"converted {len(state)} tensors ({_human(total)}, {config.torch_dtype}, {len(files)} file(s)) "
+        params = sum(t.numel() for t in state.values())
+        print(f"converted {len(state)} tensors, {params / 1e9:.2f} B parameters ({_human(total)} on disk, "
+              f"{config.torch_dtype}, {len(files)} file(s)) "
               f"from {checkpoint_path} to {out_dir} in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return config
 
