@@ -39,7 +39,9 @@ def _cuda_extension():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": opt,                     # torch picks the C++ standard its headers need (C++20 from 2.10)
+            # No -std: torch picks the C++ standard its headers need (C++20 from 2.10). torch shell-quotes each
+            # flag, so the double quotes reach the compiler and the macro is a string literal.
+            "cxx": opt + [f'-DPERSIMMON_RT_CUDA_ARCHS="{",".join(a for a in archs if a)}"'],
             "nvcc": opt + gencode + ["-std=c++17", "-lineinfo", "--use_fast_math", "--expt-relaxed-constexpr",
                                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                                      "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]

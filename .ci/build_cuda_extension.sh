@@ -27,6 +27,8 @@ ops_expected = ["qk_norm_rope_cache", "layernorm", "bias_relu2", "attention_pref
                 "decode_linear"]
 missing = [n for n in ops_expected if not ops.has_op(n)]
 assert not missing, f"ops not registered: {missing}"
-print(f"CUDA extension build: ok against torch {torch.__version__} ({len(ops_expected)} ops registered)")
+assert ops._C.CUDA_ARCHS == "90a", f"built for {ops._C.CUDA_ARCHS!r}, expected the default 90a"
+print(f"CUDA extension build: ok against torch {torch.__version__} ({len(ops_expected)} ops registered, "
+      f"sm_{ops._C.CUDA_ARCHS})")
 PY
 deactivate

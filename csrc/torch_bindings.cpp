@@ -452,10 +452,19 @@ TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&persimmon_rt::meta_noop>());
 }
 
-// `from persimmon_rt import _C` loads this library (running the registrations above); the module
-// itself is empty: the ops live under torch.ops.persimmon_rt.
+#ifndef PERSIMMON_RT_CUDA_ARCHS
+#define PERSIMMON_RT_CUDA_ARCHS "unknown"
+#endif
+
+// `from persimmon_rt import _C` loads this library (running the registrations above); the module only
+// carries CUDA_ARCHS (the architectures it was built for): the ops live under torch.ops.persimmon_rt.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "persimmon_rt CUDA ops (torch.ops.persimmon_rt)", -1,
                                nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddStringConstant(m, "CUDA_ARCHS", PERSIMMON_RT_CUDA_ARCHS) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
