@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .config import PersimmonConfig
-from .weights import CheckpointError, expected_shapes, weight_files
+from .weights import CheckpointError, expected_shapes, load_bin, weight_files
 
 NVLS_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # Set by `persimmon-rt generate --tp N` in the processes it launches under torchrun.
@@ -191,10 +191,7 @@ def _open_sources(path: str, stack: contextlib.ExitStack) -> dict:
             except Exception as exc:
                 raise CheckpointError(f"cannot read {file}: {exc}") from exc
         else:
-            try:
-                entries = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
-                raise CheckpointError(f"cannot read {file} (loaded with weights_only=True): {exc}") from exc
+            entries = load_bin(file)
         for name, entry in entries.items():
             if name in sources:
                 raise CheckpointError(f"tensor {name!r} appears in more than one shard ({file})")

@@ -68,13 +68,18 @@ def iter_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         except Exception as exc:  # safetensors raises its own error types for corrupt headers / short files
             raise CheckpointError(f"cannot read {path}: {exc}") from exc
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read {path} (loaded with weights_only=True): {exc}") from exc
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
-        yield from state.items()
+        yield from load_bin(path).items()
+
+
+def load_bin(path: str) -> dict[str, torch.Tensor]:
+    """A pytorch_model*.bin state dict, memory-mapped, unpickled with weights_only=True (no code runs)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path} (loaded with weights_only=True): {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def load_state_dict(directory: str) -> dict[str, torch.Tensor]:
