@@ -4,7 +4,7 @@
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --use_fast_math -Icsrc \
 //        -o build/dev/decode_linear_variants benchmarks/decode_linear_variants.cu
-//   build/dev/decode_linear_variants            # all shapes, M = 1, 8, 16
+//   build/dev/decode_linear_variants            # all shapes, M = 1, 8, 16, 32
 //
 // Timing: a CUDA graph of kLaunches launches, each on the next of several weight buffers (together
 // well over the 50 MB L2), replayed kReps times; the median replay / kLaunches is one launch.
@@ -25,6 +25,7 @@ namespace {
 
 constexpr int kLaunches = 20;
 constexpr int kReps = 25;
+constexpr int kMaxRows = 32;                         // x / residual / out buffers hold this many rows
 constexpr size_t kRotateBytes = size_t(256) << 20;  // weights rotated over at least this many bytes
 
 #define CHECK(expr) PRT_CUDA_CHECK(expr)
@@ -160,9 +161,11 @@ int main() {
       variant<1, 1, 2, 8, 4, true>(),  variant<1, 1, 4, 4, 6, true>(),  variant<1, 1, 4, 16, 1, true>(),
       variant<1, 1, 2, 16, 2, true>(), variant<2, 1, 4, 8, 2, true>(),  variant<2, 1, 2, 8, 3, true>(),
       variant<1, 2, 4, 8, 3, true>(),  variant<1, 2, 2, 8, 4, true>(),  variant<2, 2, 2, 8, 3, true>(),
-      variant<2, 2, 4, 8, 2, true>(),  variant<1, 2, 4, 16, 1, true>(),
+      variant<2, 2, 4, 8, 2, true>(),  variant<1, 2, 4, 16, 1, true>(),  variant<1, 4, 2, 8, 2, true>(),
+      variant<1, 4, 2, 8, 3, true>(),  variant<1, 4, 4, 8, 2, true>(),  variant<1, 4, 1, 8, 4, true>(),
+      variant<1, 4, 2, 16, 1, true>(),
   };
-  const int ms_[] = {1, 8, 16};
+  const int ms_[] = {1, 8, 16, 32};
 
   printf("%-22s %3s  %-22s %9s %8s %7s %9s\n", "shape", "M", "variant", "us", "GB/s", "%copy", "max_err");
   int failures = 0;
@@ -177,15 +180,15 @@ int main() {
     __half *x, *bias, *residual;
     void* out;
     float* ref;
-    CHECK(cudaMalloc(&x, size_t(16) * sh.K * 2));
+    CHECK(cudaMalloc(&x, size_t(kMaxRows) * sh.K * 2));
     CHECK(cudaMalloc(&bias, size_t(sh.N) * 2));
-    CHECK(cudaMalloc(&residual, size_t(16) * sh.N * 2));
-    CHECK(cudaMalloc(&out, size_t(16) * sh.N * 4));
-    CHECK(cudaMalloc(&ref, size_t(16) * sh.N * 4));
-    fill_random<<<64, 256, 0, s>>>(x, size_t(16) * sh.K, 7, 1.f);
+    CHECK(cudaMalloc(&residual, size_t(kMaxRows) * sh.N * 2));
+    CHECK(cudaMalloc(&out, size_t(kMaxRows) * sh.N * 4));
+    CHECK(cudaMalloc(&ref, size_t(kMaxRows) * sh.N * 4));
+    fill_random<<<64, 256, 0, s>>>(x, size_t(kMaxRows) * sh.K, 7, 1.f);
     fill_random<<<64, 256, 0, s>>>(bias, sh.N, 8, 0.5f);
-    fill_random<<<64, 256, 0, s>>>(residual, size_t(16) * sh.N, 9, 1.f);
-    std::vector<float> host_out(size_t(16) * sh.N), host_ref(size_t(16) * sh.N);
+    fill_random<<<64, 256, 0, s>>>(residual, size_t(kMaxRows) * sh.N, 9, 1.f);
+    std::vector<float> host_out(size_t(kMaxRows) * sh.N), host_ref(size_t(kMaxRows) * sh.N);
     for (int M : ms_) {
       DecodeLinearParams p{x, w[0], sh.bias ? bias : nullptr, sh.residual ? residual : nullptr, out, sh.K, M, sh.N,
                            sh.K, sh.relu2};
@@ -199,7 +202,7 @@ int main() {
                            (sh.residual ? double(M) * sh.N * 2 : 0.0) + double(M) * sh.N * (sh.out_fp32 ? 4 : 2);
       for (const Variant& v : variants) {
         if (M > v.max_m || (M <= 8 && v.max_m > 8)) continue;
-        CHECK(cudaMemsetAsync(out, 0xff, size_t(16) * sh.N * 4, s));  // NaN in fp16 and fp32
+        CHECK(cudaMemsetAsync(out, 0xff, size_t(kMaxRows) * sh.N * 4, s));  // NaN in fp16 and fp32
         v.launch(p, sh.out_fp32, s);
         CHECK(cudaGetLastError());
         CHECK(cudaMemcpyAsync(host_out.data(), out, size_t(M) * sh.N * (sh.out_fp32 ? 4 : 2), cudaMemcpyDeviceToHost,

@@ -324,9 +324,10 @@ class Engine:
         return logits if tp is None else tp.gather_vocab(logits)
 
     def _linear(self, x, weight, bias=None, relu2=False, out_dtype=None) -> torch.Tensor:
-        """x W^T (+ bias) (then relu^2): the decode GEMV (weight streaming, epilogue fused) for up to 16 rows on
-        the GPU; cuBLAS plus the bias_relu2 epilogue otherwise. out_dtype=float32 gives fp32 logits."""
-        if self._gemv and x.shape[0] <= 16:
+        """x W^T (+ bias) (then relu^2): the decode GEMV (weight streaming, epilogue fused) for up to
+        DECODE_LINEAR_MAX_ROWS rows on the GPU; cuBLAS plus the bias_relu2 epilogue otherwise. out_dtype=float32
+        gives fp32 logits."""
+        if self._gemv and x.shape[0] <= ops.DECODE_LINEAR_MAX_ROWS:
             out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
             ops.decode_linear(x, weight, bias, None, out, relu2)
             return out
@@ -560,12 +561,24 @@ class Engine:
         texts = [""] * B
         finished = [False] * B
         self._start_decode(g, lens, first)
-        seq_lens = [L + 1 for L in lens]         # host copy, for dynamic rotary only
+        seq_lens = [L + 1 for L in lens]         # keys per row after the next step; dynamic rotary only
         tokens = first.tolist()                  # syncs: the prefill (and first sample) is done
         self.last_stats = {"batch": B, "prompt_tokens": sum(lens), "prefill_s": time.perf_counter() - started,
                            "decode_steps": 0, "decode_s": 0.0}
         decode_started = time.perf_counter()
+        # The loop runs one step ahead: step n + 1 is launched before the host handles step n's tokens
+        # (detokenising, stop checks, the caller's own work on a stream), so the GPU never waits for the
+        # host. The price is one wasted step when every row stops early; a row that stops at step n has
+        # already run step n + 1, whose token is dropped and whose K/V lands inside its own cache row
+        # (position < prompt + max_new_tokens <= max_seq_len). Dynamic rotary needs each step's true
+        # lengths before launching it, so it runs in lockstep.
+        ahead = self.config.rope_type != "dynamic"
+        host_tokens = torch.empty(B, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        copied = torch.cuda.Event() if self.device.type == "cuda" else None
         for step in range(max_new_tokens):
+            last = step == max_new_tokens - 1
+            if ahead and not last:
+                self._launch_step(g, greedy, host_tokens, copied)
             retired = []
             for r in range(B):
                 if finished[r]:
@@ -576,27 +589,37 @@ class Engine:
                 reason = None
                 if tok in stop_ids or (stop_strings and any(s in texts[r] for s in stop_strings)):
                     reason = "stop"
-                elif step == max_new_tokens - 1:
+                elif last:
                     reason = "length"
                 if reason:
                     delta += decoders[r].flush() if decoders[r] else ""
                     finished[r] = True
                     retired.append(r)
                 yield StreamEvent(idx[r], tok, delta, reason)
-            if all(finished) or step == max_new_tokens - 1:
+            if all(finished) or last:
                 break
             if retired:
                 self._retire_rows(g, retired)
-            if self.config.rope_type == "dynamic":
+            if not ahead:
                 self.inv_freq.copy_(self._inv_freq(max(n for n, done in zip(seq_lens, finished) if not done)))
-            if g.graph is not None:
-                g.graph.replay()
-            else:
-                self._decode_step(g, greedy)
-            seq_lens = [n + (not done) for n, done in zip(seq_lens, finished)]
-            tokens = g.next_tokens[:B].tolist()
+                self._launch_step(g, greedy, host_tokens, copied)
+                seq_lens = [n + (not done) for n, done in zip(seq_lens, finished)]
+            if copied is not None:
+                copied.synchronize()
+            tokens = host_tokens.tolist()
             self.last_stats["decode_steps"] += 1
             self.last_stats["decode_s"] = time.perf_counter() - decode_started
+
+    def _launch_step(self, g: _DecodeGraph, greedy: bool, host_tokens: torch.Tensor, copied) -> None:
+        """Queue one decode step and the copy of its tokens into `host_tokens` (pinned on a GPU);
+        `copied` (a CUDA event, None on the CPU) marks when they have arrived."""
+        if g.graph is not None:
+            g.graph.replay()
+        else:
+            self._decode_step(g, greedy)
+        host_tokens.copy_(g.next_tokens[:host_tokens.shape[0]], non_blocking=copied is not None)
+        if copied is not None:
+            copied.record(torch.cuda.current_stream(self.device))
 
     def _start_decode(self, g: _DecodeGraph, lens: list[int], first: torch.Tensor) -> None:
         """Inputs of the first decode step: row r feeds `first[r]` at position lens[r]; idle rows attend to

@@ -16,6 +16,10 @@ except ImportError:
     HAVE_CUDA_EXT = False
 
 
+# Rows the decode GEMV takes (kDecodeLinearMaxRows in csrc/decode_linear.h); more go to cuBLAS.
+DECODE_LINEAR_MAX_ROWS = 32
+
+
 def use_cuda_kernels(t: torch.Tensor) -> bool:
     """True when `t` lives on a GPU and the extension is built."""
     return HAVE_CUDA_EXT and t.is_cuda

@@ -34,6 +34,21 @@ def test_greedy_batch_with_chunked_prefill_equals_reference(overrides):
     assert result.finish_reasons == ["length"] * 3
 
 
+def test_dynamic_rotary_past_the_trained_length_equals_reference():
+    """Dynamic NTK scaling re-bases the rotary frequencies as the sequence grows past the trained length:
+    the engine recomputes them before every step (so it does not run ahead of the host)."""
+    torch.manual_seed(0)
+    model = lively_model(rope_scaling={"type": "dynamic", "factor": 3.0}, max_position_embeddings=16)
+    engine = Engine(model, model.config, max_batch_size=1, max_seq_len=48)
+    prompt = torch.randint(1, 97, (10,)).tolist()
+    ids = engine.generate([prompt], max_new_tokens=24, stop_token_ids=[]).token_ids[0]
+    expected = reference_continuation(model, prompt, 24)
+    assert ids == expected
+    plain = lively_model(max_position_embeddings=64)
+    plain.load_state_dict(model.state_dict())
+    assert reference_continuation(plain, prompt, 24) != expected      # the re-basing changes these tokens
+
+
 def test_batches_larger_than_the_engine_run_in_waves():
     model = lively_model()
     engine = Engine(model, model.config, max_batch_size=2, max_seq_len=32)
