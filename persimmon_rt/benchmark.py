@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 
@@ -84,16 +85,69 @@ def measure_decode(engine: Engine, batch: int, context: int, new_tokens: int) ->
     engine.generate(prompts, max_new_tokens=new_tokens + 1, stop_token_ids=[])
     stats = dict(engine.last_stats)
     result = {"ms_per_step": 1e3 * stats["decode_s"] / max(stats["decode_steps"], 1)}
-    graph = engine._graphs[(_bucket(batch, engine.max_batch_size), True)].graph
-    if graph is not None:                     # the captured step alone, without the host loop around it
+    replays = min(20, new_tokens)
+    g = _rewound_graph(engine, batch, context)
+    if g is not None:                         # the captured step alone, without the host loop around it
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(20):
-            graph.replay()
+        for _ in range(replays):
+            g.graph.replay()
         end.record()
         end.synchronize()
-        result["graph_step_ms"] = start.elapsed_time(end) / 20
+        result["graph_step_ms"] = start.elapsed_time(end) / replays
     return result
+
+
+def _rewound_graph(engine: Engine, batch: int, context: int):
+    """The batch's captured decode graph with its inputs set back to position `context` of every row.
+    Each replay advances them by one, so the caller may replay it as many times as the cache has room
+    for after `context` (the engines here leave new_tokens + 8 positions)."""
+    g = engine._graphs.get((_bucket(batch, engine.max_batch_size), True))
+    if g is None or g.graph is None:
+        return None
+    engine._start_decode(g, [context] * batch, torch.zeros(batch, dtype=torch.long, device=engine.device))
+    return g
+
+
+def profile_decode_step(engine: Engine, batch: int, context: int, replays: int = 5) -> dict:
+    """Where a captured decode step's time goes: every kernel of `replays` graph replays (CUPTI, through
+    torch.profiler), grouped by kernel and grid, per step; "gaps" is the step's span minus its kernels."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    g = _rewound_graph(engine, batch, context)
+    if g is None:
+        return {}
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            g.graph.replay()
+        torch.cuda.synchronize()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path, encoding="utf-8") as fh:
+            trace = json.load(fh)
+    finally:
+        os.remove(path)
+    kernels = sorted((e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    if not kernels:
+        return {}
+    groups: dict[str, dict] = {}
+    for e in kernels:
+        name = e["name"].split("<")[0].split("(")[0].replace("void ", "").strip()
+        grid = e.get("args", {}).get("grid")
+        key = f"{name} grid={'x'.join(str(v) for v in grid)}" if grid else name
+        entry = groups.setdefault(key, {"kernel": key, "calls": 0, "us": 0.0})
+        entry["calls"] += 1
+        entry["us"] += e["dur"]
+    span_us = (kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]) / replays
+    busy_us = sum(e["dur"] for e in kernels) / replays
+    rows = sorted(({"kernel": v["kernel"], "calls_per_step": v["calls"] / replays, "us_per_step": v["us"] / replays}
+                   for v in groups.values()), key=lambda r: -r["us_per_step"])
+    return {"span_us": span_us, "kernel_us": busy_us, "gaps_us": span_us - busy_us, "kernels": rows}
 
 
 def measure_prefill(engine: Engine, tokens: int) -> float:
@@ -105,20 +159,149 @@ def measure_prefill(engine: Engine, tokens: int) -> float:
     return 1e3 * min(times[1:])
 
 
+class _TokenClock:
+    """A transformers streamer that notes when each new token reaches the host (generate hands it over
+    with .cpu(), which waits for the step); the first put is the prompt."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+TRANSFORMERS_COMPILED = "compile"   # sdpa + static cache, which transformers' generate compiles itself
+
+
 @torch.no_grad()
-def transformers_decode_ms(model, batch: int, context: int, new_tokens: int) -> float:
+def transformers_decode(model, batch: int, context: int, new_tokens: int, compiled: bool) -> dict:
+    """ms per decode step of transformers' generate (greedy): the time between the first and the last new
+    token over the steps between them. compiled: static cache, so that generate torch.compiles the forward;
+    the first (compiling) call's time is returned as warmup_s."""
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=model.device)
+    extra = {"cache_implementation": "static"} if compiled else {}
 
-    def timed(n):
-        _sync(model.device)
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                       eos_token_id=None)
-        _sync(model.device)
-        return time.perf_counter() - t
+    def run():
+        clock = _TokenClock()
+        model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False,
+                       pad_token_id=0, eos_token_id=None, streamer=clock, **extra)
+        return clock.times
 
-    timed(2)
-    return 1e3 * (timed(new_tokens + 1) - timed(1)) / new_tokens
+    t = time.perf_counter()
+    run()
+    warmup = time.perf_counter() - t
+    run()
+    times = run()
+    return {"ms_per_step": 1e3 * (times[-1] - times[1]) / (len(times) - 2), "warmup_s": warmup}
+
+
+def cold_start(model, config: PersimmonConfig, dtype: torch.dtype, batch: int, directory: str | None = None) -> dict:
+    """Save `model` as HF safetensors, evict the files from the page cache, and time a fresh Python process
+    that imports persimmon_rt, loads them with Engine.from_pretrained onto the model's device and (on a GPU)
+    captures the decode graph for `batch` rows. Also reports the child's peak host memory: anonymous (what loading allocates)
+    and resident (which counts the memory-mapped file pages it has touched, reclaimable page cache)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from .weights import save_state_dict
+
+    tmp = tempfile.mkdtemp(prefix="persimmon-rt-cold-", dir=directory)
+    try:
+        started = time.perf_counter()
+        files = save_state_dict(model.state_dict(), tmp)
+        config.save_pretrained(tmp)
+        save_s = time.perf_counter() - started
+        evicted = all(_evict_from_page_cache(f) for f in files)
+        code = ("import time, sys; t0 = time.perf_counter(); "
+                "from persimmon_rt.benchmark import cold_start_child; cold_start_child(t0, sys.argv[1:])")
+        device = next(model.parameters()).device
+        child = subprocess.run([sys.executable, "-c", code, tmp, str(dtype).replace("torch.", ""), str(batch),
+                                device.type],
+                               capture_output=True, text=True, check=False)
+        if child.returncode != 0:
+            raise RuntimeError(f"cold-start child failed:\n{child.stderr[-4000:]}")
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        checkpoint = sum(os.path.getsize(f) for f in files)
+        result.update(save_s=save_s, page_cache_evicted=evicted, checkpoint_gib=checkpoint / 2**30,
+                      largest_file_gib=max(os.path.getsize(f) for f in files) / 2**30,
+                      read_gb_s=checkpoint / result["load_s"] / 1e9)
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _evict_from_page_cache(path: str) -> bool:
+    """Write `path` back and ask the kernel to drop its cached pages, so the next read comes from disk."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def cold_start_child(t0: float, argv: list[str]) -> None:
+    """The timed process of cold_start(): prints one JSON line."""
+    import threading
+
+    path, dtype_name, batch, device = argv[0], argv[1], int(argv[2]), torch.device(argv[3])
+    peak = {"anon_kib": 0, "rss_kib": 0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            status = _proc_status()
+            peak["anon_kib"] = max(peak["anon_kib"], status.get("RssAnon", 0))
+            peak["rss_kib"] = max(peak["rss_kib"], status.get("VmRSS", 0))
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    imported = time.perf_counter()
+    torch.empty(1, device=device)             # the CUDA context, timed apart from the loading
+    cuda_ready = time.perf_counter()
+    engine = Engine.from_pretrained(path, dtype=getattr(torch, dtype_name), device=device, max_batch_size=batch,
+                                    max_seq_len=min(2048, _max_positions(path)))
+    _sync(device)
+    loaded = time.perf_counter()
+    engine.capture([batch])
+    _sync(device)
+    captured = time.perf_counter()
+    done.set()
+    sampler.join()
+    status = _proc_status()
+    print(json.dumps({"import_s": imported - t0, "cuda_init_s": cuda_ready - imported, "load_s": loaded - cuda_ready,
+                      "capture_s": captured - loaded, "total_s": captured - t0,
+                      "peak_host_anon_gib": peak["anon_kib"] / 2**20,
+                      "peak_host_rss_gib": max(peak["rss_kib"], status.get("VmHWM", 0)) / 2**20}))
+
+
+def _max_positions(path: str) -> int:
+    return PersimmonConfig.from_pretrained(path).max_position_embeddings
+
+
+def _proc_status() -> dict[str, int]:
+    """Memory fields of /proc/self/status in KiB (empty where there is no /proc)."""
+    fields = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if value.strip().endswith("kB"):
+                    fields[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return fields
 
 
 @torch.no_grad()
@@ -165,6 +348,7 @@ def run(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     bandwidth = copy_bandwidth() if device.type == "cuda" else None
     rows: list[dict] = []
+    profiles: list[dict] = []
 
     def record(system: str, case: str, **numbers) -> None:
         rows.append({"system": system, "case": case, **numbers})
@@ -199,31 +383,55 @@ def run(args: argparse.Namespace) -> dict:
         record("persimmon_rt", f"prefill {tokens}", ms=measure_prefill(engine, tokens))
         del engine
         _free()
+    if args.profile and device.type == "cuda":
+        batch, context = args.batch[0], args.context[0]
+        engine = Engine(model, config, max_batch_size=batch, max_seq_len=context + 64)
+        engine.generate(torch.randint(0, config.vocab_size, (batch, context)).tolist(), max_new_tokens=2,
+                        stop_token_ids=[])
+        profiles.append({"case": f"decode b={batch} ctx={context}",
+                         **profile_decode_step(engine, batch, context)})
+        del engine
+        _free()
+    if args.cold_start:
+        record("persimmon_rt", "cold start", **cold_start(model, config, dtype, args.batch[0], args.cold_start_dir))
     for backend in backends:
-        model.set_attn_implementation(backend)
+        compiled = backend == TRANSFORMERS_COMPILED
+        model.set_attn_implementation("sdpa" if compiled else backend)
+        system = "transformers sdpa+static+compile" if compiled else f"transformers {backend}"
         for batch in args.batch:
             for context in args.context:
                 if batch * context <= 8 * 2048:
-                    ms = transformers_decode_ms(model, batch, context, max(args.new_tokens // 4, 4))
-                    record(f"transformers {backend}", f"decode b={batch} ctx={context}", ms_per_step=ms)
-        for tokens in args.prefill:
+                    record(system, f"decode b={batch} ctx={context}",
+                           **transformers_decode(model, batch, context, max(args.new_tokens // 2, 8), compiled))
+        for tokens in [] if compiled else args.prefill:   # generate compiles the decode step only
             if tokens > config.max_position_embeddings:
                 continue
             if backend != "eager" or tokens <= 2048:  # eager materialises [H, T, T] fp32 scores
-                record(f"transformers {backend}", f"prefill {tokens}", ms=transformers_prefill_ms(model, tokens))
+                record(system, f"prefill {tokens}", ms=transformers_prefill_ms(model, tokens))
     return {"gpu": gpu, "dtype": str(dtype).replace("torch.", ""),
-            "copy_bandwidth_tb_s": bandwidth / 1e12 if bandwidth else None, "rows": rows}
+            "copy_bandwidth_tb_s": bandwidth / 1e12 if bandwidth else None, "rows": rows, "profiles": profiles}
 
 
 def format_table(result: dict) -> str:
     lines = [f"{result['gpu']}, {result['dtype']}" + (f", copy {result['copy_bandwidth_tb_s']:.2f} TB/s"
                                                       if result["copy_bandwidth_tb_s"] else ""),
-             f"{'system':26s} {'case':22s} {'ms':>9s} {'tok/s':>9s} {'% floor':>8s}"]
+             f"{'system':34s} {'case':22s} {'ms':>9s} {'tok/s':>9s} {'% floor':>8s}"]
     for r in result["rows"]:
         ms = r.get("ms_per_step", r.get("ms"))
         tps = f"{r['tokens_per_s']:9.1f}" if "tokens_per_s" in r else f"{'':9s}"
         pct = f"{r['pct_of_floor']:7.1f}%" if "pct_of_floor" in r else f"{'':8s}"
-        lines.append(f"{r['system']:26s} {r['case']:22s} {ms:9.3f} {tps} {pct}")
+        if ms is None:                              # cold start: seconds, not ms
+            lines.append(f"{r['system']:34s} {r['case']:22s} {r['total_s']:8.2f}s (load {r['load_s']:.2f} s, "
+                         f"capture {r['capture_s']:.2f} s, peak host anon {r['peak_host_anon_gib']:.2f} GiB)")
+            continue
+        lines.append(f"{r['system']:34s} {r['case']:22s} {ms:9.3f} {tps} {pct}")
+    for p in result.get("profiles", []):
+        if not p.get("kernels"):
+            continue
+        lines.append(f"\nprofile, {p['case']}: span {p['span_us']:.1f} us per step, kernels {p['kernel_us']:.1f} us, "
+                     f"gaps {p['gaps_us']:.1f} us")
+        for k in p["kernels"]:
+            lines.append(f"  {k['us_per_step']:9.1f} us {k['calls_per_step']:6.1f} calls  {k['kernel']}")
     return "\n".join(lines)
 
 
@@ -234,7 +442,7 @@ def plot(result: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise RuntimeError("--png needs matplotlib (pip install matplotlib)") from exc
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if r.get("ms_per_step", r.get("ms")) is not None]
     labels = [f"{r['system']}\n{r['case']}" for r in rows]
     values = [r.get("ms_per_step", r.get("ms")) for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
@@ -261,7 +469,14 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     parser.add_argument("--prefill", type=ints, default=ints(d["prefill"]), help="comma-separated prompt lengths")
     parser.add_argument("--new-tokens", type=int, default=d["new_tokens"])
     parser.add_argument("--transformers", default=d["transformers"],
-                        help="also time transformers on the same weights with these attention backends")
+                        help="also time transformers on the same weights: attention backends (eager, sdpa) "
+                             "and/or 'compile' (sdpa + static cache, compiled by generate)")
+    parser.add_argument("--profile", action="store_true",
+                        help="per-kernel breakdown of the captured decode step (first batch and context)")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="time a fresh process loading the weights from safetensors and capturing the decode graph")
+    parser.add_argument("--cold-start-dir", default=None, metavar="DIR",
+                        help="where --cold-start writes the checkpoint (default: the system temp dir)")
     parser.add_argument("--json", default=None, metavar="FILE", help="write every number here")
     parser.add_argument("--png", default=None, metavar="FILE", help="plot the results (needs matplotlib)")
     parser.add_argument("--verbose", action="store_true", help="print each row as it is measured")

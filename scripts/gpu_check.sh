@@ -1,28 +1,61 @@
 #!/usr/bin/env bash
-# One GPU session's worth of checks: build the extension, run the engine's CUDA tests, the generation
-# benchmark, then every test. Logs go to $OUT (or ./gpu-logs). Usage: scripts/gpu_check.sh [tests|full]
+# GPU checks, one mode per call; logs go to $OUT (or ./gpu-logs). Usage: scripts/gpu_check.sh MODE...
+#   build     build the extension in place (with the system g++, see below)
+#   tests     the whole test suite
+#   kernels   the decode GEMV, engine and GPU reliability tests, then the GEMV benchmark (1 / 16 / 32 rows)
+#   generate  the end-to-end benchmark against transformers eager and sdpa, 16K decode, profile, cold start
+#   compile   the end-to-end benchmark against transformers with a static cache + torch.compile (b=1, ctx 128)
+#   sanitize  compute-sanitizer memcheck / racecheck / synccheck over an end-to-end generation, and
+#             synccheck + memcheck over the small-shape op tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+pytest=(python3 -m pytest -q -rs -p no:cacheprovider)
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-# A compiler that links libstdc++ statically into the extension turns every error an op raises into a
-# process abort (the exception cannot cross into torch's libstdc++): prefer the system g++.
-[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++
-start=$(date +%s)
-MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 \
-  || { tail -50 "$out/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - start )) s"
-
-python3 -m pytest -q -rs -p no:cacheprovider tests/test_engine.py tests/test_demo_model.py \
-  -k "cuda or rejects" > "$out/engine_tests.log" 2>&1
-tail -5 "$out/engine_tests.log"
-if [ "${1:-tests}" = "full" ]; then
-  python3 benchmarks/bench_generate.py --hf "${HF_BACKENDS:-eager,sdpa}" --new-tokens "${NEW_TOKENS:-128}" \
-    --json "$out/generate.json" > "$out/generate.log" 2>&1
-  tail -20 "$out/generate.log"
-fi
-python3 -m pytest -q -rs -p no:cacheprovider tests > "$out/tests.log" 2>&1
-tail -15 "$out/tests.log"
+for mode in "$@"; do
+  start=$(date +%s)
+  case "$mode" in
+    build)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+      # A compiler that links libstdc++ statically into the extension turns every error an op raises into
+      # a process abort (the exception cannot cross into torch's libstdc++): prefer the system g++.
+      [ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++
+      MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 \
+        || { tail -50 "$out/build.log"; exit 1; } ;;
+    tests)
+      "${pytest[@]}" tests > "$out/tests.log" 2>&1; tail -15 "$out/tests.log" ;;
+    kernels)
+      "${pytest[@]}" tests/test_decode_linear.py tests/test_engine.py tests/test_reliability_gpu.py \
+        tests/test_demo_model.py > "$out/kernel_tests.log" 2>&1; tail -8 "$out/kernel_tests.log"
+      python3 benchmarks/bench_decode_linear.py --rows 1 16 32 > "$out/decode_linear.log" 2>&1
+      tail -20 "$out/decode_linear.log" ;;
+    generate)
+      python3 benchmarks/bench_generate.py --batch 1,8,32 --context 128,2048 --prefill 2048,8192 \
+        --transformers eager,sdpa --profile --cold-start --json "$out/generate.json" > "$out/generate.log" 2>&1
+      python3 benchmarks/bench_generate.py --batch 1 --context 16128 --prefill "" --transformers "" \
+        --json "$out/generate_16k.json" > "$out/generate_16k.log" 2>&1
+      tail -60 "$out/generate.log"; tail -3 "$out/generate_16k.log" ;;
+    compile)
+      python3 benchmarks/bench_generate.py --batch 1 --context 128 --prefill "" --transformers compile,sdpa \
+        --json "$out/generate_compile.json" > "$out/generate_compile.log" 2>&1
+      tail -6 "$out/generate_compile.log" ;;
+    sanitize)
+      for tool in memcheck racecheck synccheck; do
+        timeout 400 compute-sanitizer --tool "$tool" --error-exitcode 1 python3 scripts/sanitize_generate.py \
+          > "$out/sanitize_generate_$tool.log" 2>&1
+        echo "sanitize_generate $tool: exit $?"; tail -3 "$out/sanitize_generate_$tool.log"
+      done
+      ops=(tests/test_layernorm.py tests/test_bias_relu2.py tests/test_qk_norm_rope_cache.py
+           tests/test_attention_prefill.py tests/test_attention_decode.py tests/test_decode_linear.py)
+      small="awkward_shape_every_epilogue or packed_sequences or chunked_prefill or mixed_lengths or single_split"
+      for tool in synccheck memcheck; do
+        timeout 400 compute-sanitizer --tool "$tool" --error-exitcode 1 "${pytest[@]}" "${ops[@]}" -k "$small" \
+          > "$out/sanitize_ops_$tool.log" 2>&1
+        echo "sanitize_ops $tool: exit $?"; tail -3 "$out/sanitize_ops_$tool.log"
+      done ;;
+    *) echo "unknown mode $mode"; exit 2 ;;
+  esac
+  echo "$mode: $(( $(date +%s) - start )) s"
+done

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -84,6 +85,16 @@ def test_bench_on_the_demo_model_and_against_transformers(capsys, tmp_path):
     assert code == 0 and cases == ["decode b=1 ctx=16", "decode b=2 ctx=16", "prefill 32"]
     assert all(r["ms_per_step"] > 0 for r in result["rows"][:2]) and "decode b=2 ctx=16" in out
     pytest.importorskip("transformers")
-    code, out, _ = run_cli(["bench", "--preset", "tiny", "--transformers", "eager", "--context", "8",
+    code, out, _ = run_cli(["bench", "--preset", "tiny", "--transformers", "eager,compile", "--context", "8",
                             "--new-tokens", "4", "--prefill", ""], capsys)
-    assert code == 0 and "transformers eager" in out
+    assert code == 0 and "transformers eager" in out and "transformers sdpa+static+compile" in out
+
+
+def test_bench_cold_start_loads_a_fresh_process(capsys, tmp_path):
+    out_json = tmp_path / "bench.json"
+    code, out, _ = run_cli(["bench", "--context", "8", "--new-tokens", "2", "--cold-start", "--cold-start-dir",
+                            str(tmp_path), "--json", str(out_json)], capsys)
+    row = next(r for r in json.loads(out_json.read_text())["rows"] if r["case"] == "cold start")
+    assert code == 0 and "cold start" in out
+    assert 0 < row["load_s"] < row["total_s"] and row["checkpoint_gib"] > 0 and row["peak_host_anon_gib"] > 0
+    assert os.listdir(tmp_path) == ["bench.json"]          # the temporary checkpoint is gone

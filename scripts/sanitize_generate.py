@@ -1,0 +1,29 @@
+"""One end-to-end generation on the GPU, small enough to run under compute-sanitizer: the demo model in fp16
+and bf16; a batch of 3 prompts (packed, chunked prefill, decode graph of 4 rows) and one of 20 (a 32-row
+graph, the 17..32-row GEMV); greedy and sampled. Exits non-zero if a generation comes out malformed.
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_generate.py
+"""
+
+import torch
+
+from persimmon_rt.demo import demo_model_path
+from persimmon_rt.engine import Engine
+
+
+def main() -> None:
+    for dtype in (torch.float16, torch.bfloat16):
+        engine = Engine.from_pretrained(demo_model_path(), dtype=dtype, device="cuda", max_batch_size=32,
+                                        max_seq_len=256, prefill_chunk_tokens=48)
+        small = ["BRUTUS:\n", "PORTIA:\nO my lord, ", "CASSIUS:\n" * 12]
+        large = [f"{name}:\n" for name in ("BRUTUS", "CASSIUS", "CASCA", "PORTIA", "LUCIUS")] * 4
+        for prompts in (small, large):
+            for sampling in ({}, {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": 1}):
+                result = engine.generate(prompts, max_new_tokens=10, stop_token_ids=[], **sampling)
+                assert [len(ids) for ids in result.token_ids] == [10] * len(prompts)
+        torch.cuda.synchronize()
+        print(f"{dtype}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()
