@@ -12,15 +12,13 @@ using gemv::GemvConfig;
 
 // Up to 8 rows: one 16-row tile and one x fragment per warp, 4 chunks (8 weight loads of 16 bytes) in
 // flight per lane, 8 warps splitting K. 9..16 rows add the second x fragment (a second mma per
-// A fragment, twice the x loads); the weight stream is unchanged. 17..32 rows take four x fragments
-// and 2 chunks per step, so that the x registers (J x MT loads of 16 bytes) stay within two blocks per SM.
+// A fragment, twice the x loads); the weight stream is unchanged.
 // benchmarks/decode_linear_variants.cu sweeps J, WARPS, RT and the L2 hint: at M <= 8 these are within
 // 1 % of the best variant on every Persimmon shape; at M = 16 no variant won every shape. A programmatic
 // dependent launch whose blocks prefetched their first weights into L2 before griddepcontrol.wait
 // measured 17-38 % slower (benchmarks/RESULTS.md, 2026-11-25 decode_linear).
 using Config8 = GemvConfig<1, 1, 4, 8, 3>;
 using Config16 = GemvConfig<1, 2, 4, 8, 3>;
-using Config32 = GemvConfig<1, 4, 2, 8, 2>;
 
 template <typename Cfg>
 void launch(const DecodeLinearParams& p, DType dtype, bool out_fp32, cudaStream_t stream) {
@@ -41,7 +39,7 @@ void launch(const DecodeLinearParams& p, DType dtype, bool out_fp32, cudaStream_
 void launch_decode_linear(const void* x, const void* weight, const void* bias, const void* residual, void* out,
                           int64_t ldx, int M, int N, int K, bool relu2, DType dtype, bool out_fp32,
                           cudaStream_t stream) {
-  PRT_REQUIRE(M >= 1 && M <= kDecodeLinearMaxRows, "M must be in [1, 32]");
+  PRT_REQUIRE(M >= 1 && M <= kDecodeLinearMaxRows, "M must be in [1, 16]");
   PRT_REQUIRE(N >= 1, "N must be >= 1");
   PRT_REQUIRE(K >= 8 && K % kVec == 0, "K must be a positive multiple of 8");
   PRT_REQUIRE(ldx >= K && ldx % kVec == 0, "x row stride must be >= K and a multiple of 8");
@@ -50,10 +48,8 @@ void launch_decode_linear(const void* x, const void* weight, const void* bias, c
   const DecodeLinearParams p{x, weight, bias, residual, out, ldx, M, N, K, relu2};
   if (M <= Config8::kMaxM) {
     launch<Config8>(p, dtype, out_fp32, stream);
-  } else if (M <= Config16::kMaxM) {
-    launch<Config16>(p, dtype, out_fp32, stream);
   } else {
-    launch<Config32>(p, dtype, out_fp32, stream);
+    launch<Config16>(p, dtype, out_fp32, stream);
   }
 }
 

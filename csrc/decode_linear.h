@@ -11,10 +11,10 @@
 
 namespace persimmon_rt {
 
-constexpr int kDecodeLinearMaxRows = 32;
+constexpr int kDecodeLinearMaxRows = 16;
 
 // Preconditions (checked by the caller; the launcher throws std::invalid_argument if they fail):
-// 1 <= M <= 32, K % 8 == 0, ldx % 8 == 0, x and weight 16-byte aligned; x, weight, bias and residual of
+// 1 <= M <= 16, K % 8 == 0, ldx % 8 == 0, x and weight 16-byte aligned; x, weight, bias and residual of
 // `dtype`; out of `dtype`, or fp32 when out_fp32. x must not overlap out; residual may alias out
 // exactly. No workspace, no host synchronisation: safe to capture in a CUDA graph.
 void launch_decode_linear(const void* x,         // [M, K]  row stride ldx elements, unit column stride

@@ -383,8 +383,8 @@ def run(args: argparse.Namespace) -> dict:
         record("persimmon_rt", f"prefill {tokens}", ms=measure_prefill(engine, tokens))
         del engine
         _free()
-    if args.profile and device.type == "cuda":
-        batch, context = args.batch[0], args.context[0]
+    for batch in args.batch if args.profile and device.type == "cuda" else []:
+        context = args.context[0]
         engine = Engine(model, config, max_batch_size=batch, max_seq_len=context + 64)
         engine.generate(torch.randint(0, config.vocab_size, (batch, context)).tolist(), max_new_tokens=2,
                         stop_token_ids=[])
@@ -472,7 +472,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
                         help="also time transformers on the same weights: attention backends (eager, sdpa) "
                              "and/or 'compile' (sdpa + static cache, compiled by generate)")
     parser.add_argument("--profile", action="store_true",
-                        help="per-kernel breakdown of the captured decode step (first batch and context)")
+                        help="per-kernel breakdown of the captured decode step (each batch size, first context)")
     parser.add_argument("--cold-start", action="store_true",
                         help="time a fresh process loading the weights from safetensors and capturing the decode graph")
     parser.add_argument("--cold-start-dir", default=None, metavar="DIR",

@@ -543,11 +543,13 @@ class Engine:
             # Every rank draws the same random numbers (the logits are identical), so the sampled tokens
             # agree without a collective in the step: one seed, rank 0's, for the whole wave.
             seed = self.tp.shared_seed(seed)
+        bucket = _bucket(B, self.max_batch_size)
+        # Capture (its warm-up steps write the cache at position 0) before the prefill fills the cache, and
+        # seed after it (its warm-up steps draw random numbers), so a seed gives the same tokens whether or
+        # not this call had to capture.
+        g = self._graph_for(bucket, greedy)
         if seed is not None:
             torch.manual_seed(seed)
-        bucket = _bucket(B, self.max_batch_size)
-        # Capture (its warm-up steps write the cache at position 0) before the prefill fills the cache.
-        g = self._graph_for(bucket, greedy)
         started = time.perf_counter()
         logits = self._prefill(prompts, embeds)
         temp = torch.ones(bucket, 1)            # idle rows sample at temperature 1 (ignored, but finite)

@@ -16,8 +16,9 @@ except ImportError:
     HAVE_CUDA_EXT = False
 
 
-# Rows the decode GEMV takes (kDecodeLinearMaxRows in csrc/decode_linear.h); more go to cuBLAS.
-DECODE_LINEAR_MAX_ROWS = 32
+# Rows the decode GEMV takes (kDecodeLinearMaxRows in csrc/decode_linear.h); more go to cuBLAS, which
+# is as fast from about 16 rows on (benchmarks/RESULTS.md, decode_linear at 32 rows).
+DECODE_LINEAR_MAX_ROWS = 16
 
 
 def use_cuda_kernels(t: torch.Tensor) -> bool:

@@ -173,7 +173,7 @@ def attention_decode(
 
 
 def decode_linear(
-    x: torch.Tensor,              # [M, K]  M <= 32 rows (decode: one per sequence)
+    x: torch.Tensor,              # [M, K]  M <= 16 rows (decode: one per sequence)
     weight: torch.Tensor,         # [N, K]  nn.Linear layout
     bias: torch.Tensor | None,    # [N]
     residual: torch.Tensor | None,  # [M, N]  added after the activation (may alias out)

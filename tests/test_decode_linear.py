@@ -1,4 +1,4 @@
-"""decode_linear: out = act(x W^T + bias) + residual for decode batches (M <= 32 rows).
+"""decode_linear: out = act(x W^T + bias) + residual for decode batches (M <= 16 rows).
 
 CPU tests check the fp32 reference against an F.linear composition. CUDA tests check the GEMV against
 the reference in fp32 (error at most twice that of plain PyTorch in the same low precision, plus a tiny
@@ -82,7 +82,7 @@ def test_reference_rounds_once_and_allows_aliasing():
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias,residual,relu2", EPILOGUES, ids=EPILOGUE_IDS)
-@pytest.mark.parametrize("M", [1, 3, 8, 16, 17, 32])
+@pytest.mark.parametrize("M", [1, 3, 8, 16])
 def test_awkward_shape_every_epilogue(M, bias, residual, relu2, dtype):
     """N = 83 (a partial 16-row tile), K = 264 (a partial 32-wide chunk; 9 chunks over 8 warps)."""
     run_and_check(M, 83, 264, dtype, bias, residual, relu2)
@@ -90,7 +90,7 @@ def test_awkward_shape_every_epilogue(M, bias, residual, relu2, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 3, 8, 9, 16, 24, 32])
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("N,K", [(1, 8), (17, 8), (16, 40), (200, 1032), (4104, 4096), (33, 16392)])
 def test_awkward_shapes(N, K, M, dtype):
     run_and_check(M, N, K, dtype, bias=True, residual=True, relu2=False)
@@ -98,7 +98,7 @@ def test_awkward_shapes(N, K, M, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 5, 16, 29])
+@pytest.mark.parametrize("M", [1, 5, 16])
 @pytest.mark.parametrize("relu2", [False, True])
 def test_fp32_out(relu2, M, dtype):
     run_and_check(M, 83, 264, dtype, bias=True, residual=True, relu2=relu2, out_dtype=torch.float32)
@@ -116,7 +116,7 @@ PERSIMMON_SHAPES = {
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 8, 16, 32])
+@pytest.mark.parametrize("M", [1, 8, 16])
 @pytest.mark.parametrize("shape", list(PERSIMMON_SHAPES))
 def test_persimmon_shapes(shape, M, dtype):
     N, K, bias, residual, relu2, fp32_out = PERSIMMON_SHAPES[shape]
@@ -125,7 +125,7 @@ def test_persimmon_shapes(shape, M, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 8, 16, 32])
+@pytest.mark.parametrize("M", [1, 8, 16])
 def test_residual_aliases_out(M, dtype):
     x, w, b, r = make_case(M, 4096, 4096, dtype, "cuda", True, True)
     out = r.clone()
@@ -134,7 +134,7 @@ def test_residual_aliases_out(M, dtype):
 
 
 @requires_cuda
-@pytest.mark.parametrize("M", [2, 16, 32])
+@pytest.mark.parametrize("M", [2, 16])
 def test_strided_x(M):
     """x as a column slice of a wider buffer (row stride K + 8)."""
     K = 264
@@ -161,9 +161,9 @@ def test_rejects_bad_arguments():
     x, w, b, r = make_case(4, 32, 64, torch.float16, "cuda", True, True)
     out = torch.empty(4, 32, dtype=torch.float16, device="cuda")
     op = torch.ops.persimmon_rt.decode_linear
-    x33 = torch.randn(33, 64, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="1 to 32 rows"):
-        op(x33, w, b, None, torch.empty(33, 32, dtype=torch.float16, device="cuda"), False)
+    x17 = torch.randn(17, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="1 to 16 rows"):
+        op(x17, w, b, None, torch.empty(17, 32, dtype=torch.float16, device="cuda"), False)
     with pytest.raises(RuntimeError, match="multiple of 8"):
         op(x[:, :60].contiguous(), w[:, :60].contiguous(), b, r, out, False)
     with pytest.raises(RuntimeError, match="weight must be contiguous"):
@@ -189,7 +189,7 @@ def test_opcheck(bias, residual, out_dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 8, 16, 32])
+@pytest.mark.parametrize("M", [1, 8, 16])
 def test_cuda_graph_replay(M, dtype):
     """Capture once, then change x, W, bias and residual in place and replay: nothing is baked in."""
     N, K = 4096, 4096

@@ -1,7 +1,7 @@
 // Decode GEMV with a fused epilogue: out = act(x W^T + bias) + residual, act = relu(.)^2 or identity,
 // fp32 accumulation and epilogue, rounded once. Semantics: persimmon_rt/reference.py::decode_linear.
 //
-// At decode batch sizes (M <= 32 rows) the op is a stream over W: every weight byte is read once and
+// At decode batch sizes (M <= 16 rows) the op is a stream over W: every weight byte is read once and
 // used for M multiply-adds, so the kernel is shaped for bytes in flight, not arithmetic.
 //
 // Tensor cores do the multiply-adds (mma.m16n8k16, W as the 16-row A operand, x as the 8-column B
