@@ -28,7 +28,8 @@ from .cache import DynamicCache
 from .config import PersimmonConfig
 from .generation import GenerationMixin
 from .reference import rope_inv_freq
-from .weights import CheckpointError, check_state_dict, find_non_finite, load_state_dict, save_state_dict
+from .weights import (CheckpointError, check_state_dict, find_non_finite, load_state_dict, save_state_dict,
+                      weight_files)
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -263,6 +264,7 @@ class PersimmonPreTrainedModel(nn.Module, GenerationMixin):
         config = config or PersimmonConfig.from_pretrained(path, **config_overrides)
         dtype = torch_dtype if torch_dtype is not None else dtype
         state = load_state_dict(path)
+        file_names = _match_prefix(cls, {k: k for k in state})       # our name -> the name in the file
         state = _match_prefix(cls, state)
         if check_finite:
             bad = find_non_finite(state)
@@ -284,7 +286,14 @@ class PersimmonPreTrainedModel(nn.Module, GenerationMixin):
         check_state_dict(expected, state, ignore=ignore)
 
         device = torch.device(device) if device is not None else torch.device("cpu")
-        loaded = {k: state[k].to(device=device, dtype=target_dtype) for k in expected}
+        if device.type == "cuda" and all(f.endswith(".safetensors") for f in weight_files(path)):
+            # Streamed from disk into GPU memory: host memory stays at two 64 MiB buffers (device_loader).
+            from .device_loader import load_state_dict as load_to_device
+
+            raw = load_to_device(path, device, target_dtype, names={file_names[k] for k in expected})
+            loaded = {k: raw[file_names[k]] for k in expected}
+        else:
+            loaded = {k: state[k].to(device=device, dtype=target_dtype) for k in expected}
         model.load_state_dict(loaded, strict=False, assign=True)
         if missing_heads:
             warnings.warn(f"{cls.__name__}: {', '.join(missing_heads)} not in the checkpoint; initialised randomly "

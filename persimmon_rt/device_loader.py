@@ -1,0 +1,131 @@
+"""Stream safetensors files straight into GPU memory.
+
+Loading through a memory map (weights.load_state_dict) faults the file in page by page and leaves every
+page it touched mapped into the process: an 8B checkpoint shows up as ~17 GB of resident memory while it
+loads, and cold reads go at the speed of the kernel's readahead. Here each file is read sequentially in
+large blocks into two small pinned buffers, one filling from disk while the other is copied to the GPU,
+so host memory stays at the two buffers whatever the model size and the disk sees one long stream.
+
+The header is parsed and checked here (the format is an 8-byte length, a JSON table of dtype, shape and
+byte range per tensor, then the data), so a truncated or inconsistent file is refused before any data
+is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import torch
+
+from .weights import CheckpointError, weight_files
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_MAX_HEADER_BYTES = 100 * 2**20
+BLOCK_BYTES = 64 * 2**20
+
+
+def read_header(path: str) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
+    """(offset of the data, {name: (dtype, shape, begin, end)}) with begin/end relative to the data, after
+    checking that every byte range matches its dtype and shape and lies inside the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"cannot read {path}: shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(_MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"cannot read {path}: header length {length} does not fit the file ({size} bytes)")
+        try:
+            table = json.loads(fh.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"cannot read {path}: the header is not valid JSON ({exc})") from exc
+    if not isinstance(table, dict):
+        raise CheckpointError(f"cannot read {path}: the header is not a JSON object")
+    data_start, data_bytes = 8 + length, size - 8 - length
+    entries = {}
+    for name, entry in table.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = _DTYPES[entry["dtype"]], list(entry["shape"]), entry["data_offsets"]
+            numel = 1
+            for d in shape:
+                if not isinstance(d, int) or d < 0:
+                    raise ValueError(f"bad dimension {d!r}")
+                numel *= d
+            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_bytes):
+                raise ValueError(f"byte range [{begin}, {end}) outside the {data_bytes} data bytes")
+            if end - begin != numel * dtype.itemsize:
+                raise ValueError(f"{end - begin} bytes for shape {shape} of {entry['dtype']}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {path}: tensor {name!r} has an invalid entry ({exc})") from exc
+        entries[name] = (dtype, shape, begin, end)
+    return data_start, entries
+
+
+def load_file(path: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, in its stored dtype, on `device`."""
+    device = torch.device(device)
+    data_start, entries = read_header(path)
+    out = {name: torch.empty(shape, dtype=dtype, device=device) for name, (dtype, shape, _, _) in entries.items()}
+    # The file's data region, block by block, scattered to the tensors whose byte ranges each block covers.
+    targets = sorted(((begin, end, out[name].view(-1).view(torch.uint8)) for name, (_, _, begin, end) in entries.items()
+                      if end > begin), key=lambda t: t[0])
+    if not targets:
+        return out
+    pinned = device.type == "cuda"
+    buffers = [torch.empty(BLOCK_BYTES, dtype=torch.uint8, pin_memory=pinned) for _ in range(2 if pinned else 1)]
+    done = [None] * len(buffers)                # event: the buffer's last copies have finished
+    first, last = targets[0][0], max(t[1] for t in targets)
+    with open(path, "rb", buffering=0) as fh:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        t = 0
+        for i, block_start in enumerate(range(first, last, BLOCK_BYTES)):
+            block_end = min(block_start + BLOCK_BYTES, last)
+            slot = i % len(buffers)
+            if done[slot] is not None:
+                done[slot].synchronize()
+            buf = buffers[slot][:block_end - block_start]
+            _read_exactly(fh, memoryview(buf.numpy()), data_start + block_start, path)
+            while t < len(targets) and targets[t][1] <= block_start:
+                t += 1
+            j = t
+            while j < len(targets) and targets[j][0] < block_end:
+                begin, end, dst = targets[j]
+                lo, hi = max(begin, block_start), min(end, block_end)
+                dst[lo - begin:hi - begin].copy_(buf[lo - block_start:hi - block_start], non_blocking=pinned)
+                j += 1
+            if pinned:
+                done[slot] = torch.cuda.Event()
+                done[slot].record(torch.cuda.current_stream(device))
+        if pinned:
+            torch.cuda.current_stream(device).synchronize()
+    return out
+
+
+def load_state_dict(directory: str, device, dtype: torch.dtype | None = None,
+                    names=None) -> dict[str, torch.Tensor]:
+    """The tensors of an HF-format safetensors directory (those in `names`, if given) on `device`, floating
+    point ones converted to `dtype` file by file (so a converted copy of at most one file coexists with
+    its original on the device)."""
+    state = {}
+    for path in weight_files(directory):
+        for name, tensor in load_file(path, device).items():
+            if names is None or name in names:
+                state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return state
+
+
+def _read_exactly(fh, view: memoryview, offset: int, path: str) -> None:
+    fh.seek(offset)
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"cannot read {path}: the file ends before its tensors do")
+        got += n
