@@ -2,10 +2,9 @@
 
 Loading through a memory map (weights.load_state_dict) faults the file in page by page and leaves every
 page it touched mapped into the process: an 8B checkpoint shows up as ~17 GB of resident memory while it
-loads, and cold reads go at the speed of the kernel's readahead. Here each file is read in large blocks by
-a few threads, each with one pinned buffer that it fills from disk and copies to the GPU on its own
-stream, so host memory stays at READERS x BLOCK_BYTES whatever the model size, and the disk always has
-several large reads to serve.
+loads, and cold reads go at the speed of the kernel's readahead. Here each file is read sequentially in
+large blocks into two small pinned buffers, one filling from disk while the other is copied to the GPU,
+so host memory stays at the two buffers whatever the model size and the disk sees one long stream.
 
 The header is parsed and checked here (the format is an 8-byte length, a JSON table of dtype, shape and
 byte range per tensor, then the data), so a truncated or inconsistent file is refused before any data
@@ -14,9 +13,6 @@ is read.
 
 from __future__ import annotations
 
-import bisect
-import concurrent.futures
-import contextlib
 import json
 import os
 import struct
@@ -30,7 +26,6 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 _MAX_HEADER_BYTES = 100 * 2**20
 BLOCK_BYTES = 64 * 2**20
-READERS = 4          # blocks in flight: a virtual or networked disk serves several reads at once faster
 
 
 def read_header(path: str) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
@@ -83,39 +78,33 @@ def load_file(path: str, device: torch.device) -> dict[str, torch.Tensor]:
     if not targets:
         return out
     pinned = device.type == "cuda"
+    buffers = [torch.empty(BLOCK_BYTES, dtype=torch.uint8, pin_memory=pinned) for _ in range(2 if pinned else 1)]
+    done = [None] * len(buffers)                # event: the buffer's last copies have finished
     first, last = targets[0][0], max(t[1] for t in targets)
-    blocks = list(range(first, last, BLOCK_BYTES))
-    begins = [t[0] for t in targets]
-    readers = min(READERS, len(blocks))
-    if pinned:
-        torch.cuda.current_stream(device).synchronize()     # `out` is written from the readers' streams
-
-    def scatter(buf: torch.Tensor, block_start: int, block_end: int) -> None:
-        j = max(bisect.bisect_right(begins, block_start) - 1, 0)
-        while j < len(targets) and targets[j][0] < block_end:
-            begin, end, dst = targets[j]
-            if end > block_start:
+    with open(path, "rb", buffering=0) as fh:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        t = 0
+        for i, block_start in enumerate(range(first, last, BLOCK_BYTES)):
+            block_end = min(block_start + BLOCK_BYTES, last)
+            slot = i % len(buffers)
+            if done[slot] is not None:
+                done[slot].synchronize()
+            buf = buffers[slot][:block_end - block_start]
+            _read_exactly(fh, memoryview(buf.numpy()), data_start + block_start, path)
+            while t < len(targets) and targets[t][1] <= block_start:
+                t += 1
+            j = t
+            while j < len(targets) and targets[j][0] < block_end:
+                begin, end, dst = targets[j]
                 lo, hi = max(begin, block_start), min(end, block_end)
                 dst[lo - begin:hi - begin].copy_(buf[lo - block_start:hi - block_start], non_blocking=pinned)
-            j += 1
-
-    def read_blocks(k: int) -> None:
-        """Reader k takes blocks k, k + readers, ...: read into its pinned buffer, copy out on its stream."""
-        stream = torch.cuda.Stream(device) if pinned else None
-        buf = torch.empty(BLOCK_BYTES, dtype=torch.uint8, pin_memory=pinned)
-        with open(path, "rb", buffering=0) as fh, (torch.cuda.stream(stream) if pinned else contextlib.nullcontext()):
-            for block_start in blocks[k::readers]:
-                block_end = min(block_start + BLOCK_BYTES, last)
-                if pinned:
-                    stream.synchronize()                    # the buffer's previous copies have left it
-                view = buf[:block_end - block_start]
-                _read_exactly(fh, memoryview(view.numpy()), data_start + block_start, path)
-                scatter(view, block_start, block_end)
+                j += 1
             if pinned:
-                stream.synchronize()
-
-    with concurrent.futures.ThreadPoolExecutor(readers) as pool:
-        list(pool.map(read_blocks, range(readers)))
+                done[slot] = torch.cuda.Event()
+                done[slot].record(torch.cuda.current_stream(device))
+        if pinned:
+            torch.cuda.current_stream(device).synchronize()
     return out
 
 

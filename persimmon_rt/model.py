@@ -287,7 +287,7 @@ class PersimmonPreTrainedModel(nn.Module, GenerationMixin):
 
         device = torch.device(device) if device is not None else torch.device("cpu")
         if device.type == "cuda" and all(f.endswith(".safetensors") for f in weight_files(path)):
-            # Streamed from disk into GPU memory: host memory stays at a few 64 MiB buffers (device_loader).
+            # Streamed from disk into GPU memory: host memory stays at two 64 MiB buffers (device_loader).
             from .device_loader import load_state_dict as load_to_device
 
             raw = load_to_device(path, device, target_dtype, names={file_names[k] for k in expected})
