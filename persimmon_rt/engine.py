@@ -389,9 +389,12 @@ class Engine:
 
     def _decode_step(self, g: _DecodeGraph, greedy: bool) -> None:
         """One token for every row of the bucket: reads g's inputs, writes g.next_tokens."""
+        rows = g.tokens.shape[0]           # the bucket: cache rows [0, rows) hold its sequences
+
         def attend(q, layer):
             out = torch.empty_like(q)
-            ops.attention_decode(q, self.cache.k[layer], self.cache.v[layer], g.seq_lens, out, self.scale)
+            ops.attention_decode(q, self.cache.k[layer][:rows], self.cache.v[layer][:rows], g.seq_lens, out,
+                                 self.scale)
             return out
 
         logits = self._forward(g.tokens, g.positions, g.slots, attend)

@@ -185,12 +185,13 @@ def test_cuda_engine_greedy_equals_reference_for_64_steps(dtype):
     gpu_model = lively_model(**shape).to(dtype).to("cuda")
     reference_model = lively_model(**shape)
     reference_model.load_state_dict({k: v.float().cpu() for k, v in gpu_model.state_dict().items()})
-    engine = Engine(gpu_model, gpu_model.config, max_batch_size=4, max_seq_len=128)
+    engine = Engine(gpu_model, gpu_model.config, max_batch_size=8, max_seq_len=128)   # 3 rows: bucket 4 of 8
     prompts = [torch.randint(1, 97, (n,)).tolist() for n in (5, 17, 9)]
     result = engine.generate(prompts, max_new_tokens=64, stop_token_ids=[])
     assert engine._graphs and all(g.graph is not None for g in engine._graphs.values())
+    alone = engine.generate(prompts[1:2], max_new_tokens=64, stop_token_ids=[]).token_ids   # bucket 1
     tie_margin = {torch.float16: 0.05, torch.bfloat16: 0.4}[dtype]     # ~4x the logit error measured per dtype
-    for prompt, ids in zip(prompts, result.token_ids):
+    for prompt, ids in zip(prompts + prompts[1:2], result.token_ids + alone):
         expected = reference_continuation(reference_model, prompt, 64)
         with torch.no_grad():
             logits = reference_model(torch.tensor([prompt + expected])).logits[0, len(prompt) - 1:-1]
