@@ -110,19 +110,31 @@ def _rewound_graph(engine: Engine, batch: int, context: int):
 
 
 def profile_decode_step(engine: Engine, batch: int, context: int, replays: int = 5) -> dict:
-    """Where a captured decode step's time goes: every kernel of `replays` graph replays (CUPTI, through
-    torch.profiler), grouped by kernel and grid, per step; "gaps" is the step's span minus its kernels."""
+    """Where a captured decode step's time goes: every kernel of `replays` graph replays, per step."""
+    g = _rewound_graph(engine, batch, context)
+    if g is None:
+        return {}
+    return kernel_profile(g.graph.replay, replays)
+
+
+def profile_prefill(engine: Engine, tokens: int, repeats: int = 2) -> dict:
+    """Where a prefill of `tokens` tokens goes (prompt forward and first token), per prefill."""
+    prompt = [torch.randint(0, engine.config.vocab_size, (tokens,)).tolist()]
+    engine.generate(prompt, max_new_tokens=1, stop_token_ids=[])               # warm-up
+    return kernel_profile(lambda: engine.generate(prompt, max_new_tokens=1, stop_token_ids=[]), repeats)
+
+
+def kernel_profile(fn, repeats: int) -> dict:
+    """Every GPU kernel of `repeats` calls of `fn` (CUPTI, through torch.profiler), grouped by kernel name
+    and grid, per call; "gaps" is a call's span on the GPU minus the time its kernels ran."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
 
-    g = _rewound_graph(engine, batch, context)
-    if g is None:
-        return {}
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            g.graph.replay()
+        for _ in range(repeats):
+            fn()
         torch.cuda.synchronize()
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
@@ -143,9 +155,9 @@ def profile_decode_step(engine: Engine, batch: int, context: int, replays: int =
         entry = groups.setdefault(key, {"kernel": key, "calls": 0, "us": 0.0})
         entry["calls"] += 1
         entry["us"] += e["dur"]
-    span_us = (kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]) / replays
-    busy_us = sum(e["dur"] for e in kernels) / replays
-    rows = sorted(({"kernel": v["kernel"], "calls_per_step": v["calls"] / replays, "us_per_step": v["us"] / replays}
+    span_us = (kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]) / repeats
+    busy_us = sum(e["dur"] for e in kernels) / repeats
+    rows = sorted(({"kernel": v["kernel"], "calls_per_step": v["calls"] / repeats, "us_per_step": v["us"] / repeats}
                    for v in groups.values()), key=lambda r: -r["us_per_step"])
     return {"span_us": span_us, "kernel_us": busy_us, "gaps_us": span_us - busy_us, "kernels": rows}
 
@@ -381,6 +393,8 @@ def run(args: argparse.Namespace) -> dict:
             continue
         engine = Engine(model, config, max_batch_size=1, max_seq_len=tokens + 8)
         record("persimmon_rt", f"prefill {tokens}", ms=measure_prefill(engine, tokens))
+        if args.profile and device.type == "cuda":
+            profiles.append({"case": f"prefill {tokens}", **profile_prefill(engine, tokens)})
         del engine
         _free()
     for batch in args.batch if args.profile and device.type == "cuda" else []:
@@ -428,7 +442,7 @@ def format_table(result: dict) -> str:
     for p in result.get("profiles", []):
         if not p.get("kernels"):
             continue
-        lines.append(f"\nprofile, {p['case']}: span {p['span_us']:.1f} us per step, kernels {p['kernel_us']:.1f} us, "
+        lines.append(f"\nprofile, {p['case']}: span {p['span_us']:.1f} us per call, kernels {p['kernel_us']:.1f} us, "
                      f"gaps {p['gaps_us']:.1f} us")
         for k in p["kernels"]:
             lines.append(f"  {k['us_per_step']:9.1f} us {k['calls_per_step']:6.1f} calls  {k['kernel']}")
@@ -472,7 +486,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
                         help="also time transformers on the same weights: attention backends (eager, sdpa) "
                              "and/or 'compile' (sdpa + static cache, compiled by generate)")
     parser.add_argument("--profile", action="store_true",
-                        help="per-kernel breakdown of the captured decode step (each batch size, first context)")
+                        help="per-kernel breakdown of the captured decode step (each batch size, first context) and of "
+                             "each prefill")
     parser.add_argument("--cold-start", action="store_true",
                         help="time a fresh process loading the weights from safetensors and capturing the decode graph")
     parser.add_argument("--cold-start-dir", default=None, metavar="DIR",

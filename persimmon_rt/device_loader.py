@@ -1,10 +1,10 @@
 """Stream safetensors files straight into GPU memory.
 
 Loading through a memory map (weights.load_state_dict) faults the file in page by page and leaves every
-page it touched mapped into the process: an 8B checkpoint shows up as ~17 GB of resident memory while it
-loads, and cold reads go at the speed of the kernel's readahead. Here each file is read sequentially in
-large blocks into two small pinned buffers, one filling from disk while the other is copied to the GPU,
-so host memory stays at the two buffers whatever the model size and the disk sees one long stream.
+page it touched mapped into the process: an 8B checkpoint shows up as 18 GiB of resident memory while it
+loads. Here each file is read sequentially in large blocks into two small pinned buffers, one filling
+from disk while the other is copied to the GPU, so host memory stays at the two buffers whatever the
+model size (1.1 GiB resident in all, measured). Both ways read a cold checkpoint at the disk's speed.
 
 The header is parsed and checked here (the format is an 8-byte length, a JSON table of dtype, shape and
 byte range per tensor, then the data), so a truncated or inconsistent file is refused before any data
