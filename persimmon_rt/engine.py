@@ -171,7 +171,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module | None, config: PersimmonConfig, max_batch_size: int = 1,
                  max_seq_len: int | None = None, tokenizer=None, use_cuda_graphs: bool = True,
-                 prefill_chunk_tokens: int = 4096, tp=None, weights: Weights | None = None):
+                 prefill_chunk_tokens: int = 8192, tp=None, weights: Weights | None = None):
         self.config = config
         self.model = model                          # keeps the parameters alive
         self.tp = tp if tp is not None and tp.world_size > 1 else None     # None: the single-device path
