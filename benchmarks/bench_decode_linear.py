@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import persimmon_rt.ops  # noqa: F401  (registers torch.ops.persimmon_rt)
+from timing import median_ms
 
 # name: (N, K, bias, residual, relu2, fp32 out)
 SHAPES = {
@@ -80,17 +81,9 @@ def copy_bandwidth(reps: int) -> tuple[float, float]:
     """(eager, graph-captured) device-to-device copy of 1 GiB, bytes read + written per second."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    eager = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        eager.append(start.elapsed_time(end) / 1e3)
+    eager = median_ms(lambda: dst.copy_(src), reps=20, warmup=1) / 1e3
     graph = time_graph(lambda i: dst.copy_(src), 8, reps)
-    return 2 * src.numel() / statistics.median(eager), 2 * src.numel() / graph
+    return 2 * src.numel() / eager, 2 * src.numel() / graph
 
 
 def bench_shape(name, M, dtype, launches, reps):
