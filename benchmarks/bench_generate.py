@@ -6,7 +6,7 @@ transformers in the same process, on the same weights (the engine wraps transfor
 Everything persimmon-rt bench accepts works here; only the defaults differ (the full comparison).
 """
 
-from persimmon_rt.benchmark import main
+from generation import main
 
 if __name__ == "__main__":
     main(defaults={"batch": "1,8,32", "context": "128,2048", "prefill": "2048,8192", "new_tokens": 128,

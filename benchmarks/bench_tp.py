@@ -20,34 +20,36 @@ import os
 
 import torch
 
-from persimmon_rt.benchmark import measure_decode
+from generation import measure_decode
+from persimmon_rt.cache import StaticKVCache
 from persimmon_rt.config import PersimmonConfig
-from persimmon_rt.engine import Engine, StaticKVCache, Weights
-from persimmon_rt.tensor_parallel import TensorParallel, expected_shapes, take_shard
+from persimmon_rt.engine import Engine
+from persimmon_rt.loading import Weights, normalise_names
+from persimmon_rt.tensor_parallel import TensorParallel
+from persimmon_rt.weights import expected_shapes
 
 RESERVE = 2 * 2**30          # as Engine._check_cache_fits
+
+
+class _RandomTensor:
+    """Stands for a full tensor that is never allocated: indexing it returns random values of the slice's
+    shape (LayerNorm weights around 1), so each rank makes only its share."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype, device):
+        self.shape, self.dtype, self.device = torch.Size(shape), dtype, device
+        self.mean, self.std = (1.0, 0.1) if "layernorm" in name and name.endswith("weight") else (0.0, 0.02)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        shape = torch.empty(self.shape, device="meta")[index].shape
+        return torch.empty(shape, dtype=self.dtype, device=self.device).normal_(self.mean, self.std)
 
 
 def random_shard(config: PersimmonConfig, rank: int, world: int, dtype, device) -> Weights:
     """One rank's Weights with random values, allocated at their local shapes only. Every rank draws in the
     same order from the same seed, so replicated tensors agree across ranks."""
-    full = {name: torch.empty(shape, device="meta") for name, shape in expected_shapes(config).items()}
     torch.manual_seed(0)
-
-    def get(name, optional=False):
-        if name not in full:
-            if optional:
-                return None
-            raise KeyError(name)
-        local = take_shard(name, full[name], rank, world)
-        if local is None:
-            return None
-        t = torch.empty(local.shape, dtype=dtype, device=device)
-        if "layernorm" in name and name.endswith("weight"):
-            return t.normal_(1.0, 0.1)
-        return t.normal_(0.0, 0.02)
-
-    return Weights.assemble(get, config, "model.")
+    full = {name: _RandomTensor(name, shape, dtype, device) for name, shape in expected_shapes(config).items()}
+    return Weights.assemble(normalise_names(full, config), config, shard=(rank, world))
 
 
 def main() -> None:
@@ -70,7 +72,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
     config = PersimmonConfig.preset(args.preset)
     weights = random_shard(config, rank, world, dtype, device)
-    weight_bytes = sum(t.numel() * t.element_size() for t in _tensors(weights))
+    weight_bytes = sum(t.numel() * t.element_size() for t in weights.tensors())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     result = {"tp": world, "device": name, "preset": args.preset, "dtype": str(dtype),
               "weights_gib_per_rank": weight_bytes / 2**30, "decode": [], "fit": []}
@@ -125,12 +127,6 @@ def _check(config, weights, tp, batch: int, context: int) -> str:
         return f"failed: {type(exc).__name__}"
     finally:
         torch.cuda.empty_cache()
-
-
-def _tensors(w: Weights):
-    yield from (w.embed, w.final_ln_w, w.final_ln_b, w.lm_head)
-    for lw in w.layers:
-        yield from (t for t in lw.__dict__.values() if t is not None)
 
 
 if __name__ == "__main__":

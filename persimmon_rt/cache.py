@@ -1,4 +1,4 @@
-"""KV caches for the module-level (reference) models.
+"""KV caches: `DynamicCache` for the module-level (reference) models, `StaticKVCache` for the engine.
 
 `DynamicCache` grows by concatenation, like transformers' DynamicCache: simple, autograd-friendly, and
 the oracle the fast engine's static cache is checked against. Each layer holds K (after QK-LayerNorm and
@@ -8,6 +8,8 @@ rotary) and V as [batch, heads, seq, head_dim].
 from __future__ import annotations
 
 import torch
+
+from .config import PersimmonConfig
 
 
 class DynamicCache:
@@ -48,3 +50,20 @@ class DynamicCache:
 
     def to_legacy_cache(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         return tuple(zip(self.key_cache, self.value_cache))
+
+
+class StaticKVCache:
+    """Per-layer K and V, [max_batch, max_seq, heads, head_dim]; row b belongs to batch slot b. Under tensor
+    parallelism over N ranks each rank holds its heads only (num_heads = H / N)."""
+
+    def __init__(self, config: PersimmonConfig, max_batch: int, max_seq: int, dtype, device,
+                 num_heads: int | None = None):
+        shape = (max_batch, max_seq, num_heads or config.num_attention_heads, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+    @staticmethod
+    def nbytes(config: PersimmonConfig, max_batch: int, max_seq: int, dtype, tp_size: int = 1) -> int:
+        """Bytes of the cache (of one rank's share under tensor parallelism over tp_size ranks)."""
+        per_token = 2 * config.num_hidden_layers * config.hidden_size * torch.finfo(dtype).bits // 8 // tp_size
+        return per_token * max_batch * max_seq

@@ -27,7 +27,7 @@ import torch
 
 from .config import ConfigError, PersimmonConfig
 from .safe_unpickle import Placeholder, load as safe_load
-from .weights import (DEFAULT_SHARD_BYTES, CheckpointError, atomic_directory, check_state_dict, expected_shapes,
+from .weights import (DEFAULT_SHARD_BYTES, CheckpointError, atomic_directory, check_tensors, expected_shapes,
                       save_state_dict)
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -282,7 +282,7 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
     expected = expected_shapes(config)
     _check_tensor_parallel(state, expected)
     try:
-        check_state_dict({k: (s, None) for k, s in expected.items()}, state)
+        check_tensors(expected, state)
     except CheckpointError as exc:
         raise CheckpointError(f"{checkpoint_path}: {exc}") from None
     state = {name: state[name] for name in expected}  # canonical order: embeddings, layers, head

@@ -1,50 +1,12 @@
-"""Token sampling and the reference `generate` loop (KV cache, left-padded batches, stop tokens).
-
-Sampling works on fp32 logits and follows transformers' warpers: temperature, then top-k, then top-p
-(nucleus, keeping at least one token). The fast engine reuses `sample` so both paths agree.
+"""The module-level `generate` loop (KV cache, left-padded batches, stop tokens), on the shared sampler
+(sampling.py); on a GPU where the kernels apply it hands token prompts to a cached Engine.
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature is None or temperature < 0 or temperature != temperature:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k must be a non-negative integer (0 disables it), got {top_k!r}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-
-
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> torch.Tensor:
-    """[B, V] fp32 logits -> scaled logits with filtered-out tokens at -inf."""
-    logits = logits.float()
-    if temperature not in (0.0, 1.0):
-        logits = logits / temperature
-    if top_k:
-        k = min(top_k, logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        remove_sorted = cumulative <= (1 - top_p)
-        remove_sorted[..., -1:] = False                     # the most likely token always survives
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
-
-
-def sample(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row of [B, V] logits: argmax when not sampling (or temperature 0), else a draw."""
-    if not do_sample or temperature == 0:
-        return logits.float().argmax(dim=-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+from .sampling import row_parameters, sample, validate_sampling
 
 
 class GenerationMixin:
@@ -128,11 +90,12 @@ class GenerationMixin:
         cache = out.past_key_values
         next_logits = out.logits[:, -1, :]
         finished = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        params = row_parameters(bsz, temperature if do_sample else 0.0, top_k, top_p, self.device)
         new_tokens = []
         for step in range(max_new_tokens):
             if step < min_new_tokens and eos.numel():
                 next_logits = next_logits.float().index_fill(-1, eos, float("-inf"))
-            token = sample(next_logits, do_sample, temperature, top_k, top_p, generator)
+            token = sample(next_logits, *params, greedy=not do_sample or temperature == 0, generator=generator)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             new_tokens.append(token)
             if eos.numel():
@@ -155,7 +118,7 @@ def _engine_applies(model) -> bool:
 
     weight = next(model.parameters())
     return (ops.use_cuda_kernels(weight) and weight.dtype in (torch.float16, torch.bfloat16)
-            and model.config.head_dim in (64, 128))
+            and ops.attention_supports(model.config.head_dim))
 
 
 def _engine_for(model, batch: int, seq_len: int):

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, fields
 from typing import Any
@@ -28,10 +26,8 @@ from .cache import DynamicCache
 from .config import PersimmonConfig
 from .generation import GenerationMixin
 from .reference import rope_inv_freq
-from .weights import (CheckpointError, check_state_dict, find_non_finite, load_state_dict, save_state_dict,
-                      weight_files)
-
-GENERATION_CONFIG = "generation_config.json"
+from .weights import (GENERATION_CONFIG, CheckpointError, atomic_files, check_tensors, find_non_finite,
+                      load_state_dict, read_generation_config, save_state_dict, weight_files)
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -263,9 +259,9 @@ class PersimmonPreTrainedModel(nn.Module, GenerationMixin):
         path = os.fspath(path)
         config = config or PersimmonConfig.from_pretrained(path, **config_overrides)
         dtype = torch_dtype if torch_dtype is not None else dtype
-        state = load_state_dict(path)
-        file_names = _match_prefix(cls, {k: k for k in state})       # our name -> the name in the file
-        state = _match_prefix(cls, state)
+        file_state = load_state_dict(path)
+        file_names = _checkpoint_names(cls, file_state)            # our name -> the name in the file
+        state = {ours: file_state[theirs] for ours, theirs in file_names.items()}
         if check_finite:
             bad = find_non_finite(state)
             if bad:
@@ -274,7 +270,7 @@ class PersimmonPreTrainedModel(nn.Module, GenerationMixin):
 
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         tied = config.tie_word_embeddings and "lm_head.weight" in expected
         if tied:
             expected.pop("lm_head.weight")
@@ -283,7 +279,7 @@ class PersimmonPreTrainedModel(nn.Module, GenerationMixin):
         for k in missing_heads:
             expected.pop(k)
         ignore = ("rotary_emb.inv_freq",) + (("lm_head.",) if "lm_head.weight" not in expected and not tied else ())
-        check_state_dict(expected, state, ignore=ignore)
+        check_tensors(expected, state, ignore=ignore, where=path)
 
         device = torch.device(device) if device is not None else torch.device("cpu")
         if device.type == "cuda" and all(f.endswith(".safetensors") for f in weight_files(path)):
@@ -306,10 +302,7 @@ class PersimmonPreTrainedModel(nn.Module, GenerationMixin):
                         module.bias.zero_()
         model.tie_weights()
         model.config.torch_dtype = str(target_dtype).replace("torch.", "")
-        gen_path = os.path.join(path, GENERATION_CONFIG)
-        if os.path.isfile(gen_path):
-            with open(gen_path, encoding="utf-8") as fh:
-                model.generation_config = json.load(fh)
+        model.generation_config = read_generation_config(path)
         return model.eval()
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
@@ -318,39 +311,30 @@ class PersimmonPreTrainedModel(nn.Module, GenerationMixin):
         Files are written to a temporary directory first and moved in at the end, so an interrupted save
         never leaves a half-written weight file behind.
         """
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
         state = self.state_dict()
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         config = PersimmonConfig.from_dict(self.config.to_dict())
         config.torch_dtype = str(self.dtype).replace("torch.", "")
         config.extra["architectures"] = [type(self).__name__]
-        tmp = tempfile.mkdtemp(prefix=".save-", dir=directory)
-        try:
+        with atomic_files(os.fspath(directory)) as tmp:
             kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
             save_state_dict(state, tmp, **kwargs)
             config.save_pretrained(tmp)
             if self.generation_config:
                 with open(os.path.join(tmp, GENERATION_CONFIG), "w", encoding="utf-8") as fh:
                     json.dump(self.generation_config, fh, indent=2, sort_keys=True)
-            for stale in os.listdir(directory):  # weights of an earlier save in the other layout
-                if stale.startswith("model") and stale.endswith((".safetensors", ".safetensors.index.json")):
-                    os.remove(os.path.join(directory, stale))
-            for name in os.listdir(tmp):
-                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _match_prefix(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Let a base model load a head checkpoint (strip "model.") and a head model load a base one (add it)."""
+def _checkpoint_names(cls, state: dict) -> dict[str, str]:
+    """Our parameter name -> the checkpoint's, letting a base model load a head checkpoint (strip
+    "model.") and a head model load a base one (add it)."""
     has_prefix = any(k.startswith("model.") for k in state)
     if cls is PersimmonModel and has_prefix:
-        return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        return {k[len("model."):]: k for k in state if k.startswith("model.")}
     if cls is not PersimmonModel and not has_prefix:
-        return {f"model.{k}": v for k, v in state.items()}
-    return state
+        return {f"model.{k}": k for k in state}
+    return {k: k for k in state}
 
 
 def _resolve_dtype(dtype, config: PersimmonConfig, state: dict[str, torch.Tensor]) -> torch.dtype:

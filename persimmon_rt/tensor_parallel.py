@@ -19,8 +19,8 @@ sampling, every rank seeds its generator with one seed chosen by rank 0 (`Tensor
 once per wave, outside the decode step): the draws inside the graph are then the same on every rank and
 the step needs no extra collective.
 
-The sharding rules are pure functions of (name, tensor or safetensors slice, rank, world) so they can be
-tested without a process group; `load_shard` reads only the rank's slices of an HF-format checkpoint.
+The sharding rules live in sharding.py (pure functions, applied by loading.py while it reads a checkpoint,
+so each rank reads only its slices).
 
 NVLink multicast (NVLS) stays off: `init_from_env` sets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 and NVSHMEM_DISABLE_NVLS=1 before NCCL initialises.
@@ -28,188 +28,26 @@ and NVSHMEM_DISABLE_NVLS=1 before NCCL initialises.
 
 from __future__ import annotations
 
-import contextlib
+import datetime
 import os
 import subprocess
 import sys
+import weakref
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
-from .config import PersimmonConfig
-from .weights import CheckpointError, expected_shapes, load_bin, weight_files
+from .sharding import FIRST_RANK, REPLICATE, SPLIT_COLUMNS, SPLIT_ROWS, check_tp_config, shard_range, \
+    shard_rule, take_shard
 
 NVLS_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # Set by `persimmon-rt generate --tp N` in the processes it launches under torchrun.
 TP_CHILD_ENV = "PERSIMMON_RT_TP_CHILD"
-
-# ------------------------------------------------------------------------------------------- sharding rules
-REPLICATE = "replicate"          # every rank holds the whole tensor
-SPLIT_ROWS = "rows"              # dim 0 split in N contiguous blocks (column-parallel output, vocab slice)
-SPLIT_COLUMNS = "columns"        # dim 1 split in N contiguous blocks (row-parallel input)
-FIRST_RANK = "first_rank"        # bias of a row-parallel projection: rank 0 holds it, the others None
-
-_RULES = (
-    ("self_attn.query_key_value.weight", SPLIT_ROWS),
-    ("self_attn.query_key_value.bias", SPLIT_ROWS),
-    ("self_attn.dense.weight", SPLIT_COLUMNS),
-    ("self_attn.dense.bias", FIRST_RANK),
-    ("mlp.dense_h_to_4h.weight", SPLIT_ROWS),
-    ("mlp.dense_h_to_4h.bias", SPLIT_ROWS),
-    ("mlp.dense_4h_to_h.weight", SPLIT_COLUMNS),
-    ("mlp.dense_4h_to_h.bias", FIRST_RANK),
-)
-
-
-def shard_rule(name: str) -> str:
-    """How the parameter `name` (HF name, with or without the "model." prefix) is split across ranks."""
-    if name == "lm_head.weight":
-        return SPLIT_ROWS
-    for suffix, rule in _RULES:
-        if name.endswith(suffix):
-            return rule
-    return REPLICATE
-
-
-def check_tp_config(config: PersimmonConfig, world_size: int) -> None:
-    """Raise ValueError unless heads, intermediate size and vocabulary all split evenly over world_size."""
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"tensor-parallel size must be a positive integer, got {world_size!r}")
-    for field, what in (("num_attention_heads", "attention heads"), ("intermediate_size", "MLP columns"),
-                        ("vocab_size", "vocabulary rows of lm_head")):
-        value = getattr(config, field)
-        if value % world_size:
-            raise ValueError(f"tensor parallelism over {world_size} ranks needs {field} divisible by "
-                             f"{world_size}, but the model has {value} {what}")
-
-
-def shard_range(size: int, rank: int, world_size: int, name: str = "tensor") -> tuple[int, int]:
-    """[start, stop) of rank's block when `size` is split in world_size equal contiguous blocks."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside [0, {world_size})")
-    if size % world_size:
-        raise ValueError(f"{name}: dimension of size {size} does not split over {world_size} ranks")
-    step = size // world_size
-    return rank * step, (rank + 1) * step
-
-
-def _shape(tensor) -> tuple[int, ...]:
-    return tuple(tensor.shape) if hasattr(tensor, "shape") else tuple(tensor.get_shape())
-
-
-def take_shard(name: str, tensor, rank: int, world_size: int) -> torch.Tensor | None:
-    """Rank's part of parameter `name`. `tensor` is anything indexed like a tensor: a torch.Tensor (the
-    result is a view where the slice is contiguous) or a safetensors slice from `safe_open(...).get_slice`
-    (only the rank's part is read from the file). Returns None for a row-parallel bias on ranks > 0."""
-    rule = shard_rule(name)
-    shape = _shape(tensor)
-    if rule == SPLIT_ROWS:
-        start, stop = shard_range(shape[0], rank, world_size, name)
-        return tensor[start:stop]
-    if rule == SPLIT_COLUMNS:
-        start, stop = shard_range(shape[1], rank, world_size, name)
-        return tensor[:, start:stop]
-    if rule == FIRST_RANK:
-        return tensor[:] if rank == 0 else None
-    return tensor[:]
-
-
-# ------------------------------------------------------------------------------------------------ weights
-def weights_from_module(model: torch.nn.Module, config: PersimmonConfig, rank: int, world_size: int):
-    """The engine's Weights for one rank, sliced from a loaded full model (row splits are views of its
-    parameters, column splits contiguous copies). For tests and small models: the whole model is in memory."""
-    from .engine import Weights
-
-    check_tp_config(config, world_size)
-    p = {name: t.detach() for name, t in model.named_parameters()}
-    p.update({name: t.detach() for name, t in model.named_buffers()})
-    prefix = "model." if "model.embed_tokens.weight" in p else ""
-
-    def get(name: str, optional: bool = False):
-        if name == "lm_head.weight":
-            source = p.get(name, p[f"{prefix}embed_tokens.weight"])
-        elif name in p:
-            source = p[name]
-        elif optional:
-            return None
-        else:
-            raise KeyError(f"the model has no parameter {name!r}")
-        part = take_shard(name, source, rank, world_size)
-        return None if part is None else part.contiguous()
-
-    return Weights.assemble(get, config, prefix)
-
-
-def load_shard(path: str | os.PathLike, config: PersimmonConfig, rank: int, world_size: int,
-               dtype: torch.dtype | None = None, device=None):
-    """The engine's Weights for one rank, read slice by slice from an HF-format directory: from safetensors
-    through `get_slice`, so only this rank's part of a split tensor is read; from pytorch_model*.bin through
-    a memory map. Each tensor is converted to `dtype` (default: the checkpoint's) on its way to `device`, so
-    no rank ever holds the whole model."""
-    from .engine import Weights
-
-    check_tp_config(config, world_size)
-    path = os.fspath(path)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = dtype if dtype is not None else config.dtype
-    with contextlib.ExitStack() as stack:
-        sources = _open_sources(path, stack)
-        if not any(name.startswith("model.") for name in sources):     # a base-model checkpoint
-            sources = {f"model.{name}": s for name, s in sources.items()}
-        if config.tie_word_embeddings or "lm_head.weight" not in sources:
-            sources["lm_head.weight"] = sources.get("model.embed_tokens.weight")
-        _check_shapes(path, config, sources)
-
-        def get(name: str, optional: bool = False):
-            source = sources.get(name)
-            if source is None:
-                if optional:
-                    return None
-                raise CheckpointError(f"{path}: no tensor {name!r}")
-            try:
-                part = take_shard(name, source, rank, world_size)
-            except Exception as exc:
-                raise CheckpointError(f"{path}: cannot read {name!r}: {exc}") from exc
-            if part is None:
-                return None
-            return part.to(device=device, dtype=dtype or part.dtype).contiguous()
-
-        return Weights.assemble(get, config, "model.")
-
-
-def _open_sources(path: str, stack: contextlib.ExitStack) -> dict:
-    """name -> safetensors slice (lazy) or memory-mapped tensor, over every weight file of `path`."""
-    sources: dict = {}
-    for file in weight_files(path):
-        if file.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            try:
-                fh = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-                entries = {name: fh.get_slice(name) for name in fh.keys()}
-            except Exception as exc:
-                raise CheckpointError(f"cannot read {file}: {exc}") from exc
-        else:
-            entries = load_bin(file)
-        for name, entry in entries.items():
-            if name in sources:
-                raise CheckpointError(f"tensor {name!r} appears in more than one shard ({file})")
-            sources[name] = entry
-    return sources
-
-
-def _check_shapes(path: str, config: PersimmonConfig, sources: dict) -> None:
-    """Every tensor the engine needs is present with the shape the config implies (before reading any)."""
-    expected = expected_shapes(config)
-    missing = sorted(k for k in expected if sources.get(k) is None)
-    wrong = [f"{k}: checkpoint {_shape(sources[k])}, model {shape}" for k, shape in expected.items()
-             if sources.get(k) is not None and _shape(sources[k]) != shape]
-    problems = ([f"missing tensors: {', '.join(missing)}"] if missing else []) + \
-               ([f"wrong shapes: {'; '.join(wrong)}"] if wrong else [])
-    if problems:
-        raise CheckpointError(f"{path}: checkpoint does not match the model: " + " | ".join(problems))
-
+# How long a collective may wait for the other ranks before the group gives up (seconds): a rank that
+# failed must not leave the others blocked forever.
+TIMEOUT_ENV = "PERSIMMON_RT_TP_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300
 
 # ---------------------------------------------------------------------------------------- process group
 class TensorParallel:
@@ -223,6 +61,8 @@ class TensorParallel:
         self.group = group
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._owns_process_group = False
+        # Objects holding CUDA graphs with captured collectives (engines): released before teardown.
+        self._graph_owners: weakref.WeakSet = weakref.WeakSet()
         # all_gather_single is the newer name (torch >= 2.12); both take the concatenated-along-dim-0 output.
         self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -259,15 +99,29 @@ class TensorParallel:
             raise ValueError(f"tensor parallelism runs on cuda (NCCL) or cpu (gloo), not {device_type!r}")
         owns = not dist.is_initialized()
         if owns:
-            dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
+            timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
         tp = cls(dist.get_rank(), dist.get_world_size(), None, device)
         tp._owns_process_group = owns
         return tp
 
+    def register_graph_owner(self, owner) -> None:
+        """`owner.release_graphs()` will be called before the group is torn down. CUDA graphs that captured
+        NCCL kernels keep the communicator's resources referenced: destroying the process group while such
+        a graph is alive hangs (measured on two H200s: shutdown blocked past 25 s with the engine's graphs
+        alive, 0.2 s once they were released)."""
+        self._graph_owners.add(owner)
+
     def shutdown(self) -> None:
-        """Destroy the process group if init_from_env created it, after a barrier: every rank's last
-        collective has finished (and released its buffers) before any rank tears its group down."""
+        """Release every registered owner's CUDA graphs, then destroy the process group if init_from_env
+        created it, after a barrier: every rank's last collective has finished (and released its buffers)
+        before any rank tears its group down."""
+        for owner in list(self._graph_owners):
+            owner.release_graphs()
+        self._graph_owners = weakref.WeakSet()
         if self._owns_process_group and dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             dist.barrier(group=self.group)
             dist.destroy_process_group()
             self._owns_process_group = False
@@ -321,6 +175,6 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     return subprocess.run(cmd, env=env).returncode
 
 
-__all__ = ["TensorParallel", "shard_rule", "take_shard", "shard_range", "check_tp_config", "weights_from_module",
-           "load_shard", "launch", "in_launched_run", "NVLS_OFF_ENV", "TP_CHILD_ENV",
-           "REPLICATE", "SPLIT_ROWS", "SPLIT_COLUMNS", "FIRST_RANK"]
+__all__ = ["TensorParallel", "shard_rule", "take_shard", "shard_range", "check_tp_config", "launch",
+           "in_launched_run", "NVLS_OFF_ENV", "TP_CHILD_ENV", "TIMEOUT_ENV", "REPLICATE", "SPLIT_ROWS",
+           "SPLIT_COLUMNS", "FIRST_RANK"]

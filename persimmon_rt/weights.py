@@ -22,6 +22,7 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+GENERATION_CONFIG = "generation_config.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
@@ -82,6 +83,29 @@ def load_bin(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def open_checkpoint(directory: str, stack: contextlib.ExitStack) -> dict:
+    """name -> lazy entry over every weight file of `directory`: a safetensors slice (`get_slice`, read only
+    when indexed; its files stay open until `stack` closes) or a memory-mapped tensor from a .bin file.
+    A name in more than one shard is refused."""
+    sources: dict = {}
+    for path in weight_files(directory):
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                fh = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+                entries = {name: fh.get_slice(name) for name in fh.keys()}
+            except Exception as exc:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"cannot read {path}: {exc}") from exc
+        else:
+            entries = load_bin(path)
+        for name, entry in entries.items():
+            if name in sources:
+                raise CheckpointError(f"tensor {name!r} appears in more than one shard ({path})")
+            sources[name] = entry
+    return sources
+
+
 def load_state_dict(directory: str) -> dict[str, torch.Tensor]:
     """Every tensor of an HF-format directory (lazy, mmap-backed where the format allows)."""
     state: dict[str, torch.Tensor] = {}
@@ -91,6 +115,11 @@ def load_state_dict(directory: str) -> dict[str, torch.Tensor]:
                 raise CheckpointError(f"tensor {name!r} appears in more than one shard ({path})")
             state[name] = tensor
     return state
+
+
+def shape_of(entry) -> tuple[int, ...]:
+    """Shape of a tensor or of a lazy safetensors slice."""
+    return tuple(entry.shape) if hasattr(entry, "shape") else tuple(entry.get_shape())
 
 
 def expected_shapes(config: PersimmonConfig) -> dict[str, tuple[int, ...]]:
@@ -113,30 +142,72 @@ def expected_shapes(config: PersimmonConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(expected: dict[str, tuple[torch.Size, torch.dtype | None]],
-                     found: dict[str, torch.Tensor], ignore: tuple[str, ...] = ()) -> None:
-    """Raise CheckpointError naming every missing, unexpected and mis-shaped tensor."""
-    missing = sorted(k for k in expected if k not in found)
-    unexpected = sorted(k for k in found if k not in expected and not any(p in k for p in ignore))
-    bad_shape = [f"{k}: checkpoint {tuple(found[k].shape)}, model {tuple(shape)}"
-                 for k, (shape, _) in expected.items() if k in found and tuple(found[k].shape) != tuple(shape)]
-    bad_dtype = [f"{k}: {found[k].dtype}" for k in expected if k in found and not found[k].is_floating_point()]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
-    if bad_shape:
-        problems.append(f"wrong shapes: {'; '.join(bad_shape)}")
-    if bad_dtype:
-        problems.append(f"non-floating-point weights: {', '.join(bad_dtype)}")
+def check_tensors(expected: dict[str, tuple[int, ...]], found: dict, ignore: tuple[str, ...] = (),
+                  allow_unexpected: bool = False, where: str = "") -> None:
+    """Raise CheckpointError naming the missing, unexpected and mis-shaped tensors of `found` (name -> tensor
+    or lazy slice) against `expected` (name -> shape): the first few of each kind and how many in all."""
+    missing = sorted(k for k in expected if found.get(k) is None)
+    unexpected = [] if allow_unexpected else sorted(
+        k for k in found if k not in expected and not any(p in k for p in ignore))
+    wrong = [f"{k}: checkpoint {shape_of(found[k])}, model {tuple(shape)}" for k, shape in expected.items()
+             if found.get(k) is not None and shape_of(found[k]) != tuple(shape)]
+    not_float = [k for k in expected if isinstance(found.get(k), torch.Tensor) and not found[k].is_floating_point()]
+    problems = [_listing(what, items) for what, items in (
+        ("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong), ("not floating point", not_float))
+        if items]
     if problems:
-        raise CheckpointError("checkpoint does not match the model: " + " | ".join(problems))
+        raise CheckpointError(f"{where + ': ' if where else ''}checkpoint does not match the model: "
+                              + " | ".join(problems))
+
+
+def _listing(what: str, items: list[str], shown: int = 3) -> str:
+    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
+    return f"{len(items)} {what} ({'; '.join(items[:shown])}{more})"
 
 
 def find_non_finite(state: dict[str, torch.Tensor]) -> list[str]:
     """Names of tensors holding NaN or Inf (reads every tensor once; opt-in because it touches all pages)."""
     return [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def read_generation_config(directory: str) -> dict:
+    """generation_config.json of an HF-format directory ({} when it has none)."""
+    path = os.path.join(directory, GENERATION_CONFIG)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+@contextlib.contextmanager
+def _staging(parent: str, prefix: str) -> Iterator[str]:
+    """A temporary directory inside `parent`, removed on the way out whatever happened."""
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_files(directory: str) -> Iterator[str]:
+    """Yield a staging directory inside `directory`; if the block succeeds, move its files into `directory`
+    (replacing same-named files and weights of an earlier save in the other layout), leaving other files
+    (a tokenizer, say) alone. A failure leaves `directory` as it was."""
+    os.makedirs(directory, exist_ok=True)
+    with _staging(directory, ".save-") as tmp:
+        yield tmp
+        for stale in os.listdir(directory):
+            if stale.startswith("model") and stale.endswith((".safetensors", ".safetensors.index.json")):
+                os.remove(os.path.join(directory, stale))
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
 
 
 @contextlib.contextmanager
@@ -147,15 +218,11 @@ def atomic_directory(final: str, overwrite: bool = False) -> Iterator[str]:
         raise FileExistsError(f"output directory {final!r} exists and is not empty")
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
-    try:
+    with _staging(parent, f".{os.path.basename(final)}.partial-") as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
 
 
 def save_state_dict(state: dict[str, torch.Tensor], directory: str,

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import persimmon_rt as prt
-from persimmon_rt.engine import Engine, greedy_or_sample
-from persimmon_rt.generation import filter_logits
+from persimmon_rt.engine import Engine
+from persimmon_rt.sampling import filter_logits, sample
 
 from model_utils import random_model, tiny_config
 
@@ -103,15 +103,15 @@ def test_in_graph_sampler_draws_only_from_the_filtered_set():
         k = torch.full((4,), top_k)
         p = torch.full((4, 1), top_p)
         for _ in range(200):
-            tokens = greedy_or_sample(logits, temperature, k, p, greedy=False)
+            tokens = sample(logits, temperature, k, p, greedy=False)
             assert allowed[torch.arange(4), tokens].all()
-    assert torch.equal(greedy_or_sample(logits, temperature, k, p, greedy=True), logits.argmax(-1))
+    assert torch.equal(sample(logits, temperature, k, p, greedy=True), logits.argmax(-1))
 
 
 def test_sampler_frequencies_follow_the_distribution():
     torch.manual_seed(1)
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
-    tokens = greedy_or_sample(logits, torch.ones(20000, 1), torch.zeros(20000, dtype=torch.long),
+    tokens = sample(logits, torch.ones(20000, 1), torch.zeros(20000, dtype=torch.long),
                               torch.ones(20000, 1), greedy=False)
     freq = torch.bincount(tokens, minlength=4).float() / 20000
     assert torch.allclose(freq, logits[0].softmax(-1), atol=0.015)
@@ -165,7 +165,7 @@ def test_bad_requests_are_rejected_clearly():
         engine.generate([[1]], top_k=-1)
     with pytest.raises(ValueError, match="text prompts need a tokenizer"):
         engine.generate(["hello"])
-    with pytest.raises(ValueError, match=r"inputs_embeds must be \[len, 64\]"):
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \[len >= 1, 64\]"):
         engine.generate(None, inputs_embeds=[torch.randn(3, 65)])
     with pytest.raises(ValueError, match="max_seq_len .* exceeds max_position_embeddings"):
         Engine(model, model.config, max_seq_len=1000)
@@ -188,7 +188,7 @@ def test_cuda_engine_greedy_equals_reference_for_64_steps(dtype):
     engine = Engine(gpu_model, gpu_model.config, max_batch_size=8, max_seq_len=128)   # 3 rows: bucket 4 of 8
     prompts = [torch.randint(1, 97, (n,)).tolist() for n in (5, 17, 9)]
     result = engine.generate(prompts, max_new_tokens=64, stop_token_ids=[])
-    assert engine._graphs and all(g.graph is not None for g in engine._graphs.values())
+    assert engine.graphs.graphs
     alone = engine.generate(prompts[1:2], max_new_tokens=64, stop_token_ids=[]).token_ids   # bucket 1
     tie_margin = {torch.float16: 0.05, torch.bfloat16: 0.4}[dtype]     # ~4x the logit error measured per dtype
     for prompt, ids in zip(prompts + prompts[1:2], result.token_ids + alone):

@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import persimmon_rt as prt
 from persimmon_rt import PersimmonConfig, ops, reference
 from persimmon_rt.demo import demo_model_path
-from persimmon_rt.engine import Engine, StaticKVCache
+from persimmon_rt.cache import StaticKVCache
+from persimmon_rt.engine import Engine
 
 from op_utils import HAVE_CUDA_KERNELS, SKIP_REASON, check_against_fp32, poisoned_like
 
@@ -158,11 +160,9 @@ def test_qk_layernorm_on_huge_projections():
 def test_8b_shapes_first_logits_within_1e2_of_fp32():
     """Random weights of the Persimmon-8B shapes: the engine's fp16 logits after a 48-token prefill (cuBLAS
     path) and after one decode step (GEMV path, split-KV attention) within 1e-2 relative of fp32."""
-    from persimmon_rt.benchmark import random_model
-
     config = PersimmonConfig.preset("persimmon-8b")
-    ref = random_model(config, torch.float32, "cuda")
-    model = random_model(config, torch.float16, "cuda")
+    ref = prt.PersimmonForCausalLM.from_config(config, dtype=torch.float32, device="cuda").eval()
+    model = prt.PersimmonForCausalLM.from_config(config, dtype=torch.float16, device="cuda").eval()
     with torch.no_grad():
         for p16, p32 in zip(model.parameters(), ref.parameters()):
             p16.copy_(p32)
@@ -170,7 +170,7 @@ def test_8b_shapes_first_logits_within_1e2_of_fp32():
     engine.capture([1])                           # as generate does: capture before the prefill
     prompt = torch.randint(0, config.vocab_size, (48,))
     with torch.no_grad():
-        prefill = engine._prefill([prompt], [None])[0]
+        prefill = engine.forward.prefill([(0, prompt, 0, 48)])[0]
         token = prefill.argmax().view(1)
         ids = torch.cat([prompt.cuda(), token])[None]
         want = ref(ids).logits[0, -2:].float()
@@ -178,10 +178,10 @@ def test_8b_shapes_first_logits_within_1e2_of_fp32():
 
         def attend(q, layer):
             out = torch.empty_like(q)
-            ops.attention_decode(q, engine.cache.k[layer], engine.cache.v[layer], seq_lens, out, engine.scale)
+            ops.attention_decode(q, engine.cache.k[layer], engine.cache.v[layer], seq_lens, out, engine.forward.scale)
             return out
 
-        step = engine._forward(token, torch.tensor([48], device="cuda"), torch.tensor([48], device="cuda"), attend)[0]
+        step = engine.forward.logits(token, torch.tensor([48], device="cuda"), torch.tensor([48], device="cuda"), attend)[0]
     for got, expected in [(prefill, want[0]), (step, want[1])]:
         assert got.dtype == torch.float32
         assert ((got - expected).norm() / expected.norm()).item() < 1e-2

@@ -17,9 +17,10 @@ import persimmon_rt as prt
 from persimmon_rt.weights import expected_shapes
 from persimmon_rt import ops
 from persimmon_rt import tensor_parallel as tpm
-from persimmon_rt.engine import Engine, Weights
-from persimmon_rt.tensor_parallel import (FIRST_RANK, REPLICATE, SPLIT_COLUMNS, SPLIT_ROWS, check_tp_config,
-                                          load_shard, shard_rule, take_shard, weights_from_module)
+from persimmon_rt.engine import Engine
+from persimmon_rt.loading import Weights, load_weights, weights_from_module
+from persimmon_rt.tensor_parallel import (FIRST_RANK, REPLICATE, SPLIT_COLUMNS, SPLIT_ROWS, TensorParallel,
+                                          check_tp_config, shard_rule, take_shard)
 
 from model_utils import random_model, tiny_config
 
@@ -62,7 +63,7 @@ def test_shards_reproduce_one_layers_projections(world):
     p = dict(model.named_parameters())
     n = "model.layers.0."
     x = torch.randn(5, c.hidden_size)
-    shards = [weights_from_module(model, c, r, world) for r in range(world)]
+    shards = [weights_from_module(model, c, (r, world)) for r in range(world)]
 
     # QKV, column-parallel by heads: rank r's output is heads [r*H/N, (r+1)*H/N) of the head-major full output.
     full_qkv = F.linear(x, p[n + "self_attn.query_key_value.weight"], p[n + "self_attn.query_key_value.bias"])
@@ -106,11 +107,11 @@ def test_shards_reproduce_one_layers_projections(world):
 
 def test_row_splits_are_views_and_world_1_is_the_whole_model():
     model = tp_model()
-    shard = weights_from_module(model, model.config, 1, 2)
+    shard = weights_from_module(model, model.config, (1, 2))
     qkv = model.model.layers[0].self_attn.query_key_value.weight
     assert shard.layers[0].qkv_w.data_ptr() == qkv[qkv.shape[0] // 2:].data_ptr()      # no copy
-    whole = weights_from_module(model, model.config, 0, 1)
-    reference = Weights.from_module(model, model.config)
+    whole = weights_from_module(model, model.config, (0, 1))
+    reference = weights_from_module(model, model.config)
     for a, b in zip(whole.layers[1].__dict__.values(), reference.layers[1].__dict__.values()):
         assert (a is None and b is None) or torch.equal(a, b)
 
@@ -135,11 +136,11 @@ def test_load_shard_equals_slicing_the_loaded_model(tmp_path, max_shard_bytes):
     model.save_pretrained(tmp_path, max_shard_bytes=max_shard_bytes)
     assert (tmp_path / "model.safetensors.index.json").exists() == (max_shard_bytes is not None)
     for rank in range(2):
-        loaded = load_shard(tmp_path, model.config, rank, 2, dtype=torch.float32)
-        sliced = weights_from_module(model, model.config, rank, 2)
+        loaded = load_weights(tmp_path, model.config, torch.float32, "cpu", (rank, 2))
+        sliced = weights_from_module(model, model.config, (rank, 2))
         for a, b in zip(_flat(loaded), _flat(sliced)):
             assert (a is None and b is None) or torch.equal(a, b)
-    half = load_shard(tmp_path, model.config, 1, 2, dtype=torch.bfloat16)
+    half = load_weights(tmp_path, model.config, torch.bfloat16, "cpu", (1, 2))
     assert all(t is None or t.dtype == torch.bfloat16 for t in _flat(half))
     assert half.layers[0].down_w.is_contiguous() and half.layers[0].down_b is None
 
@@ -147,11 +148,11 @@ def test_load_shard_equals_slicing_the_loaded_model(tmp_path, max_shard_bytes):
 def test_load_shard_names_what_is_missing_or_misshapen(tmp_path):
     model = tp_model()
     model.save_pretrained(tmp_path)
-    with pytest.raises(prt.CheckpointError, match=r"wrong shapes: model.layers.0.mlp.dense_h_to_4h.weight: "
-                                                  r"checkpoint \(256, 128\), model \(512, 128\)"):
-        load_shard(tmp_path, tp_model(intermediate_size=512).config, 0, 2)
-    with pytest.raises(prt.CheckpointError, match="missing tensors: model.layers.2."):
-        load_shard(tmp_path, tp_model(num_hidden_layers=3).config, 0, 2)
+    with pytest.raises(prt.CheckpointError, match=r"6 wrong shape \(model.layers.0.mlp.dense_h_to_4h.weight: "
+                                                  r"checkpoint \(256, 128\), model \(512, 128\); .*; and 3 more\)"):
+        load_weights(tmp_path, tp_model(intermediate_size=512).config, torch.float32, "cpu", (0, 2))
+    with pytest.raises(prt.CheckpointError, match=r"\d+ missing \(model.layers.2."):
+        load_weights(tmp_path, tp_model(num_hidden_layers=3).config, torch.float32, "cpu", (0, 2))
 
 
 @pytest.mark.parametrize("qk_layernorm, tied", [(True, False), (False, False), (True, True)])
@@ -165,7 +166,7 @@ def test_expected_shapes_match_the_model(qk_layernorm, tied):
 
 
 def _flat(w: Weights):
-    return [w.embed, w.final_ln_w, w.final_ln_b, w.lm_head] + [t for lw in w.layers for t in lw.__dict__.values()]
+    return [w.embed, w.final_ln_w, w.final_ln_b, w.lm_head] + [t for lw in w.layers for t in vars(lw).values()]
 
 
 def test_indivisible_shapes_are_rejected_clearly():
@@ -178,19 +179,19 @@ def test_indivisible_shapes_are_rejected_clearly():
         check_tp_config(tp_model(vocab_size=98).config, 4)
     check_tp_config(config, 4)
     model = tp_model()
-    fake = SimpleNamespace(rank=0, world_size=3, device=torch.device("cpu"))
+    fake = TensorParallel(0, 3)
     with pytest.raises(ValueError, match="num_attention_heads divisible by 3"):
         Engine(model, model.config, tp=fake)
 
 
 def test_engine_holds_its_share_of_heads_and_cache():
     model = tp_model()
-    fake = SimpleNamespace(rank=1, world_size=2, device=torch.device("cpu"))
+    fake = TensorParallel(1, 2)
     engine = Engine(model, model.config, max_batch_size=2, max_seq_len=16, tp=fake)
     assert engine.num_heads == 2 and engine.cache.k[0].shape == (2, 16, 2, 32)
     assert engine.weights.layers[0].dense_b is None and engine.weights.lm_head.shape == (48, 128)
     single = Engine(model, model.config, max_batch_size=2, max_seq_len=16,
-                    tp=SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")))
+                    tp=TensorParallel(0, 1))
     assert single.tp is None and single.num_heads == 4                   # TP=1 is the single-device path
 
 
@@ -322,7 +323,7 @@ def _gpu_worker(rank, world, port, out_dir):
         eager = Engine(model, model.config, max_batch_size=4, max_seq_len=128, tp=tp, use_cuda_graphs=False)
         result = {"graphs": graphs.generate(prompts, max_new_tokens=32, stop_token_ids=[]).token_ids,
                   "eager": eager.generate(prompts, max_new_tokens=32, stop_token_ids=[]).token_ids,
-                  "captured": all(g.graph is not None for g in graphs._graphs.values()),
+                  "captured": bool(graphs.graphs.graphs),
                   "sampled": graphs.generate(prompts, max_new_tokens=16, temperature=1.0, top_p=0.9).token_ids}
         single = Engine(model, model.config, max_batch_size=4, max_seq_len=128)
         result["tp1"] = single.generate(prompts, max_new_tokens=32, stop_token_ids=[]).token_ids

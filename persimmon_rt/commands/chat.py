@@ -56,16 +56,15 @@ def run(args: argparse.Namespace) -> int:
             continue
         sys.stdout.write("adept:")
         sys.stdout.flush()
-        reply_ids = []
+        reply = ""
         kwargs = sampling_kwargs(args)
         kwargs["stop_strings"] = list(kwargs["stop_strings"]) + [TURN_END]
         try:
             for event in engine.generate([ids], stream=True, **kwargs):
-                reply_ids.append(event.token_id)
-                sys.stdout.write(event.text.split(TURN_END)[0])
+                reply += event.text
+                sys.stdout.write(event.text)
                 sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
-        reply = engine._final_text(reply_ids, kwargs["stop_strings"]).strip()
-        history.append({"role": "assistant", "content": reply})
+        history.append({"role": "assistant", "content": reply.strip()})

@@ -54,16 +54,16 @@ def _generate(args: argparse.Namespace, prompt: str, engine, stdout) -> int:
     ids = engine.tokenizer.encode(prompt)
     start = time.perf_counter()
     first_token_at = None
-    token_ids, reason = [], "length"
+    token_ids, reason, text = [], "length", ""
     for event in engine.generate([ids], stream=True, **sampling_kwargs(args)):
         first_token_at = first_token_at or time.perf_counter()
         token_ids.append(event.token_id)
+        text += event.text
         reason = event.finished or reason
         if not args.json:
             stdout.write(event.text)
             stdout.flush()
     elapsed = time.perf_counter() - start
-    text = engine._final_text(token_ids, args.stop)
     if args.json:
         print(json.dumps({"prompt": prompt, "text": text, "token_ids": token_ids, "finish_reason": reason,
                           "prompt_tokens": len(ids), "seconds": round(elapsed, 4),

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import __version__, ops
     from ..config import PersimmonConfig
-    from ..engine import StaticKVCache
+    from ..cache import StaticKVCache
     from ..weights import weight_files
 
     print(f"persimmon_rt {__version__}, torch {torch.__version__}")

@@ -1,4 +1,5 @@
-"""The generation benchmark behind `persimmon-rt bench` and benchmarks/bench_generate.py.
+"""The generation benchmark behind benchmarks/bench_generate.py and `persimmon-rt bench` (from a source
+checkout).
 
 Measures the engine's decode (ms per step, tokens/s, % of the bandwidth floor) and prefill on a model
 directory or on random weights of a preset's shapes, and optionally transformers on the same weights in
@@ -17,8 +18,8 @@ import time
 
 import torch
 
-from .config import PersimmonConfig
-from .engine import Engine, _bucket
+from persimmon_rt.config import PersimmonConfig
+from persimmon_rt.engine import Engine
 
 
 def copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
@@ -46,7 +47,7 @@ def random_transformers_model(config: PersimmonConfig, dtype: torch.dtype, devic
 
 def random_model(config: PersimmonConfig, dtype: torch.dtype, device):
     """Our PersimmonForCausalLM with random weights made directly on `device` in `dtype`."""
-    from .model import PersimmonForCausalLM
+    from persimmon_rt.model import PersimmonForCausalLM
 
     return _random(lambda: PersimmonForCausalLM.from_config(config), dtype, device)
 
@@ -86,35 +87,23 @@ def measure_decode(engine: Engine, batch: int, context: int, new_tokens: int) ->
     stats = dict(engine.last_stats)
     result = {"ms_per_step": 1e3 * stats["decode_s"] / max(stats["decode_steps"], 1)}
     replays = min(20, new_tokens)
-    g = _rewound_graph(engine, batch, context)
-    if g is not None:                         # the captured step alone, without the host loop around it
+    if engine.graphs.use_cuda_graphs:           # the captured step alone, without the host loop around it
+        step = engine.decode_step(batch, context)     # the engines here leave new_tokens + 8 positions
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(replays):
-            g.graph.replay()
+            step()
         end.record()
         end.synchronize()
         result["graph_step_ms"] = start.elapsed_time(end) / replays
     return result
 
 
-def _rewound_graph(engine: Engine, batch: int, context: int):
-    """The batch's captured decode graph with its inputs set back to position `context` of every row.
-    Each replay advances them by one, so the caller may replay it as many times as the cache has room
-    for after `context` (the engines here leave new_tokens + 8 positions)."""
-    g = engine._graphs.get((_bucket(batch, engine.max_batch_size), True))
-    if g is None or g.graph is None:
-        return None
-    engine._start_decode(g, [context] * batch, torch.zeros(batch, dtype=torch.long, device=engine.device))
-    return g
-
-
 def profile_decode_step(engine: Engine, batch: int, context: int, replays: int = 5) -> dict:
     """Where a captured decode step's time goes: every kernel of `replays` graph replays, per step."""
-    g = _rewound_graph(engine, batch, context)
-    if g is None:
+    if not engine.graphs.use_cuda_graphs:
         return {}
-    return kernel_profile(g.graph.replay, replays)
+    return kernel_profile(engine.decode_step(batch, context), replays)
 
 
 def profile_prefill(engine: Engine, tokens: int, repeats: int = 2) -> dict:
@@ -220,7 +209,7 @@ def cold_start(model, config: PersimmonConfig, dtype: torch.dtype, batch: int, d
     import sys
     import tempfile
 
-    from .weights import save_state_dict
+    from persimmon_rt.weights import save_state_dict
 
     tmp = tempfile.mkdtemp(prefix="persimmon-rt-cold-", dir=directory)
     try:
@@ -230,7 +219,8 @@ def cold_start(model, config: PersimmonConfig, dtype: torch.dtype, batch: int, d
         save_s = time.perf_counter() - started
         evicted = all(_evict_from_page_cache(f) for f in files)
         code = ("import time, sys; t0 = time.perf_counter(); "
-                "from persimmon_rt.benchmark import cold_start_child; cold_start_child(t0, sys.argv[1:])")
+                f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+                "from generation import cold_start_child; cold_start_child(t0, sys.argv[1:])")
         device = next(model.parameters()).device
         child = subprocess.run([sys.executable, "-c", code, tmp, str(dtype).replace("torch.", ""), str(batch),
                                 device.type],
@@ -346,7 +336,7 @@ def run(args: argparse.Namespace) -> dict:
         args.dtype or ("float16" if device.type == "cuda" else "float32")]
     backends = [b for b in (args.transformers or "").split(",") if b]
     if args.model:
-        from .model import PersimmonForCausalLM
+        from persimmon_rt.model import PersimmonForCausalLM
 
         model = PersimmonForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
         config = model.config

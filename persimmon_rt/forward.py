@@ -1,0 +1,160 @@
+"""The Persimmon forward pass of the engine, on the fused ops and a static KV cache.
+
+Per layer (T packed tokens; the residual stream h is carried between fused LayerNorms):
+    x, h  = LN_in(down_prev, residual=h)
+    qkv   = x W_qkv^T + b                      [T, H, 3, D] head-major
+    q     = qk_norm_rope_cache(qkv) -> caches  (k, v written at each token's slot)
+    a     = attention(q, caches) W_o^T + b_o
+    x, h  = LN_post(a, residual=h)
+    up    = relu(x W_up^T + b_up)^2            (bias_relu2 epilogue)
+    down  = up W_down^T + b_down
+Prefill runs it over packed prompt pieces (causal attention over each row's cached prefix); decode over one
+token per row of a `DecodeState` (split-KV attention), then samples, all capturable in a CUDA graph.
+With tensor parallelism (`tp`, tensor_parallel.py) each rank runs it over its heads and MLP columns; `a`
+and `down` are all-reduced in place before their LayerNorm and the logits gathered over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .cache import StaticKVCache
+from .config import PersimmonConfig
+from .decode_state import DecodeState
+from .loading import Weights
+from .reference import rope_inv_freq
+from .sampling import sample, token_logprobs
+
+
+class Forward:
+    def __init__(self, config: PersimmonConfig, weights: Weights, cache: StaticKVCache, max_seq_len: int, tp=None):
+        self.config, self.weights, self.cache, self.tp = config, weights, cache, tp
+        self.device = weights.embed.device
+        self.num_heads = cache.k[0].shape[2]                 # this rank's heads
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.dynamic_rope = config.rope_type == "dynamic"
+        self.inv_freq = self._inv_freq(0 if self.dynamic_rope else max_seq_len)
+        self.gemv_rows = ops.DECODE_LINEAR_MAX_ROWS if (
+            ops.use_cuda_kernels(weights.embed) and ops.has_op("decode_linear")) else 0
+
+    def _inv_freq(self, seq_len: int) -> torch.Tensor:
+        c = self.config
+        return rope_inv_freq(c.rotary_dim, c.rope_theta, c.rope_type, (c.rope_scaling or {}).get("factor", 1.0),
+                             c.max_position_embeddings, seq_len or None, device=self.device)
+
+    def set_rotary_length(self, seq_len: int) -> None:
+        """Dynamic NTK scaling: re-base the rotary frequencies for sequences of up to `seq_len` tokens."""
+        if self.dynamic_rope:
+            self.inv_freq.copy_(self._inv_freq(seq_len))
+
+    # ---------------------------------------------------------------------------------------------- layers
+    def logits(self, tokens, positions, slots, attend, select=None, inputs_embeds=None) -> torch.Tensor:
+        """Run every layer over packed tokens and return fp32 logits of the rows in `select` (all if None).
+        attend(q [T, H, D], layer) -> [T, H, D] is the attention of this pass (prefill or decode)."""
+        c, w, tp = self.config, self.weights, self.tp
+        H, D = self.num_heads, c.head_dim
+        h = F.embedding(tokens, w.embed) if inputs_embeds is None else inputs_embeds
+        T = h.shape[0]
+        x = torch.empty_like(h)
+        q = torch.empty(T, H, D, dtype=h.dtype, device=h.device)
+        down = None
+        for i, lw in enumerate(w.layers):
+            if down is None:
+                ops.layernorm(h, lw.ln_in_w, lw.ln_in_b, x, c.layer_norm_eps)
+            else:
+                ops.layernorm(down, lw.ln_in_w, lw.ln_in_b, x, c.layer_norm_eps, h, h)
+            qkv = self.linear(x, lw.qkv_w, lw.qkv_b).view(T, H, 3, D)
+            ops.qk_norm_rope_cache(qkv, positions, self.inv_freq, lw.q_ln_w, lw.q_ln_b, lw.k_ln_w, lw.k_ln_b,
+                                   self.cache.k[i], self.cache.v[i], slots, q, c.layer_norm_eps)
+            attn = self.linear(attend(q, i).view(T, H * D), lw.dense_w, lw.dense_b)
+            if tp is not None:
+                tp.all_reduce_(attn)
+            ops.layernorm(attn, lw.ln_post_w, lw.ln_post_b, x, c.layer_norm_eps, h, h)
+            up = self.linear(x, lw.up_w, lw.up_b, relu2=True)
+            down = self.linear(up, lw.down_w, lw.down_b)
+            if tp is not None:
+                tp.all_reduce_(down)
+        if select is not None:
+            down, h = down[select], h[select]
+        out = torch.empty_like(h)
+        ops.layernorm(down, w.final_ln_w, w.final_ln_b, out, c.layer_norm_eps, h, torch.empty_like(h))
+        logits = self.linear(out, w.lm_head, out_dtype=torch.float32)
+        return logits if tp is None else tp.gather_vocab(logits)
+
+    def linear(self, x, weight, bias=None, relu2=False, out_dtype=None) -> torch.Tensor:
+        """x W^T (+ bias) (then relu^2): the decode GEMV (weight streaming, epilogue fused) for up to
+        `gemv_rows` rows on the GPU; cuBLAS plus the bias_relu2 epilogue otherwise. out_dtype=float32 gives
+        fp32 logits."""
+        if x.shape[0] <= self.gemv_rows:
+            out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
+            ops.decode_linear(x, weight, bias, None, out, relu2)
+            return out
+        if relu2:
+            y = F.linear(x, weight)
+            ops.bias_relu2(y, bias, y)
+            return y
+        y = F.linear(x, weight, bias)
+        return y if out_dtype is None else y.to(out_dtype)
+
+    # -------------------------------------------------------------------------------------------- prefill
+    def prefill(self, pieces: Sequence[tuple[int, torch.Tensor, int, int]]) -> torch.Tensor:
+        """One packed forward over prompt pieces (cache row, prompt, start, count), rows distinct: writes
+        their K/V into the cache and returns fp32 logits [len(pieces), V] of each piece's last token.
+        A prompt is token ids [L] or input embeddings [L, hidden]."""
+        dev, S, rows = self.device, self.cache.k[0].shape[1], self.cache.k[0].shape[0]
+        counts = [0] * rows
+        seq_lens = torch.zeros(rows, dtype=torch.int32)
+        positions, slots, parts = [], [], []
+        for row, prompt, start, take in sorted(pieces, key=lambda p: p[0]):
+            counts[row] = take
+            seq_lens[row] = start + take
+            positions.append(torch.arange(start, start + take))
+            slots.append(positions[-1] + row * S)
+            parts.append(prompt[start:start + take])
+        embeds = any(p.is_floating_point() for p in parts)
+        if embeds:        # token pieces beside embedding pieces go through the embedding table here
+            parts = [p.to(dev, self.weights.embed.dtype) if p.is_floating_point()
+                     else F.embedding(p.to(dev), self.weights.embed) for p in parts]
+        cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32).to(dev)
+        seq_lens = seq_lens.to(dev)
+        max_q = max(take for _, _, _, take in pieces)
+
+        def attend(q, layer):
+            out = torch.empty_like(q)
+            ops.attention_prefill(q, self.cache.k[layer], self.cache.v[layer], cu, seq_lens, max_q, out, self.scale)
+            return out
+
+        order = sorted(range(len(pieces)), key=lambda i: pieces[i][0])
+        ends = torch.tensor(list(itertools.accumulate(pieces[i][3] for i in order)), device=dev) - 1
+        last = torch.empty_like(ends)
+        last[torch.tensor(order, device=dev)] = ends              # back to the caller's order
+        packed = torch.cat(parts)
+        return self.logits(None if embeds else packed.to(dev), torch.cat(positions).to(dev),
+                           torch.cat(slots).to(dev), attend, select=last, inputs_embeds=packed if embeds else None)
+
+    # --------------------------------------------------------------------------------------------- decode
+    def decode(self, state: DecodeState, greedy: bool, logprobs: bool = False) -> None:
+        """One token for every row of `state` (cache rows [0, state.rows)): reads its inputs, samples,
+        optionally records log-probabilities, and advances the active rows. Capturable."""
+        rows = state.rows
+
+        def attend(q, layer):
+            out = torch.empty_like(q)
+            ops.attention_decode(q, self.cache.k[layer][:rows], self.cache.v[layer][:rows], state.seq_lens, out,
+                                 self.scale)
+            return out
+
+        logits = self.logits(state.tokens, state.positions, state.slots, attend)
+        tokens = sample(logits, state.temperature, state.top_k, state.top_p, greedy=greedy)
+        if logprobs:
+            chosen, top_ids, top_lp = token_logprobs(logits, tokens)
+            state.logprobs.copy_(chosen)
+            state.top_ids.copy_(top_ids)
+            state.top_logprobs.copy_(top_lp)
+        state.advance(tokens)
