@@ -26,7 +26,7 @@ from .config import PersimmonConfig
 from .decode_graphs import GREEDY, SAMPLED, SAMPLED_LOGPROBS, DecodeGraphs, StepVariant, bucket_for
 from .forward import Forward
 from .loading import Weights, load_weights, weights_from_module
-from .sampling import validate_sampling
+from .sampling import MAX_LOGPROBS, validate_sampling
 from .scheduler import Request, Scheduler
 from .weights import read_generation_config
 
@@ -242,20 +242,30 @@ class Engine:
 
     def _requests(self, prompts, inputs_embeds, max_new_tokens, temperature, top_k, top_p, stop_token_ids,
                   stop_strings, logprobs) -> list[Request]:
+        return [self.request(p, max_new_tokens, temperature, top_k, top_p, stop_token_ids, stop_strings, logprobs,
+                             tag=[i, ""])
+                for i, p in enumerate(self._normalise_prompts(prompts, inputs_embeds))]
+
+    def request(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None,
+                stop_strings: Sequence[str] | None = None, logprobs: int | None = None, tag=None) -> Request:
+        """A checked Request for a scheduler: `prompt` is a string, token ids, or an embeddings tensor
+        [len, hidden]. Raises ValueError naming the problem (a prompt that does not fit, bad sampling values,
+        an out-of-range token id, an empty stop string)."""
         validate_sampling(temperature, top_k, top_p)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if logprobs is not None and not 0 <= logprobs <= 5:
-            raise ValueError(f"logprobs must be in [0, 5], got {logprobs}")
-        stop_ids = self._stop_ids(stop_token_ids)
-        requests = []
-        for i, prompt in enumerate(self._normalise_prompts(prompts, inputs_embeds)):
-            if len(prompt) + max_new_tokens > self.max_seq_len:
-                raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                                 f"engine's max_seq_len ({self.max_seq_len})")
-            requests.append(Request(prompt, max_new_tokens, temperature, top_k or 0, top_p, stop_ids,
-                                    list(stop_strings or []), logprobs, tag=[i, ""]))
-        return requests
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}")
+        if any(not isinstance(s, str) or not s for s in stop_strings or []):
+            raise ValueError("stop strings must be non-empty strings")
+        if not (torch.is_tensor(prompt) and prompt.is_floating_point()):
+            prompt = self._token_prompt(prompt)
+        if len(prompt) + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"engine's max_seq_len ({self.max_seq_len})")
+        return Request(prompt, max_new_tokens, temperature, top_k or 0, top_p, self._stop_ids(stop_token_ids),
+                       list(stop_strings or []), logprobs, tag=tag)
 
     def _events(self, requests: list[Request], seed: int | None) -> Iterator[StreamEvent]:
         greedy = requests[0].temperature == 0
