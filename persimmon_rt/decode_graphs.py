@@ -4,7 +4,7 @@ log-probabilities). All variants of a bucket read the same state, so the schedul
 at any step boundary.
 
 A graph is captured only while its bucket has no row in use: the capture's warm-up steps run the real step,
-which writes K/V at position 0 of every cache row of the bucket.
+which would advance active rows.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ the step itself advances. The invariants:
     active row r:   feeds tokens[r] at positions[r] (written to slot r * S + positions[r]), attends to
                     seq_lens[r] = positions[r] + 1 keys, samples with its own parameters; after the step
                     tokens[r] is the sampled token and positions, slots and seq_lens moved on by one.
-    idle row r:     seq_lens[r] = 0 (attends to nothing), slot r * S (writes its ignored K/V at position 0
-                    of its own cache row), does not advance. Its sampled token is meaningless.
+    idle row r:     seq_lens[r] = 0 (attends to nothing), slot r * S + S - 1 (writes its ignored K/V at the
+                    last position of its own cache row, which no sequence uses: prompt + new tokens <= S, and
+                    the last new token is never fed back), does not advance. Its sampled token is
+                    meaningless. So an idle row never disturbs a prompt being prefilled into it.
 
 A row joins (after its prompt is in the cache) and leaves at any step boundary by host writes that the
 stream orders after the steps already queued: nothing is re-captured.
@@ -28,7 +30,7 @@ class DecodeState:
         self.rows, self.max_seq_len, self.device = rows, max_seq_len, torch.device(device)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)          # input token per row
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
-        self.slots = torch.arange(rows, device=device) * max_seq_len              # flat r * S + position
+        self.slots = self._idle_slots(torch.arange(rows, device=device))        # flat r * S + position
         self.seq_lens = torch.zeros(rows, dtype=torch.int32, device=device)       # keys after this step
         self.active = torch.zeros(rows, dtype=torch.int32, device=device)
         self.temperature = torch.ones(rows, 1, device=device)                      # 0 = greedy
@@ -56,12 +58,14 @@ class DecodeState:
         self.top_p.index_copy_(0, index, torch.tensor(list(top_p), device=self.device)[:, None])
 
     def retire(self, rows: Sequence[int]) -> None:
-        """Rows leave from the next launch: idle, attending to nothing, writing at position 0 of their own
-        cache row (so a row that used its whole budget never writes past its end into the next row)."""
+        """Rows leave from the next launch: idle (see above)."""
         index = torch.tensor(list(rows), device=self.device)
         self.active.index_fill_(0, index, 0)
         self.seq_lens.index_fill_(0, index, 0)
-        self.slots.index_copy_(0, index, index * self.max_seq_len)
+        self.slots.index_copy_(0, index, self._idle_slots(index))
+
+    def _idle_slots(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows * self.max_seq_len + self.max_seq_len - 1
 
     def clear(self) -> None:
         """Every row idle."""

@@ -34,83 +34,99 @@ class GenerationMixin:
         """
         if not hasattr(self, "lm_head"):
             raise TypeError(f"{type(self).__name__} has no language-model head; use PersimmonForCausalLM")
-        gen = self.generation_config or {}
-        do_sample = gen.get("do_sample", False) if do_sample is None else do_sample
-        temperature = gen.get("temperature", 1.0) if temperature is None else temperature
-        top_k = gen.get("top_k", 50) if top_k is None else top_k
-        top_p = gen.get("top_p", 1.0) if top_p is None else top_p
-        validate_sampling(temperature, top_k, top_p)
-        if eos_token_id is None:
-            eos_token_id = gen.get("eos_token_id", self.config.eos_token_id)
-        eos = torch.tensor([] if eos_token_id is None else
-                           (list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]),
-                           dtype=torch.long, device=self.device)
-        if pad_token_id is None:
-            pad_token_id = gen.get("pad_token_id", self.config.pad_token_id)
-        if pad_token_id is None:
-            pad_token_id = int(eos[0]) if eos.numel() else 0
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-
         if input_ids is None and inputs_embeds is None:
             raise ValueError("generate needs input_ids or inputs_embeds")
-        prompt = input_ids if input_ids is not None else None
-        bsz, prompt_len = (prompt.shape if prompt is not None else inputs_embeds.shape[:2])
+        bsz, prompt_len = (input_ids.shape if input_ids is not None else inputs_embeds.shape[:2])
         if prompt_len == 0:
             raise ValueError("the prompt is empty: give at least one token (e.g. the BOS token)")
+        s = _Settings(self, max_new_tokens, max_length, prompt_len, do_sample, temperature, top_k, top_p,
+                      eos_token_id, pad_token_id)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        if attention_mask is None:
+            attention_mask = torch.ones(bsz, prompt_len, dtype=torch.long, device=self.device)
+        if use_engine is None:
+            use_engine = input_ids is not None and min_new_tokens == 0 and _engine_applies(self)
+        if use_engine and s.max_new_tokens > 0:
+            if input_ids is None or min_new_tokens:
+                raise ValueError("the engine path takes token prompts and no min_new_tokens")
+            return _generate_on_engine(self, input_ids, attention_mask, s, seed)
+        generated = _generate_on_module(self, input_ids, inputs_embeds, attention_mask, s, min_new_tokens, generator)
+        return generated if input_ids is None else torch.cat((input_ids, generated), dim=1)
+
+
+class _Settings:
+    """generate's arguments with the defaults filled in: the caller's, then generation_config.json, then
+    transformers' (greedy, 20 new tokens; when sampling top_k=50, top_p=1.0, temperature=1.0); checked."""
+
+    def __init__(self, model, max_new_tokens, max_length, prompt_len, do_sample, temperature, top_k, top_p,
+                 eos_token_id, pad_token_id):
+        gen, config = model.generation_config or {}, model.config
+        self.do_sample = gen.get("do_sample", False) if do_sample is None else do_sample
+        self.temperature = gen.get("temperature", 1.0) if temperature is None else temperature
+        self.top_k = gen.get("top_k", 50) if top_k is None else top_k
+        self.top_p = gen.get("top_p", 1.0) if top_p is None else top_p
+        validate_sampling(self.temperature, self.top_k, self.top_p)
+        self.greedy = not self.do_sample or self.temperature == 0
+        if eos_token_id is None:
+            eos_token_id = gen.get("eos_token_id", config.eos_token_id)
+        self.eos = [] if eos_token_id is None else (
+            list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
+        if pad_token_id is None:
+            pad_token_id = gen.get("pad_token_id", config.pad_token_id)
+        self.pad = pad_token_id if pad_token_id is not None else (self.eos[0] if self.eos else 0)
         if max_new_tokens is None:
             max_new_tokens = (max_length - prompt_len) if max_length is not None else gen.get("max_new_tokens", 20)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        limit = self.config.max_position_embeddings
-        if prompt_len + max_new_tokens > limit and self.config.rope_type != "dynamic":
+        limit = config.max_position_embeddings
+        if prompt_len + max_new_tokens > limit and config.rope_type != "dynamic":
             raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embeddings ({limit})")
+        self.max_new_tokens = max_new_tokens
 
-        if attention_mask is None:
-            attention_mask = torch.ones(bsz, prompt_len, dtype=torch.long, device=self.device)
-        if use_engine is None:
-            use_engine = prompt is not None and min_new_tokens == 0 and _engine_applies(self)
-        if use_engine and max_new_tokens > 0:
-            if prompt is None or min_new_tokens:
-                raise ValueError("the engine path takes token prompts and no min_new_tokens")
-            rows = [row[mask.bool()].tolist() for row, mask in zip(prompt, attention_mask)]
-            engine = _engine_for(self, bsz, max(len(r) for r in rows) + max_new_tokens)
-            result = engine.generate(rows, max_new_tokens=max_new_tokens,
-                                     temperature=temperature if do_sample else 0.0, top_k=top_k or 0,
-                                     top_p=top_p, seed=seed, stop_token_ids=eos.tolist())
-            width = max(len(ids) for ids in result.token_ids)
-            generated = torch.full((bsz, width), pad_token_id, dtype=torch.long)
-            for r, ids in enumerate(result.token_ids):
-                generated[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            return torch.cat((prompt, generated.to(prompt.device)), dim=1)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self(input_ids=prompt, inputs_embeds=inputs_embeds if prompt is None else None,
-                   attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+
+def _generate_on_module(model, input_ids, inputs_embeds, attention_mask, s: _Settings, min_new_tokens: int,
+                        generator) -> torch.Tensor:
+    """The new tokens [B, new] of the module's own forward with a growing KV cache."""
+    bsz, device = attention_mask.shape[0], model.device
+    eos = torch.tensor(s.eos, dtype=torch.long, device=device)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, inputs_embeds=inputs_embeds if input_ids is None else None,
+                attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+    params = row_parameters(bsz, 0.0 if s.greedy else s.temperature, s.top_k, s.top_p, device)
+    new_tokens = []
+    for step in range(s.max_new_tokens):
         next_logits = out.logits[:, -1, :]
-        finished = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        params = row_parameters(bsz, temperature if do_sample else 0.0, top_k, top_p, self.device)
-        new_tokens = []
-        for step in range(max_new_tokens):
-            if step < min_new_tokens and eos.numel():
-                next_logits = next_logits.float().index_fill(-1, eos, float("-inf"))
-            token = sample(next_logits, *params, greedy=not do_sample or temperature == 0, generator=generator)
-            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-            new_tokens.append(token)
-            if eos.numel():
-                finished |= torch.isin(token, eos)
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            attention_mask = torch.cat((attention_mask, attention_mask.new_ones(bsz, 1)), dim=-1)
-            position_ids = position_ids[:, -1:] + 1
-            out = self(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            next_logits = out.logits[:, -1, :]
-        generated = torch.stack(new_tokens, dim=1) if new_tokens else torch.empty(bsz, 0, dtype=torch.long,
-                                                                                  device=self.device)
-        return generated if prompt is None else torch.cat((prompt, generated), dim=1)
+        if step < min_new_tokens and eos.numel():
+            next_logits = next_logits.float().index_fill(-1, eos, float("-inf"))
+        token = sample(next_logits, *params, greedy=s.greedy, generator=generator)
+        token = torch.where(finished, torch.full_like(token, s.pad), token)
+        new_tokens.append(token)
+        if eos.numel():
+            finished |= torch.isin(token, eos)
+        if bool(finished.all()) or step == s.max_new_tokens - 1:
+            break
+        attention_mask = torch.cat((attention_mask, attention_mask.new_ones(bsz, 1)), dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(new_tokens, dim=1) if new_tokens else torch.empty(bsz, 0, dtype=torch.long, device=device)
+
+
+def _generate_on_engine(model, input_ids, attention_mask, s: _Settings, seed) -> torch.Tensor:
+    """The prompt and new tokens of the model's cached Engine; padding stripped before, added back after."""
+    bsz = input_ids.shape[0]
+    rows = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+    engine = _engine_for(model, bsz, max(len(r) for r in rows) + s.max_new_tokens)
+    result = engine.generate(rows, max_new_tokens=s.max_new_tokens, temperature=0.0 if s.greedy else s.temperature,
+                             top_k=s.top_k or 0, top_p=s.top_p, seed=seed, stop_token_ids=s.eos)
+    width = max(len(ids) for ids in result.token_ids)
+    generated = torch.full((bsz, width), s.pad, dtype=torch.long)
+    for r, ids in enumerate(result.token_ids):
+        generated[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return torch.cat((input_ids, generated.to(input_ids.device)), dim=1)
 
 
 def _engine_applies(model) -> bool:

@@ -1,0 +1,131 @@
+"""Continuous batching: rows join a running decode at step boundaries (prefilled in one piece or in chunks
+between decode steps), leave when finished or cancelled, and each request produces exactly what it
+produces alone. Also the stop rule and log-probabilities. CPU (reference path); the same on a GPU."""
+
+import pytest
+import torch
+
+import persimmon_rt as prt
+from persimmon_rt.demo import demo_model_path
+from persimmon_rt.engine import Engine
+
+from model_utils import random_model, tiny_config
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and prt.ops.HAVE_CUDA_EXT else [])
+
+
+def lively_model(device="cpu"):
+    """Large init so greedy decoding does not collapse onto one token (a stronger equality check)."""
+    config = tiny_config(eos_token_id=None, initializer_range=0.25)
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    return random_model(prt.PersimmonForCausalLM, config, dtype).to(device)
+
+
+def alone(engine, prompt, n):
+    return engine.generate([prompt], max_new_tokens=n, stop_token_ids=[]).token_ids[0]
+
+
+def run(scheduler, arrivals):
+    """Step the scheduler; arrivals maps a boundary index to the requests submitted there. Returns the order
+    in which (request tag, token count) events came out."""
+    log, boundary = [], 0
+    while scheduler.busy() or any(b >= boundary for b in arrivals):
+        for request in arrivals.get(boundary, []):
+            scheduler.submit(request)
+        for event in scheduler.step():
+            log.append((event.request.tag, len(event.request.output_ids)))
+        boundary += 1
+    return log
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefill_budget", [None, 3])
+def test_a_row_joining_a_running_decode_produces_what_it_produces_alone(device, prefill_budget):
+    torch.manual_seed(0)
+    model = lively_model(device)
+    engine = Engine(model, model.config, max_batch_size=4, max_seq_len=64)
+    first, late = torch.randint(1, 97, (5,)).tolist(), torch.randint(1, 97, (11,)).tolist()
+    expected = {"first": alone(engine, first, 24), "late": alone(engine, late, 10)}
+    scheduler = engine.scheduler(prefill_budget=prefill_budget)
+    requests = {"first": engine.request(first, 24, stop_token_ids=[], tag="first"),
+                "late": engine.request(late, 10, stop_token_ids=[], tag="late")}
+    log = run(scheduler, {0: [requests["first"]], 6: [requests["late"]]})
+    assert {tag: r.output_ids for tag, r in requests.items()} == expected
+    # "late" joined while "first" was decoding, and "first" kept going after it joined.
+    first_late = log.index(("late", 1))
+    assert 1 < dict(log[:first_late]).get("first", 0) and ("first", 24) in log[first_late:]
+    assert [r.finish_reason for r in requests.values()] == ["length", "length"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_more_requests_than_rows_wait_for_free_rows_and_cancelled_ones_free_theirs(device):
+    torch.manual_seed(1)
+    model = lively_model(device)
+    engine = Engine(model, model.config, max_batch_size=2, max_seq_len=48)
+    prompts = [torch.randint(1, 97, (n,)).tolist() for n in (2, 9, 4, 7, 3)]
+    budgets = [3, 12, 5, 8, 6]
+    scheduler = engine.scheduler()
+    requests = [engine.request(p, n, stop_token_ids=[], tag=i) for i, (p, n) in enumerate(zip(prompts, budgets))]
+    doomed = engine.request(prompts[1], 30, stop_token_ids=[], tag="doomed")
+    for r in [doomed] + requests:
+        scheduler.submit(r)
+    for _ in range(2):
+        scheduler.step()
+    assert scheduler.rows_in_use() == 2 and len(scheduler.waiting) == 4 and doomed.output_ids
+    scheduler.cancel(doomed)
+    run(scheduler, {})
+    assert doomed.finish_reason == "cancelled" and len(doomed.output_ids) < 30
+    for r, p, n in zip(requests, prompts, budgets):
+        assert r.output_ids == alone(engine, p, n), r.tag
+
+
+@pytest.fixture(scope="module")
+def demo_engine():
+    return Engine.from_pretrained(demo_model_path(), dtype=torch.float32, device="cpu", max_batch_size=2,
+                                  max_seq_len=256)
+
+
+def test_text_stops_before_the_stop_string_when_streamed_and_when_not(demo_engine):
+    prompt = "JULIET:"
+    plain = demo_engine.generate([prompt], max_new_tokens=40, stop_token_ids=[])
+    text = plain.texts[0]
+    stop = text.strip().split()[3]                       # a word the greedy continuation reaches
+    cut = text.index(stop)
+    result = demo_engine.generate([prompt], max_new_tokens=40, stop_strings=[stop], stop_token_ids=[])
+    streamed = "".join(e.text for e in demo_engine.generate([prompt], max_new_tokens=40, stop_strings=[stop],
+                                                            stop_token_ids=[], stream=True))
+    assert result.texts[0] == streamed == text[:cut]
+    assert result.finish_reasons == ["stop"]
+    # token_ids run up to and including the token that completed the stop string.
+    ids = result.token_ids[0]
+    tok = demo_engine.tokenizer
+    assert ids == plain.token_ids[0][:len(ids)]
+    assert stop in tok.decode(ids, skip_special_tokens=True) and stop not in tok.decode(ids[:-1],
+                                                                                        skip_special_tokens=True)
+
+
+def test_a_stop_token_adds_no_text_and_empty_stop_strings_are_refused(demo_engine):
+    plain = demo_engine.generate(["ROMEO:"], max_new_tokens=12, stop_token_ids=[])
+    stop_id = plain.token_ids[0][5]
+    result = demo_engine.generate(["ROMEO:"], max_new_tokens=12, stop_token_ids=[stop_id])
+    ids = result.token_ids[0]
+    assert ids[-1] == stop_id and result.finish_reasons == ["stop"]
+    assert result.texts[0] == demo_engine.tokenizer.decode(ids[:-1], skip_special_tokens=True)
+    with pytest.raises(ValueError, match="stop strings must be non-empty"):
+        demo_engine.generate(["ROMEO:"], stop_strings=[""])
+
+
+def test_logprobs_are_the_models_log_softmax(demo_engine):
+    events = list(demo_engine.generate(["KING:"], max_new_tokens=6, logprobs=3, stop_token_ids=[], stream=True))
+    ids = demo_engine.tokenizer.encode("KING:") + [e.token_id for e in events]
+    model = prt.PersimmonForCausalLM.from_pretrained(demo_model_path(), dtype=torch.float32)
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    start = len(ids) - len(events) - 1
+    for i, e in enumerate(events):
+        row = logp[start + i]
+        assert e.logprob == pytest.approx(row[e.token_id].item(), abs=1e-4)
+        top = row.topk(3)
+        assert [t for t, _ in e.top_logprobs] == top.indices.tolist()          # greedy: the chosen one first
+        assert [lp for _, lp in e.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert e.top_logprobs[0][0] == e.token_id
