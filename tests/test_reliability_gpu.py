@@ -75,10 +75,10 @@ def test_a_cache_that_does_not_fit_names_the_largest_that_does(engine):
     per_row = StaticKVCache.nbytes(config, 1, seq, torch.float16)
     too_many = free // per_row + 64
     with pytest.raises(MemoryError, match="KV cache for max_batch_size") as info:
-        Engine(engine.model, config, max_batch_size=too_many, max_seq_len=seq)
+        Engine(None, config, max_batch_size=too_many, max_seq_len=seq, weights=engine.weights)
     largest = int(re.search(r"or max_batch_size=(\d+) at this length", str(info.value)).group(1))
     assert 0 < largest < too_many
-    fits = Engine(engine.model, config, max_batch_size=largest, max_seq_len=seq)   # and it does fit
+    fits = Engine(None, config, max_batch_size=largest, max_seq_len=seq, weights=engine.weights)   # and it does fit
     assert fits.cache.k[0].shape[0] == largest
     del fits
     gc.collect()

@@ -15,8 +15,10 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and prt.ops.HAVE_CUDA
 
 
 def lively_model(device="cpu"):
-    """Large init so greedy decoding does not collapse onto one token (a stronger equality check)."""
-    config = tiny_config(eos_token_id=None, initializer_range=0.25)
+    """Large init so greedy decoding does not collapse onto one token (a stronger equality check); head_dim
+    64 on the GPU, where the kernels need it."""
+    gpu = dict(hidden_size=256, num_attention_heads=4, max_position_embeddings=128) if device == "cuda" else {}
+    config = tiny_config(eos_token_id=None, initializer_range=0.25, **gpu)
     dtype = torch.float32 if device == "cpu" else torch.float16
     return random_model(prt.PersimmonForCausalLM, config, dtype).to(device)
 
