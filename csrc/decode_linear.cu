@@ -39,7 +39,7 @@ void launch(const DecodeLinearParams& p, DType dtype, bool out_fp32, cudaStream_
 void launch_decode_linear(const void* x, const void* weight, const void* bias, const void* residual, void* out,
                           int64_t ldx, int M, int N, int K, bool relu2, DType dtype, bool out_fp32,
                           cudaStream_t stream) {
-  PRT_REQUIRE(M >= 1 && M <= kDecodeLinearMaxRows, "M must be in [1, 16]");
+  PRT_REQUIRE(M >= 1 && M <= kDecodeLinearMaxRows, "M must be in [1, " + std::to_string(kDecodeLinearMaxRows) + "]");
   PRT_REQUIRE(N >= 1, "N must be >= 1");
   PRT_REQUIRE(K >= 8 && K % kVec == 0, "K must be a positive multiple of 8");
   PRT_REQUIRE(ldx >= K && ldx % kVec == 0, "x row stride must be >= K and a multiple of 8");

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from persimmon_rt import reference
+from persimmon_rt import ops, reference
 
 from op_utils import capture_graph, check_against_fp32, requires_cuda
 
@@ -161,9 +161,10 @@ def test_rejects_bad_arguments():
     x, w, b, r = make_case(4, 32, 64, torch.float16, "cuda", True, True)
     out = torch.empty(4, 32, dtype=torch.float16, device="cuda")
     op = torch.ops.persimmon_rt.decode_linear
-    x17 = torch.randn(17, 64, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="1 to 16 rows"):
-        op(x17, w, b, None, torch.empty(17, 32, dtype=torch.float16, device="cuda"), False)
+    too_many = ops.DECODE_LINEAR_MAX_ROWS + 1
+    x_big = torch.randn(too_many, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=f"1 to {ops.DECODE_LINEAR_MAX_ROWS} rows"):
+        op(x_big, w, b, None, torch.empty(too_many, 32, dtype=torch.float16, device="cuda"), False)
     with pytest.raises(RuntimeError, match="multiple of 8"):
         op(x[:, :60].contiguous(), w[:, :60].contiguous(), b, r, out, False)
     with pytest.raises(RuntimeError, match="weight must be contiguous"):

@@ -24,8 +24,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "attention_common.cuh"
 #include "common.cuh"
+#include "ptx.cuh"
 
 namespace persimmon_rt {
 namespace gemv {
@@ -63,13 +63,9 @@ constexpr int kChunk = 32;  // k per chunk: 4 lanes x 8 elements
 template <bool L2_256B>
 __device__ __forceinline__ uint4 ld_weight_16(const void* p) {
   if constexpr (L2_256B) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
+    return ld_stream_16_l2_256(p);
   } else {
-    return attention::ld_stream_16(p);
+    return ld_stream_16(p);
   }
 }
 
@@ -165,8 +161,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
         const uint32_t a1[4] = {wv[j][rt][0].z, wv[j][rt][1].z, wv[j][rt][0].w, wv[j][rt][1].w};
 #pragma unroll
         for (int t = 0; t < MT; ++t) {
-          attention::mma_m16n8k16<T>(acc[rt][t], a0, xv[j][t].x, xv[j][t].y);
-          attention::mma_m16n8k16<T>(acc[rt][t], a1, xv[j][t].z, xv[j][t].w);
+          mma_m16n8k16<T>(acc[rt][t], a0, xv[j][t].x, xv[j][t].y);
+          mma_m16n8k16<T>(acc[rt][t], a1, xv[j][t].z, xv[j][t].w);
         }
       }
   }
