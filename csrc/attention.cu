@@ -102,9 +102,8 @@ DecodeShape decode_shape(int batch, int cache_len, int num_heads) {
 template <typename T, int D, int THREADS>
 void decode(const DecodeParams& p, int batch, cudaStream_t stream) {
   constexpr int kMinBlocks = 65536 / (THREADS * kDecodeRegsPerThread);
-  attention::attention_decode_split_kernel<T, D, THREADS, kDecodeUnroll, kMinBlocks>
-      <<<dim3(p.num_splits, p.num_heads, batch), THREADS, 0, stream>>>(p);
-  PRT_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(attention::attention_decode_split_kernel<T, D, THREADS, kDecodeUnroll, kMinBlocks>,
+                dim3(p.num_splits, p.num_heads, batch), dim3(THREADS), 0, stream, /*pdl=*/true, p);
   if (p.num_splits > 1)
     launch_kernel(attention::attention_decode_combine_kernel<T, D>, dim3(p.num_heads, batch), dim3(D), 0, stream,
                   /*pdl=*/true, p);

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -37,9 +38,15 @@ namespace persimmon_rt {
 
 constexpr int kMaxGridDimYZ = 65535;  // gridDim.y and gridDim.z limit (gridDim.x goes to 2^31 - 1)
 
-// Whether the current device takes programmatic dependent launches (compute capability 9.0+), cached
-// per device: the launch helper asks on every launch.
-inline bool current_device_has_pdl() {
+// Whether launches on the current device use programmatic dependent launch: compute capability 9.0+,
+// unless the environment sets PERSIMMON_RT_PDL=0 (for A/B timing; read once). Cached per device: the
+// launch helper asks on every launch.
+inline bool pdl_enabled() {
+  static const bool env_off = [] {
+    const char* v = std::getenv("PERSIMMON_RT_PDL");
+    return v != nullptr && std::string(v) == "0";
+  }();
+  if (env_off) return false;
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cached[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
   int device = 0;
@@ -72,7 +79,7 @@ void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = &attr;
-  cfg.numAttrs = pdl && current_device_has_pdl() ? 1 : 0;
+  cfg.numAttrs = pdl && pdl_enabled() ? 1 : 0;
   PRT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 

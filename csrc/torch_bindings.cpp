@@ -250,7 +250,7 @@ bool overlap(const Tensor& a, const Tensor& b) {
 }
 
 void check_decode_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& residual,
-                         const Tensor& out) {
+                         const Tensor& out, const OptTensor& ln_weight, const OptTensor& ln_bias) {
   TORCH_CHECK(x.dim() == 2, kDl, ": x must have shape [M, K], got ", x.sizes());
   TORCH_CHECK(weight.dim() == 2, kDl, ": weight must have shape [N, K], got ", weight.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -268,12 +268,16 @@ void check_decode_linear(const Tensor& x, const Tensor& weight, const OptTensor&
   if (bias.has_value()) check_shape(kDl, *bias, "bias", "[N]", {N});
   if (residual.has_value()) check_shape(kDl, *residual, "residual", "[M, N]", {M, N});
   check_shape(kDl, out, "out", "[M, N]", {M, N});
+  TORCH_CHECK(ln_weight.has_value() || !ln_bias.has_value(), kDl, ": ln_bias needs ln_weight (the LayerNorm prologue)");
+  if (ln_weight.has_value()) check_shape(kDl, *ln_weight, "ln_weight", "[K]", {K});
+  if (ln_bias.has_value()) check_shape(kDl, *ln_bias, "ln_bias", "[K]", {K});
   TORCH_CHECK(out.scalar_type() == dt || out.scalar_type() == at::kFloat, kDl, ": out must be ", dt,
               " (as x) or float32, got ", out.scalar_type());
   check_args(kDl, x,
              {arg("x", x, dt, kAligned16), arg("weight", weight, dt, kContiguous | kAligned16),
               arg("bias", bias, dt, kContiguous), arg("residual", residual, dt, kContiguous),
-              arg("out", out, std::nullopt, kContiguous)});
+              arg("out", out, std::nullopt, kContiguous), arg("ln_weight", ln_weight, dt, kContiguous | kAligned16),
+              arg("ln_bias", ln_bias, dt, kContiguous | kAligned16)});
   // Each output element is read from residual and written by the same thread: exact aliasing is fine.
   TORCH_CHECK(!residual.has_value() || residual->data_ptr() == out.data_ptr() || !overlap(*residual, out), kDl,
               ": residual must be out itself or not overlap it");
@@ -282,13 +286,18 @@ void check_decode_linear(const Tensor& x, const Tensor& weight, const OptTensor&
 }
 
 void decode_linear_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& residual,
-                        Tensor& out, bool relu2) {
-  check_decode_linear(x, weight, bias, residual, out);
+                        Tensor& out, bool relu2, const OptTensor& ln_weight, const OptTensor& ln_bias, double eps,
+                        int64_t config) {
+  check_decode_linear(x, weight, bias, residual, out, ln_weight, ln_bias);
+  const int64_t num_configs = static_cast<int64_t>(decode_linear_config_names().size());
+  TORCH_CHECK(config >= -1 && config < num_configs, kDl, ": config must be -1 (per-shape choice) or in [0, ",
+              num_configs, "), got ", config);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
   launch_decode_linear(x.data_ptr(), weight.data_ptr(), opt_ptr(bias), opt_ptr(residual), out.data_ptr(),
-                       M == 1 ? K : x.stride(0), static_cast<int>(M), static_cast<int>(weight.size(0)),
-                       static_cast<int>(K), relu2, activation_dtype(kDl, x, "x"), out.scalar_type() == at::kFloat,
+                       opt_ptr(ln_weight), opt_ptr(ln_bias), static_cast<float>(eps), M == 1 ? K : x.stride(0),
+                       static_cast<int>(M), static_cast<int>(weight.size(0)), static_cast<int>(K), relu2,
+                       activation_dtype(kDl, x, "x"), out.scalar_type() == at::kFloat, static_cast<int>(config),
                        current_stream());
 }
 
@@ -385,7 +394,10 @@ TORCH_LIBRARY(persimmon_rt, m) {
       "layernorm(Tensor x, Tensor weight, Tensor bias, Tensor(a!) out, float eps, Tensor? residual=None, "
       "Tensor(b!)? residual_out=None) -> ()");
   m.def("bias_relu2(Tensor x, Tensor bias, Tensor(a!) out) -> ()");
-  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor(a!) out, bool relu2) -> ()");
+  // config: a tile configuration index for sweeps (_C.DECODE_LINEAR_CONFIGS); -1 = the per-shape choice.
+  m.def(
+      "decode_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor(a!) out, bool relu2, "
+      "Tensor? ln_weight=None, Tensor? ln_bias=None, float eps=1e-05, int config=-1) -> ()");
   // ---- attention ops ----
   m.def(
       "attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, Tensor seq_lens, "
@@ -421,6 +433,8 @@ TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
 //   DECODE_LINEAR_MAX_ROWS  int, rows (decode batch) the decode GEMV takes
 //   ATTENTION_HEAD_DIMS     tuple of int, head dims the attention kernels are built for
 //   LAYERNORM_MAX_HIDDEN    int, widest row the layernorm op takes
+//   DECODE_LINEAR_CONFIGS   tuple of str, the GEMV's compiled tile configurations (decode_linear's
+//                           `config` argument indexes it; for benchmark sweeps)
 namespace {
 
 PyObject* head_dims_tuple() {
@@ -441,6 +455,21 @@ bool add_limits(PyObject* m) {
   if (PyModule_AddStringConstant(m, "CUDA_ARCHS", PERSIMMON_RT_CUDA_ARCHS) < 0) return false;
   if (PyModule_AddIntConstant(m, "DECODE_LINEAR_MAX_ROWS", persimmon_rt::kDecodeLinearMaxRows) < 0) return false;
   if (PyModule_AddIntConstant(m, "LAYERNORM_MAX_HIDDEN", persimmon_rt::kLayerNormMaxHidden) < 0) return false;
+  const std::vector<std::string> names = persimmon_rt::decode_linear_config_names();
+  PyObject* configs = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
+  if (configs == nullptr) return false;
+  for (size_t i = 0; i < names.size(); ++i) {
+    PyObject* s = PyUnicode_FromString(names[i].c_str());
+    if (s == nullptr) {
+      Py_DECREF(configs);
+      return false;
+    }
+    PyTuple_SET_ITEM(configs, static_cast<Py_ssize_t>(i), s);
+  }
+  if (PyModule_AddObject(m, "DECODE_LINEAR_CONFIGS", configs) < 0) {
+    Py_DECREF(configs);
+    return false;
+  }
   PyObject* dims = head_dims_tuple();
   if (dims == nullptr) return false;
   if (PyModule_AddObject(m, "ATTENTION_HEAD_DIMS", dims) < 0) {  // steals dims on success only

@@ -11,6 +11,7 @@ path by them instead of restating them:
   batches go to cuBLAS.
 - ``ATTENTION_HEAD_DIMS``: tuple of the head dims the attention kernels are built for, e.g. ``(64, 128)``.
 - ``LAYERNORM_MAX_HIDDEN``: widest row ``layernorm`` takes on the GPU.
+- ``DECODE_LINEAR_CONFIGS``: names of the GEMV's compiled tile configurations (benchmark sweeps only).
 - ``kernels_support(head_dim)``: whether the CUDA kernels cover a model of that head dim (the attention
   ops are the only ones with a head-dim list).
 
@@ -31,7 +32,8 @@ except ImportError:
     _C = None
     HAVE_CUDA_EXT = False
 
-_LIMITS = ("CUDA_ARCHS", "DECODE_LINEAR_MAX_ROWS", "ATTENTION_HEAD_DIMS", "LAYERNORM_MAX_HIDDEN")
+_LIMITS = ("CUDA_ARCHS", "DECODE_LINEAR_MAX_ROWS", "ATTENTION_HEAD_DIMS", "LAYERNORM_MAX_HIDDEN",
+           "DECODE_LINEAR_CONFIGS")
 if HAVE_CUDA_EXT and not all(hasattr(_C, name) for name in _LIMITS):
     # A build older than its sources: its ops' schemas may differ too, so running it would fail later
     # and less clearly.
@@ -46,6 +48,9 @@ DECODE_LINEAR_MAX_ROWS: int = int(_C.DECODE_LINEAR_MAX_ROWS) if HAVE_CUDA_EXT el
 ATTENTION_HEAD_DIMS: tuple[int, ...] = tuple(int(d) for d in _C.ATTENTION_HEAD_DIMS) if HAVE_CUDA_EXT else ()
 # kLayerNormMaxHidden (csrc/layernorm.h).
 LAYERNORM_MAX_HIDDEN: int = int(_C.LAYERNORM_MAX_HIDDEN) if HAVE_CUDA_EXT else 0
+# The GEMV's compiled tile configurations, for benchmark sweeps (torch.ops.persimmon_rt.decode_linear's
+# `config` argument); the op picks per shape by itself.
+DECODE_LINEAR_CONFIGS: tuple[str, ...] = tuple(_C.DECODE_LINEAR_CONFIGS) if HAVE_CUDA_EXT else ()
 
 
 def kernels_support(head_dim: int) -> bool:
@@ -103,8 +108,10 @@ def attention_decode(q, k_cache, v_cache, seq_lens, out, scale):
         reference.attention_decode(q, k_cache, v_cache, seq_lens, out, scale)
 
 
-def decode_linear(x, weight, bias, residual, out, relu2=False):
+def decode_linear(x, weight, bias, residual, out, relu2=False, ln_weight=None, ln_bias=None, eps=1e-5):
+    """out = act(LN(x) W^T + bias) + residual (reference.decode_linear); the LayerNorm prologue runs when
+    ln_weight is given. On the GPU: at most DECODE_LINEAR_MAX_ROWS rows of x."""
     if use_cuda_kernels(x):
-        torch.ops.persimmon_rt.decode_linear(x, weight, bias, residual, out, relu2)
+        torch.ops.persimmon_rt.decode_linear(x, weight, bias, residual, out, relu2, ln_weight, ln_bias, eps)
     else:
-        reference.decode_linear(x, weight, bias, residual, out, relu2)
+        reference.decode_linear(x, weight, bias, residual, out, relu2, ln_weight, ln_bias, eps)
