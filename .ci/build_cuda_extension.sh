@@ -27,8 +27,13 @@ ops_expected = ["qk_norm_rope_cache", "layernorm", "bias_relu2", "attention_pref
                 "decode_linear"]
 missing = [n for n in ops_expected if not ops.has_op(n)]
 assert not missing, f"ops not registered: {missing}"
-assert ops._C.CUDA_ARCHS == "90a", f"built for {ops._C.CUDA_ARCHS!r}, expected the default 90a"
+assert ops.CUDA_ARCHS == ("90a",), f"built for {ops.CUDA_ARCHS!r}, expected the default 90a"
+# The limits ops.py reads from the extension (csrc/ states them once).
+assert ops.DECODE_LINEAR_MAX_ROWS >= 1 and ops.LAYERNORM_MAX_HIDDEN >= 4096, (ops.DECODE_LINEAR_MAX_ROWS,
+                                                                              ops.LAYERNORM_MAX_HIDDEN)
+assert ops.kernels_support(64) and not ops.kernels_support(96), ops.ATTENTION_HEAD_DIMS
 print(f"CUDA extension build: ok against torch {torch.__version__} ({len(ops_expected)} ops registered, "
-      f"sm_{ops._C.CUDA_ARCHS})")
+      f"sm_{','.join(ops.CUDA_ARCHS)}; GEMV rows <= {ops.DECODE_LINEAR_MAX_ROWS}, "
+      f"head dims {ops.ATTENTION_HEAD_DIMS})")
 PY
 deactivate

@@ -128,8 +128,7 @@ void launch_decode(const DecodeParams& p, int batch, bool pdl, cudaStream_t s) {
   attention_decode_split_kernel<T, D, THREADS, UNROLL, MIN_BLOCKS><<<dim3(p.num_splits, H, batch), THREADS, 0, s>>>(p);
   if (p.num_splits == 1) return;
   const auto combine = attention_decode_combine_kernel<T, D>;
-  if (pdl) PRT_CUDA_CHECK(launch_pdl(combine, dim3(H, batch), dim3(D), s, p));
-  else combine<<<dim3(H, batch), D, 0, s>>>(p);
+  launch_kernel(combine, dim3(H, batch), dim3(D), 0, s, pdl, p);
 }
 
 struct DecodeSets {

@@ -14,17 +14,28 @@ between two events, queued behind a GPU sleep so that host-side launch cost is e
 ramp-up and tail of a lone kernel included); median.
 
     python benchmarks/bench_decode_linear.py [--rows 1 8] [--dtype float16]
+
+Sweep mode (`--sweep`): the shapes as the fused decode step uses them (QKV, MLP-up and lm_head with the
+LayerNorm prologue; dense and MLP-down with the residual epilogue), every compiled tile configuration
+(_C.DECODE_LINEAR_CONFIGS) that takes M rows, each checked against the fp32 reference and then timed in
+the same graph method; beside them the per-shape default (config -1), cuBLAS F.linear alone and the copy
+bandwidth. One compact table: pick the fastest config per shape and M into kShapeRules
+(csrc/decode_linear.cu). Run it twice, with PERSIMMON_RT_PDL=0 and without, to see what the
+programmatic dependent launch is worth.
+
+    python benchmarks/bench_decode_linear.py --sweep [--rows 1 8 16]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
 import torch.nn.functional as F
 
-import persimmon_rt.ops  # noqa: F401  (registers torch.ops.persimmon_rt)
+from persimmon_rt import ops, reference  # ops imports the extension (registers torch.ops.persimmon_rt)
 from timing import median_ms
 
 # name: (N, K, bias, residual, relu2, fp32 out)
@@ -138,15 +149,92 @@ def bench_shape(name, M, dtype, launches, reps):
     return nbytes, t_ours, t_cublas, t_cublas_e, t_ours_1, t_cublas_1
 
 
+# name: (N, K, bias, residual, relu2, fp32 out, LN prologue): the fused decode step's calls.
+SWEEP_SHAPES = {
+    "qkv+LN": (12288, 4096, True, False, False, False, True),
+    "dense+res": (4096, 4096, True, True, False, False, False),
+    "up+LN+relu2": (16384, 4096, True, False, True, False, True),
+    "down+res": (4096, 16384, True, True, False, False, False),
+    "lm_head+LN": (262144, 4096, False, False, False, True, True),
+}
+
+
+def sweep_shape(name, M, dtype, launches, reps):
+    """{config: seconds per call} for config -1 (default) and every config taking M rows, plus cuBLAS."""
+    N, K, has_bias, has_res, relu2, fp32_out, ln = SWEEP_SHAPES[name]
+    dev = "cuda"
+    w_bytes = N * K * dtype.itemsize
+    nbuf = max(2, -(-ROTATE_BYTES // w_bytes))
+    weights = [torch.randn(N, K, device=dev, dtype=dtype).mul_(K ** -0.5) for _ in range(nbuf)]
+    x = torch.randn(M, K, device=dev, dtype=dtype).mul_(2).add_(0.5)
+    bias = torch.randn(N, device=dev, dtype=dtype) if has_bias else None
+    residual = torch.randn(M, N, device=dev, dtype=dtype) if has_res else None
+    ln_w = (1 + 0.2 * torch.randn(K, device=dev)).to(dtype) if ln else None
+    ln_b = (0.2 * torch.randn(K, device=dev)).to(dtype) if ln else None
+    out = torch.empty(M, N, device=dev, dtype=torch.float32 if fp32_out else dtype)
+    op = torch.ops.persimmon_rt
+
+    want = torch.empty(M, N, device=dev, dtype=torch.float32)
+    reference.decode_linear(x.float(), weights[0].float(), None if bias is None else bias.float(),
+                            None if residual is None else residual.float(), want, relu2,
+                            None if ln_w is None else ln_w.float(), None if ln_b is None else ln_b.float(), 1e-5)
+    configs = [-1] + [i for i, n in enumerate(ops.DECODE_LINEAR_CONFIGS) if int(n.split()[0][1:]) >= M]
+    times = {}
+    n_launch = max(launches, nbuf)
+    for config in configs:
+        def call(i, config=config):
+            op.decode_linear(x, weights[i % nbuf], bias, residual, out, relu2, ln_w, ln_b, 1e-5, config)
+        call(0)
+        err = ((out.float() - want).norm() / want.norm()).item()
+        assert err < 1e-2, f"{name} M={M} config {config}: relative error {err:.2e}"
+        times[config] = time_graph(call, n_launch, reps)
+    times["cublas"] = time_graph(lambda i: F.linear(x, weights[i % nbuf], bias), n_launch, reps)
+    weights.clear()
+    return w_bytes, times
+
+
+def run_sweep(args, dtype):
+    copy_bps, _ = copy_bandwidth(args.reps)
+    gpu = torch.cuda.get_device_name()
+    names = ops.DECODE_LINEAR_CONFIGS
+    print(f"{gpu}, torch {torch.__version__}, {args.dtype}; copy {copy_bps / 1e12:.3f} TB/s; "
+          f"configs: " + "; ".join(f"{i}: {n}" for i, n in enumerate(names)))
+    header = ("| shape | M | best | best us | best % copy | default us | default % copy | cuBLAS us | "
+              + " | ".join(f"c{i} us" for i in range(len(names))) + " |")
+    lines = []
+    for M in args.rows:
+        for name in SWEEP_SHAPES:
+            w_bytes, t = sweep_shape(name, M, dtype, args.launches, args.reps)
+            ours = {k: v for k, v in t.items() if isinstance(k, int) and k >= 0}
+            best = min(ours, key=ours.get)
+            pct = lambda s: 100 * w_bytes / s / copy_bps  # noqa: E731  (weight bytes only)
+            cols = " | ".join(f"{ours[i] * 1e6:.1f}" if i in ours else "-" for i in range(len(names)))
+            lines.append(f"| {name} | {M} | c{best} | {ours[best] * 1e6:.1f} | {pct(ours[best]):.1f} | "
+                         f"{t[-1] * 1e6:.1f} | {pct(t[-1]):.1f} | {t['cublas'] * 1e6:.1f} | {cols} |")
+            print(lines[-1], flush=True)
+            torch.cuda.empty_cache()
+    print()
+    print(f"{gpu}, PERSIMMON_RT_PDL={os.environ.get('PERSIMMON_RT_PDL', '1 (default)')}; "
+          "% copy = weight bytes / time against the copy above")
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for line in lines:
+        print(line)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="decode batch sizes M")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--launches", type=int, default=16, help="calls per captured graph")
     parser.add_argument("--reps", type=int, default=30, help="graph replays (median taken)")
+    parser.add_argument("--sweep", action="store_true", help="time every tile configuration per shape")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
+    if args.sweep:
+        run_sweep(args, dtype)
+        return
 
     copy_bps, copy_graph_bps = copy_bandwidth(args.reps)
     gpu = torch.cuda.get_device_name()

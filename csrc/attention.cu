@@ -3,7 +3,10 @@
 #include "attention.h"
 
 #include <algorithm>
+#include <iterator>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include "common.cuh"
 #include "kernels/attention_decode.cuh"
@@ -18,8 +21,25 @@ using attention::PrefillTile;
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-[[noreturn]] void unsupported_head_dim(const char* op, int head_dim) {
-  throw std::invalid_argument(std::string(op) + ": head_dim must be 64 or 128, got " + std::to_string(head_dim));
+// batch and num_heads index grid z and y.
+const std::string kGridLimitMessage = "batch and num_heads must be in [0, " + std::to_string(kMaxGridDimYZ) + "]";
+
+// Calls f(std::integral_constant<int, D>{}) for the D of kAttentionHeadDims equal to head_dim; any
+// other head_dim is an error, never a silent no-op.
+template <typename F, size_t... I>
+void dispatch_head_dim(const char* op, int head_dim, F&& f, std::index_sequence<I...>) {
+  const bool found =
+      ((head_dim == kAttentionHeadDims[I] && (f(std::integral_constant<int, kAttentionHeadDims[I]>{}), true)) || ...);
+  if (found) return;
+  std::string dims;
+  for (const int d : kAttentionHeadDims) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
+  throw std::invalid_argument(std::string(op) + ": head_dim must be one of " + dims + ", got " +
+                              std::to_string(head_dim));
+}
+
+template <typename F>
+void dispatch_head_dim(const char* op, int head_dim, F&& f) {
+  dispatch_head_dim(op, head_dim, std::forward<F>(f), std::make_index_sequence<std::size(kAttentionHeadDims)>{});
 }
 
 // head_dim 64 (Persimmon): 4 warps x 32 query rows, 64-key tiles; 48 KB of shared memory and < 256
@@ -27,14 +47,26 @@ constexpr float kLog2e = 1.4426950408889634f;
 // tokens, three runs) this beat 8 warps x 16 rows by 5-17 %, 32-key tiles by 4-11 % and 16-row warps
 // with 128-key tiles by 14-29 %. head_dim 128 doubles every fragment, so a warp takes 16 rows to stay
 // under the register limit.
-using PrefillTile64 = PrefillTile<64, 2, 4, 64>;
-using PrefillTile128 = PrefillTile<128, 1, 4, 64>;
+template <int D>
+struct PrefillTileFor;  // one per entry of kAttentionHeadDims
+template <>
+struct PrefillTileFor<64> {
+  using type = PrefillTile<64, 2, 4, 64>;
+};
+template <>
+struct PrefillTileFor<128> {
+  using type = PrefillTile<128, 1, 4, 64>;
+};
 
 template <typename T, typename Tile>
 void prefill(const PrefillParams& p, int batch, int max_q_len, cudaStream_t stream) {
+  const int64_t q_tiles = ceil_div(max_q_len, Tile::kBlockM);
+  PRT_REQUIRE(q_tiles <= kMaxGridDimYZ, "max_q_len must be <= " + std::to_string(int64_t{kMaxGridDimYZ} * Tile::kBlockM) +
+                                            " (query tiles of " + std::to_string(Tile::kBlockM) +
+                                            " rows on grid y)");
   const auto kernel = attention::attention_prefill_kernel<T, Tile>;
   PRT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
-  const dim3 grid(p.num_heads, static_cast<unsigned>(ceil_div(max_q_len, Tile::kBlockM)), batch);
+  const dim3 grid(p.num_heads, static_cast<unsigned>(q_tiles), batch);
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
   PRT_CUDA_CHECK(cudaGetLastError());
 }
@@ -70,12 +102,11 @@ DecodeShape decode_shape(int batch, int cache_len, int num_heads) {
 template <typename T, int D, int THREADS>
 void decode(const DecodeParams& p, int batch, cudaStream_t stream) {
   constexpr int kMinBlocks = 65536 / (THREADS * kDecodeRegsPerThread);
-  attention::attention_decode_split_kernel<T, D, THREADS, kDecodeUnroll, kMinBlocks>
-      <<<dim3(p.num_splits, p.num_heads, batch), THREADS, 0, stream>>>(p);
-  PRT_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(attention::attention_decode_split_kernel<T, D, THREADS, kDecodeUnroll, kMinBlocks>,
+                dim3(p.num_splits, p.num_heads, batch), dim3(THREADS), 0, stream, /*pdl=*/true, p);
   if (p.num_splits > 1)
-    PRT_CUDA_CHECK(attention::launch_pdl(attention::attention_decode_combine_kernel<T, D>, dim3(p.num_heads, batch),
-                                         dim3(D), stream, p));
+    launch_kernel(attention::attention_decode_combine_kernel<T, D>, dim3(p.num_heads, batch), dim3(D), 0, stream,
+                  /*pdl=*/true, p);
 }
 
 template <typename T, int D>
@@ -90,18 +121,15 @@ void launch_attention_prefill(const void* q, const void* k_cache, const void* v_
                               const int32_t* seq_lens, void* out, int num_tokens, int batch, int max_q_len,
                               int cache_len, int num_heads, int head_dim, float scale, DType dtype,
                               cudaStream_t stream) {
-  PRT_REQUIRE(batch >= 0 && batch <= 65535 && num_heads > 0 && num_heads <= 65535 && max_q_len >= 0,
-              "batch and num_heads must be in [0, 65535], max_q_len >= 0");
+  PRT_REQUIRE(batch >= 0 && batch <= kMaxGridDimYZ && num_heads > 0 && num_heads <= kMaxGridDimYZ && max_q_len >= 0,
+              kGridLimitMessage + ", max_q_len >= 0");
   if (num_tokens == 0 || batch == 0 || max_q_len == 0) return;
-  PRT_REQUIRE(ceil_div(max_q_len, 64) <= 65535, "max_q_len must be < 2^22 (grid y limit)");
   const PrefillParams p{q, k_cache, v_cache, cu_seqlens_q, seq_lens, out, num_heads, cache_len, scale * kLog2e};
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    switch (head_dim) {
-      case 64: prefill<T, PrefillTile64>(p, batch, max_q_len, stream); break;
-      case 128: prefill<T, PrefillTile128>(p, batch, max_q_len, stream); break;
-      default: unsupported_head_dim("attention_prefill", head_dim);
-    }
+    dispatch_head_dim("attention_prefill", head_dim, [&](auto d) {
+      prefill<T, typename PrefillTileFor<decltype(d)::value>::type>(p, batch, max_q_len, stream);
+    });
   });
 }
 
@@ -115,8 +143,8 @@ size_t attention_decode_workspace_bytes(int batch, int cache_len, int num_heads,
 void launch_attention_decode(const void* q, const void* k_cache, const void* v_cache, const int32_t* seq_lens,
                              void* out, void* workspace, int batch, int cache_len, int num_heads, int head_dim,
                              float scale, DType dtype, cudaStream_t stream) {
-  PRT_REQUIRE(batch >= 0 && batch <= 65535 && num_heads > 0 && num_heads <= 65535,
-              "batch and num_heads must be in [0, 65535]");
+  PRT_REQUIRE(batch >= 0 && batch <= kMaxGridDimYZ && num_heads > 0 && num_heads <= kMaxGridDimYZ,
+              kGridLimitMessage);
   if (batch == 0) return;
   const DecodeShape shape = decode_shape(batch, cache_len, num_heads);
   const int splits = shape.splits;
@@ -129,11 +157,8 @@ void launch_attention_decode(const void* q, const void* k_cache, const void* v_c
                        partial_sum, num_heads, cache_len, splits,   scale * kLog2e};
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    switch (head_dim) {
-      case 64: decode_threads<T, 64>(p, shape.threads, batch, stream); break;
-      case 128: decode_threads<T, 128>(p, shape.threads, batch, stream); break;
-      default: unsupported_head_dim("attention_decode", head_dim);
-    }
+    dispatch_head_dim("attention_decode", head_dim,
+                      [&](auto d) { decode_threads<T, decltype(d)::value>(p, shape.threads, batch, stream); });
   });
 }
 

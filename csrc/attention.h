@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include <cuda_runtime_api.h>
 
@@ -13,9 +14,19 @@
 
 namespace persimmon_rt {
 
+// Head dims the attention kernels are built for: the launchers dispatch over this list (any other
+// head_dim is an error), and the extension exports it as persimmon_rt._C.ATTENTION_HEAD_DIMS.
+inline constexpr int kAttentionHeadDims[] = {64, 128};
+
+constexpr bool attention_supports_head_dim(int head_dim) {
+  for (const int d : kAttentionHeadDims)
+    if (d == head_dim) return true;
+  return false;
+}
+
 // out = causal softmax(q k^T * scale) v of the new tokens of every sequence over its cache.
 // max_q_len >= max_b (cu[b+1] - cu[b]) sizes the grid without reading cu_seqlens_q on the host.
-// head_dim 64 or 128.
+// head_dim one of kAttentionHeadDims.
 void launch_attention_prefill(const void* q,               // [T, H, D]
                               const void* k_cache,         // [B, S, H, D]
                               const void* v_cache,         // [B, S, H, D]
@@ -31,7 +42,7 @@ size_t attention_decode_workspace_bytes(int batch, int cache_len, int num_heads,
 
 // out[b] = softmax(q[b] k[b, :seq_lens[b]]^T * scale) v[b, :seq_lens[b]]; zeros where seq_lens[b] == 0.
 // The launch depends only on the shapes (never on seq_lens), so it can be captured in a CUDA graph and
-// replayed with new lengths. head_dim 64 or 128.
+// replayed with new lengths. head_dim one of kAttentionHeadDims.
 void launch_attention_decode(const void* q,                // [B, H, D]
                              const void* k_cache,          // [B, S, H, D]
                              const void* v_cache,          // [B, S, H, D]

@@ -15,7 +15,7 @@ void launch_bias_relu2(const void* x, const void* bias, void* out, int64_t rows,
   const int64_t col_blocks = ceil_div(features / kVec, kBiasRelu2Threads);
   PRT_REQUIRE(col_blocks <= 0x7fffffff, "features too large");
   const dim3 grid(static_cast<unsigned>(col_blocks),
-                  static_cast<unsigned>(std::min<int64_t>(ceil_div(rows, kBiasRelu2Rows), 65535)));
+                  static_cast<unsigned>(std::min<int64_t>(ceil_div(rows, kBiasRelu2Rows), kMaxGridDimYZ)));
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     bias_relu2_kernel<T><<<grid, kBiasRelu2Threads, 0, stream>>>(

@@ -1,10 +1,14 @@
-// Shared device helpers for the torch-free kernels: dtype dispatch, 16-byte vector load/store with
-// fp32 conversion, warp/block reductions, CUDA error checks.
+// Shared helpers for the torch-free kernels and launchers: CUDA error checks, launch limits and the
+// launch helper (programmatic dependent launch where the device has it), dtype dispatch, 16-byte vector
+// load/store with fp32 conversion, warp/block reductions.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -29,6 +33,55 @@ namespace persimmon_rt {
   do {                                                                            \
     if (!(cond)) throw std::invalid_argument(std::string(__func__) + ": " + msg); \
   } while (0)
+
+// ---- launches ---------------------------------------------------------------------------------------
+
+constexpr int kMaxGridDimYZ = 65535;  // gridDim.y and gridDim.z limit (gridDim.x goes to 2^31 - 1)
+
+// Whether launches on the current device use programmatic dependent launch: compute capability 9.0+,
+// unless the environment sets PERSIMMON_RT_PDL=0 (for A/B timing; read once). Cached per device: the
+// launch helper asks on every launch.
+inline bool pdl_enabled() {
+  static const bool env_off = [] {
+    const char* v = std::getenv("PERSIMMON_RT_PDL");
+    return v != nullptr && std::string(v) == "0";
+  }();
+  if (env_off) return false;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  PRT_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= kMaxDevices) return false;
+  int state = cached[device].load(std::memory_order_relaxed);
+  if (state == 0) {
+    int major = 0;
+    PRT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    state = major >= 9 ? 2 : 1;
+    cached[device].store(state, std::memory_order_relaxed);
+  }
+  return state == 2;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), checked. With `pdl` (and a device that has it) the
+// launch carries the programmatic-stream-serialization attribute: its blocks may be scheduled once
+// every block of the previous kernel in the stream has run pdl_launch_dependents() (or exited), and the
+// kernel must then call pdl_wait() before touching the previous kernel's data (ptx.cuh says where).
+// CUDA-graph capture keeps the programmatic edge.
+template <typename... KernelArgs, typename... Args>
+void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   bool pdl, Args&&... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = pdl && pdl_enabled() ? 1 : 0;
+  PRT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
 
 // ---- dtype dispatch --------------------------------------------------------------------------------
 

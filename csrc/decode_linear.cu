@@ -1,6 +1,10 @@
-// Launcher of the decode GEMV: picks the tile configuration for M, the template instance for
-// (dtype, output dtype), sizes the grid, checks the launch. Torch-free.
+// Launcher of the decode GEMV: picks the tile configuration for (M, N, K), the template instance for
+// (dtype, output dtype, LayerNorm prologue), sizes the grid, checks the launch. Torch-free.
 #include "decode_linear.h"
+
+#include <iterator>
+#include <tuple>
+#include <utility>
 
 #include "kernels/decode_linear.cuh"
 
@@ -10,47 +14,110 @@ namespace {
 using gemv::DecodeLinearParams;
 using gemv::GemvConfig;
 
-// Up to 8 rows: one 16-row tile and one x fragment per warp, 4 chunks (8 weight loads of 16 bytes) in
-// flight per lane, 8 warps splitting K. 9..16 rows add the second x fragment (a second mma per
-// A fragment, twice the x loads); the weight stream is unchanged.
-// benchmarks/decode_linear_variants.cu sweeps J, WARPS, RT and the L2 hint: at M <= 8 these are within
-// 1 % of the best variant on every Persimmon shape; at M = 16 no variant won every shape. A programmatic
-// dependent launch whose blocks prefetched their first weights into L2 before griddepcontrol.wait
-// measured 17-38 % slower (benchmarks/RESULTS.md, 2026-11-25 decode_linear).
-using Config8 = GemvConfig<1, 1, 4, 8, 3>;
-using Config16 = GemvConfig<1, 2, 4, 8, 3>;
+// The compiled configurations (GemvConfig<RT, MT, J, WARPS, MIN_BLOCKS>), by index; kShapeRules and
+// kDefault* below pick among them. Up to 8 rows (MT = 1): one 16-row tile and one x fragment per warp;
+// 9..16 rows (MT = 2) add the second x fragment (a second mma per A fragment, twice the x loads), the
+// weight stream is unchanged. Bytes in flight per block: WARPS x 32 lanes x J x RT x 32 B.
+// On the H100 (benchmarks/decode_linear_variants.cu, benchmarks/RESULTS.md 2026-11-25) the J4 / 8-warp
+// pair was within 1 % of the best variant at M <= 8 on every Persimmon shape; at M = 16 no variant won
+// every shape (J2 best on dense, 16 warps on lm_head). The others are candidates for HBM3e's higher
+// bandwidth (benchmarks/bench_decode_linear.py --sweep times every one of them).
+using Configs = std::tuple<GemvConfig<1, 1, 4, 8, 3>,    // 0  m8 J4 W8   (H100 choice, M <= 8)
+                           GemvConfig<1, 1, 8, 8, 2>,    // 1  m8 J8 W8
+                           GemvConfig<1, 1, 4, 16, 1>,   // 2  m8 J4 W16
+                           GemvConfig<1, 1, 2, 16, 2>,   // 3  m8 J2 W16
+                           GemvConfig<1, 1, 8, 4, 4>,    // 4  m8 J8 W4
+                           GemvConfig<1, 2, 4, 8, 3>,    // 5  m16 J4 W8  (H100 choice, M <= 16)
+                           GemvConfig<1, 2, 2, 8, 3>,    // 6  m16 J2 W8
+                           GemvConfig<1, 2, 4, 16, 1>>;  // 7  m16 J4 W16
+constexpr int kNumConfigs = std::tuple_size_v<Configs>;
+constexpr int kDefault8 = 0;
+constexpr int kDefault16 = 5;
+// With the LayerNorm prologue, config 5 spills (~470 bytes: the LN weight and bias fragments sit beside
+// two x fragments and four weight chunks); the J2 variant spills 12 bytes.
+constexpr int kDefault16Ln = 6;
+
+// Per-shape choices (Persimmon-8B decode shapes, in the engine's use: LN prologue or not); other
+// shapes take the defaults. Fill from an H200 sweep: config for M <= 8, config for 9 <= M <= 16.
+struct ShapeRule {
+  int n, k;
+  bool ln;
+  int config8, config16;
+};
+constexpr ShapeRule kShapeRules[] = {
+    {12288, 4096, true, kDefault8, kDefault16Ln},   // QKV (LN_in prologue)
+    {4096, 4096, false, kDefault8, kDefault16},     // attention dense (+ residual)
+    {16384, 4096, true, kDefault8, kDefault16Ln},   // MLP up (LN_post prologue, relu2)
+    {4096, 16384, false, kDefault8, kDefault16},    // MLP down (+ residual)
+    {262144, 4096, true, kDefault8, kDefault16Ln},  // lm_head (final LN prologue, fp32 out)
+};
+
+int choose_config(int M, int N, int K, bool ln) {
+  for (const ShapeRule& r : kShapeRules)
+    if (r.n == N && r.k == K && r.ln == ln) return M <= 8 ? r.config8 : r.config16;
+  return M <= 8 ? kDefault8 : ln ? kDefault16Ln : kDefault16;
+}
+
+template <typename Cfg>
+std::string config_name() {
+  return "m" + std::to_string(Cfg::kMaxM) + " J" + std::to_string(Cfg::J) + " W" + std::to_string(Cfg::WARPS) +
+         " RT" + std::to_string(Cfg::RT) + " B" + std::to_string(Cfg::MIN_BLOCKS);
+}
 
 template <typename Cfg>
 void launch(const DecodeLinearParams& p, DType dtype, bool out_fp32, cudaStream_t stream) {
+  PRT_REQUIRE(p.M <= Cfg::kMaxM, "config " + config_name<Cfg>() + " takes at most " + std::to_string(Cfg::kMaxM) +
+                                     " rows, got " + std::to_string(p.M));
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, Cfg::kRowsPerBlock)));
+  const bool ln = p.ln_weight != nullptr;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
+    const auto run = [&](auto kernel) { launch_kernel(kernel, grid, dim3(Cfg::kThreads), 0, stream, /*pdl=*/true, p); };
     if (out_fp32) {
-      gemv::decode_linear_kernel<T, float, Cfg><<<grid, Cfg::kThreads, 0, stream>>>(p);
+      ln ? run(gemv::decode_linear_kernel<T, float, Cfg, true>) : run(gemv::decode_linear_kernel<T, float, Cfg, false>);
     } else {
-      gemv::decode_linear_kernel<T, T, Cfg><<<grid, Cfg::kThreads, 0, stream>>>(p);
+      ln ? run(gemv::decode_linear_kernel<T, T, Cfg, true>) : run(gemv::decode_linear_kernel<T, T, Cfg, false>);
     }
   });
-  PRT_CUDA_CHECK(cudaGetLastError());
+}
+
+template <size_t... I>
+void launch_config(int config, const DecodeLinearParams& p, DType dtype, bool out_fp32, cudaStream_t stream,
+                   std::index_sequence<I...>) {
+  ((config == static_cast<int>(I) ? launch<std::tuple_element_t<I, Configs>>(p, dtype, out_fp32, stream) : void()),
+   ...);
+}
+
+template <size_t... I>
+std::vector<std::string> names(std::index_sequence<I...>) {
+  return {config_name<std::tuple_element_t<I, Configs>>()...};
 }
 
 }  // namespace
 
+std::vector<std::string> decode_linear_config_names() { return names(std::make_index_sequence<kNumConfigs>{}); }
+
 void launch_decode_linear(const void* x, const void* weight, const void* bias, const void* residual, void* out,
-                          int64_t ldx, int M, int N, int K, bool relu2, DType dtype, bool out_fp32,
-                          cudaStream_t stream) {
-  PRT_REQUIRE(M >= 1 && M <= kDecodeLinearMaxRows, "M must be in [1, 16]");
+                          const void* ln_weight, const void* ln_bias, float eps, int64_t ldx, int M, int N, int K,
+                          bool relu2, DType dtype, bool out_fp32, int config, cudaStream_t stream) {
+  PRT_REQUIRE(M >= 1 && M <= kDecodeLinearMaxRows, "M must be in [1, " + std::to_string(kDecodeLinearMaxRows) + "]");
   PRT_REQUIRE(N >= 1, "N must be >= 1");
   PRT_REQUIRE(K >= 8 && K % kVec == 0, "K must be a positive multiple of 8");
   PRT_REQUIRE(ldx >= K && ldx % kVec == 0, "x row stride must be >= K and a multiple of 8");
   PRT_REQUIRE(reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(weight) % 16 == 0,
               "x and weight must be 16-byte aligned");
-  const DecodeLinearParams p{x, weight, bias, residual, out, ldx, M, N, K, relu2};
-  if (M <= Config8::kMaxM) {
-    launch<Config8>(p, dtype, out_fp32, stream);
-  } else {
-    launch<Config16>(p, dtype, out_fp32, stream);
-  }
+  PRT_REQUIRE(ln_bias == nullptr || ln_weight != nullptr, "ln_bias needs ln_weight");
+  PRT_REQUIRE(ln_weight == nullptr || (reinterpret_cast<uintptr_t>(ln_weight) % 16 == 0 &&
+                                       reinterpret_cast<uintptr_t>(ln_bias) % 16 == 0),
+              "ln_weight and ln_bias must be 16-byte aligned");
+  PRT_REQUIRE(config >= -1 && config < kNumConfigs,
+              "config must be -1 or in [0, " + std::to_string(kNumConfigs) + "), got " + std::to_string(config));
+  DecodeLinearParams p{x, weight, bias, residual, out, ldx, M, N, K, relu2};
+  p.ln_weight = ln_weight;
+  p.ln_bias = ln_bias;
+  p.eps = eps;
+  launch_config(config < 0 ? choose_config(M, N, K, ln_weight != nullptr) : config, p, dtype, out_fp32, stream,
+                std::make_index_sequence<kNumConfigs>{});
 }
 
 }  // namespace persimmon_rt

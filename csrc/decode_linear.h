@@ -1,9 +1,11 @@
-// Torch-free launcher of the decode GEMV with fused epilogue, out = act(x W^T + bias) + residual;
-// semantics in persimmon_rt/reference.py (decode_linear). M = rows (decode batch), N = output
-// features, K = input features.
+// Torch-free launcher of the decode GEMV with fused LayerNorm prologue and epilogue,
+// out = act(LN(x) W^T + bias) + residual; semantics in persimmon_rt/reference.py (decode_linear).
+// M = rows (decode batch), N = output features, K = input features.
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include <cuda_runtime_api.h>
 
@@ -13,16 +15,26 @@ namespace persimmon_rt {
 
 constexpr int kDecodeLinearMaxRows = 16;
 
+// Names of the compiled tile configurations, indexed by launch_decode_linear's `config` (for sweeps:
+// benchmarks/bench_decode_linear.py --sweep); each states the most rows it takes ("m8 ...", "m16 ...").
+std::vector<std::string> decode_linear_config_names();
+
 // Preconditions (checked by the caller; the launcher throws std::invalid_argument if they fail):
-// 1 <= M <= 16, K % 8 == 0, ldx % 8 == 0, x and weight 16-byte aligned; x, weight, bias and residual of
-// `dtype`; out of `dtype`, or fp32 when out_fp32. x must not overlap out; residual may alias out
-// exactly. No workspace, no host synchronisation: safe to capture in a CUDA graph.
-void launch_decode_linear(const void* x,         // [M, K]  row stride ldx elements, unit column stride
-                          const void* weight,    // [N, K]  contiguous
-                          const void* bias,      // [N]  or nullptr
-                          const void* residual,  // [M, N]  contiguous, or nullptr
-                          void* out,             // [M, N]  contiguous, written
-                          int64_t ldx, int M, int N, int K, bool relu2, DType dtype, bool out_fp32,
-                          cudaStream_t stream);
+// 1 <= M <= kDecodeLinearMaxRows, K % 8 == 0, ldx % 8 == 0, x and weight 16-byte aligned; x, weight,
+// bias, residual, ln_weight and ln_bias of `dtype`; out of `dtype`, or fp32 when out_fp32. x must not
+// overlap out; residual may alias out exactly. No workspace, no host synchronisation: safe to capture
+// in a CUDA graph. Launched as a programmatic dependent launch (sm_90+).
+// ln_weight given: x is replaced by round(LN(x) * ln_weight + ln_bias) (statistics in fp32 over K, eps),
+// as the layernorm op would have produced it. config: an index into decode_linear_config_names()
+// (M must fit it), or -1 for the per-shape choice.
+void launch_decode_linear(const void* x,          // [M, K]  row stride ldx elements, unit column stride
+                          const void* weight,     // [N, K]  contiguous
+                          const void* bias,       // [N]  or nullptr
+                          const void* residual,   // [M, N]  contiguous, or nullptr
+                          void* out,              // [M, N]  contiguous, written
+                          const void* ln_weight,  // [K]  or nullptr (no LayerNorm prologue)
+                          const void* ln_bias,    // [K]  or nullptr; only with ln_weight
+                          float eps, int64_t ldx, int M, int N, int K, bool relu2, DType dtype, bool out_fp32,
+                          int config, cudaStream_t stream);
 
 }  // namespace persimmon_rt

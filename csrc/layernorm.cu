@@ -14,13 +14,13 @@ void launch(const void* x, const void* weight, const void* bias, void* out, cons
   const auto* wt = static_cast<const T*>(weight);
   const auto* bt = static_cast<const T*>(bias);
   auto* ot = static_cast<T*>(out);
+  const dim3 grid(static_cast<unsigned>(rows));
   if (residual != nullptr)
-    layernorm_kernel<T, THREADS, CPT, true><<<static_cast<unsigned>(rows), THREADS, 0, stream>>>(
-        xt, wt, bt, ot, static_cast<const T*>(residual), static_cast<T*>(residual_out), hidden, eps);
+    launch_kernel(layernorm_kernel<T, THREADS, CPT, true>, grid, dim3(THREADS), 0, stream, /*pdl=*/true, xt, wt, bt,
+                  ot, static_cast<const T*>(residual), static_cast<T*>(residual_out), hidden, eps);
   else
-    layernorm_kernel<T, THREADS, CPT, false><<<static_cast<unsigned>(rows), THREADS, 0, stream>>>(
-        xt, wt, bt, ot, nullptr, nullptr, hidden, eps);
-  PRT_CUDA_CHECK(cudaGetLastError());
+    launch_kernel(layernorm_kernel<T, THREADS, CPT, false>, grid, dim3(THREADS), 0, stream, /*pdl=*/true, xt, wt,
+                  bt, ot, static_cast<const T*>(nullptr), static_cast<T*>(nullptr), hidden, eps);
 }
 
 }  // namespace

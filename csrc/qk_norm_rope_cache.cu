@@ -14,8 +14,8 @@ void launch(const QkNormRopeCacheParams& p, int64_t num_tokens, cudaStream_t str
   const int threads = static_cast<int>(std::min<int64_t>(ceil_div(int64_t{p.num_heads} * G, 32) * 32, kQkMaxThreads));
   const int groups = threads / G;
   const dim3 grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(ceil_div(p.num_heads, groups)));
-  qk_norm_rope_cache_kernel<T, G><<<grid, threads, qk_norm_rope_cache_smem_bytes(p.rotary_dim, groups), stream>>>(p);
-  PRT_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(qk_norm_rope_cache_kernel<T, G>, grid, dim3(threads),
+                qk_norm_rope_cache_smem_bytes(p.rotary_dim, groups), stream, /*pdl=*/true, p);
 }
 
 }  // namespace

@@ -68,14 +68,39 @@ DType activation_dtype(const char* op, const Tensor& t, const char* name) {
   return t.scalar_type() == at::kHalf ? DType::kHalf : DType::kBFloat16;
 }
 
-// Device-side checks, CUDA impls only: same GPU as `ref`, and 16-byte alignment for vector access.
-void check_device(const char* op, const Tensor& t, const char* name, const Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), ", got ", t.device());
+// One tensor argument of an op in its table of per-tensor checks (check_args): everything but the shape.
+enum Need : unsigned {
+  kNone = 0,
+  kContiguous = 1,  // the kernel indexes it as a dense array
+  kAligned16 = 2,   // the kernel reads or writes it with 16-byte vector accesses
+};
+
+struct Arg {
+  const char* name;
+  const Tensor* tensor;                 // nullptr: an optional argument that was not given (skipped)
+  std::optional<at::ScalarType> dtype;  // required dtype; nullopt where the op checks it itself
+  unsigned need;                        // Need flags
+};
+
+Arg arg(const char* name, const Tensor& t, std::optional<at::ScalarType> dtype, unsigned need) {
+  return {name, &t, dtype, need};
 }
 
-void check_aligned(const char* op, const Tensor& t, const char* name) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
-              " must start 16-byte aligned (a view at an odd offset? pass a contiguous copy)");
+Arg arg(const char* name, const OptTensor& t, std::optional<at::ScalarType> dtype, unsigned need) {
+  return {name, t.has_value() ? &*t : nullptr, dtype, need};
+}
+
+// Every given argument: its dtype, layout, device (that of `ref`, the op's first input) and alignment.
+void check_args(const char* op, const Tensor& ref, std::initializer_list<Arg> args) {
+  for (const Arg& a : args) {
+    if (a.tensor == nullptr) continue;
+    const Tensor& t = *a.tensor;
+    if (a.dtype.has_value()) check_dtype(op, t, a.name, *a.dtype);
+    if (a.need & kContiguous) check_contiguous(op, t, a.name);
+    TORCH_CHECK(t.device() == ref.device(), op, ": ", a.name, " must be on ", ref.device(), ", got ", t.device());
+    TORCH_CHECK(!(a.need & kAligned16) || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", a.name,
+                " must start 16-byte aligned (a view at an odd offset? pass a contiguous copy)");
+  }
 }
 
 const void* opt_ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
@@ -97,6 +122,7 @@ void check_qk_norm_rope_cache(const Tensor& qkv, const Tensor& positions, const 
   TORCH_CHECK(qkv.dim() == 4, kQk, ": qkv must have shape [T, H, 3, D], got ", qkv.sizes());
   const int64_t T = qkv.size(0), H = qkv.size(1), D = qkv.size(3);
   check_shape(kQk, qkv, "qkv", "[T, H, 3, D]", {T, H, 3, D});
+  const at::ScalarType dt = qkv.scalar_type();
   activation_dtype(kQk, qkv, "qkv");
   TORCH_CHECK(D % 8 == 0 && D >= 8 && D <= 256, kQk, ": head_dim D must be a multiple of 8 in [8, 256], got ", D);
   TORCH_CHECK(H >= 1, kQk, ": qkv needs at least one head");
@@ -104,32 +130,25 @@ void check_qk_norm_rope_cache(const Tensor& qkv, const Tensor& positions, const 
               ": qkv must have a unit last stride and other strides that are multiples of 8, got ", qkv.strides());
   check_shape(kQk, positions, "positions", "[T]", {T});
   check_index_dtype(kQk, positions, "positions");
-  check_contiguous(kQk, positions, "positions");
   TORCH_CHECK(inv_freq.dim() == 1 && 2 * inv_freq.size(0) <= D, kQk,
               ": inv_freq must have shape [R/2] with rotary dims R <= D = ", D, ", got ", inv_freq.sizes());
-  check_dtype(kQk, inv_freq, "inv_freq", at::kFloat);
-  check_contiguous(kQk, inv_freq, "inv_freq");
-  const std::pair<const OptTensor*, const char*> affine[] = {
-      {&q_weight, "q_weight"}, {&q_bias, "q_bias"}, {&k_weight, "k_weight"}, {&k_bias, "k_bias"}};
-  for (const auto& [t, name] : affine) {
-    if (!t->has_value()) continue;
-    check_shape(kQk, **t, name, "[D]", {D});
-    check_dtype(kQk, **t, name, qkv.scalar_type());
-    check_contiguous(kQk, **t, name);
-  }
+  for (const auto& [t, name] : {std::pair<const OptTensor*, const char*>{&q_weight, "q_weight"}, {&q_bias, "q_bias"},
+                                {&k_weight, "k_weight"}, {&k_bias, "k_bias"}})
+    if (t->has_value()) check_shape(kQk, **t, name, "[D]", {D});
   TORCH_CHECK(k_cache.dim() == 4, kQk, ": k_cache must have shape [B, S, H, D], got ", k_cache.sizes());
   check_shape(kQk, k_cache, "k_cache", "[B, S, H, D]", {kAny, kAny, H, D});
   check_shape(kQk, v_cache, "v_cache", "[B, S, H, D] (as k_cache)", k_cache.sizes().vec());
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
-    check_dtype(kQk, *t, name, qkv.scalar_type());
-    check_contiguous(kQk, *t, name);
-  }
   check_shape(kQk, slot_mapping, "slot_mapping", "[T]", {T});
   check_index_dtype(kQk, slot_mapping, "slot_mapping");
-  check_contiguous(kQk, slot_mapping, "slot_mapping");
   check_shape(kQk, q_out, "q_out", "[T, H, D]", {T, H, D});
-  check_dtype(kQk, q_out, "q_out", qkv.scalar_type());
-  check_contiguous(kQk, q_out, "q_out");
+  check_args(kQk, qkv,
+             {arg("qkv", qkv, dt, kAligned16), arg("positions", positions, std::nullopt, kContiguous),
+              arg("inv_freq", inv_freq, at::kFloat, kContiguous),
+              arg("q_weight", q_weight, dt, kContiguous | kAligned16), arg("q_bias", q_bias, dt, kContiguous | kAligned16),
+              arg("k_weight", k_weight, dt, kContiguous | kAligned16), arg("k_bias", k_bias, dt, kContiguous | kAligned16),
+              arg("k_cache", k_cache, dt, kContiguous | kAligned16), arg("v_cache", v_cache, dt, kContiguous | kAligned16),
+              arg("slot_mapping", slot_mapping, std::nullopt, kContiguous),
+              arg("q_out", q_out, dt, kContiguous | kAligned16)});
 }
 
 void qk_norm_rope_cache_cuda(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,
@@ -138,19 +157,6 @@ void qk_norm_rope_cache_cuda(const Tensor& qkv, const Tensor& positions, const T
                              Tensor& q_out, double eps) {
   check_qk_norm_rope_cache(qkv, positions, inv_freq, q_weight, q_bias, k_weight, k_bias, k_cache, v_cache,
                            slot_mapping, q_out);
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&positions, "positions"},
-                                {&inv_freq, "inv_freq"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"},
-                                {&slot_mapping, "slot_mapping"}, {&q_out, "q_out"}})
-    check_device(kQk, *t, name, qkv);
-  for (const auto& [t, name] : {std::pair<const OptTensor*, const char*>{&q_weight, "q_weight"}, {&q_bias, "q_bias"},
-                                {&k_weight, "k_weight"}, {&k_bias, "k_bias"}}) {
-    if (!t->has_value()) continue;
-    check_device(kQk, **t, name, qkv);
-    check_aligned(kQk, **t, name);
-  }
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&qkv, "qkv"}, {&k_cache, "k_cache"},
-                                {&v_cache, "v_cache"}, {&q_out, "q_out"}})
-    check_aligned(kQk, *t, name);
   const c10::cuda::CUDAGuard guard(qkv.device());
   launch_qk_norm_rope_cache(qkv.data_ptr(), positions.data_ptr(), inv_freq.data_ptr<float>(), opt_ptr(q_weight),
                             opt_ptr(q_bias), opt_ptr(k_weight), opt_ptr(k_bias), k_cache.data_ptr(),
@@ -170,42 +176,29 @@ void check_layernorm(const Tensor& x, const Tensor& weight, const Tensor& bias, 
                      const OptTensor& residual, const OptTensor& residual_out) {
   TORCH_CHECK(x.dim() >= 1, kLn, ": x must have shape [..., C], got a scalar");
   const int64_t C = x.size(-1);
+  const at::ScalarType dt = x.scalar_type();
   activation_dtype(kLn, x, "x");
   TORCH_CHECK(C % 8 == 0 && C >= 8 && C <= kLayerNormMaxHidden, kLn,
               ": hidden size C must be a multiple of 8 in [8, ", kLayerNormMaxHidden, "], got ", C);
-  check_contiguous(kLn, x, "x");
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&weight, "weight"}, {&bias, "bias"}}) {
-    check_shape(kLn, *t, name, "[C]", {C});
-    check_dtype(kLn, *t, name, x.scalar_type());
-    check_contiguous(kLn, *t, name);
-  }
+  check_shape(kLn, weight, "weight", "[C]", {C});
+  check_shape(kLn, bias, "bias", "[C]", {C});
   check_shape(kLn, out, "out", "[..., C] (as x)", x.sizes().vec());
-  check_dtype(kLn, out, "out", x.scalar_type());
-  check_contiguous(kLn, out, "out");
   TORCH_CHECK(residual.has_value() == residual_out.has_value(), kLn,
               ": residual and residual_out must be given together");
-  if (!residual.has_value()) return;
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&*residual, "residual"},
-                                {&*residual_out, "residual_out"}}) {
-    check_shape(kLn, *t, name, "[..., C] (as x)", x.sizes().vec());
-    check_dtype(kLn, *t, name, x.scalar_type());
-    check_contiguous(kLn, *t, name);
+  if (residual.has_value()) {
+    check_shape(kLn, *residual, "residual", "[..., C] (as x)", x.sizes().vec());
+    check_shape(kLn, *residual_out, "residual_out", "[..., C] (as x)", x.sizes().vec());
   }
+  constexpr unsigned kVector = kContiguous | kAligned16;
+  check_args(kLn, x,
+             {arg("x", x, dt, kVector), arg("weight", weight, dt, kVector), arg("bias", bias, dt, kVector),
+              arg("out", out, dt, kVector), arg("residual", residual, dt, kVector),
+              arg("residual_out", residual_out, dt, kVector)});
 }
 
 void layernorm_cuda(const Tensor& x, const Tensor& weight, const Tensor& bias, Tensor& out, double eps,
                     const OptTensor& residual, const OptTensor& residual_out) {
   check_layernorm(x, weight, bias, out, residual, residual_out);
-  std::vector<std::pair<const Tensor*, const char*>> tensors = {{&x, "x"}, {&weight, "weight"}, {&bias, "bias"},
-                                                                {&out, "out"}};
-  if (residual.has_value()) {
-    tensors.emplace_back(&*residual, "residual");
-    tensors.emplace_back(&*residual_out, "residual_out");
-  }
-  for (const auto& [t, name] : tensors) {
-    check_device(kLn, *t, name, x);
-    check_aligned(kLn, *t, name);
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t C = x.size(-1);
   launch_layernorm(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), opt_ptr(residual),
@@ -222,21 +215,16 @@ void check_bias_relu2(const Tensor& x, const Tensor& bias, const Tensor& out) {
   const int64_t F = x.size(-1);
   activation_dtype(kBr, x, "x");
   TORCH_CHECK(F % 8 == 0 && F >= 8, kBr, ": features F must be a positive multiple of 8, got ", F);
-  check_contiguous(kBr, x, "x");
   check_shape(kBr, bias, "bias", "[F]", {F});
-  check_dtype(kBr, bias, "bias", x.scalar_type());
-  check_contiguous(kBr, bias, "bias");
   check_shape(kBr, out, "out", "[..., F] (as x)", x.sizes().vec());
-  check_dtype(kBr, out, "out", x.scalar_type());
-  check_contiguous(kBr, out, "out");
+  constexpr unsigned kVector = kContiguous | kAligned16;
+  check_args(kBr, x,
+             {arg("x", x, x.scalar_type(), kVector), arg("bias", bias, x.scalar_type(), kVector),
+              arg("out", out, x.scalar_type(), kVector)});
 }
 
 void bias_relu2_cuda(const Tensor& x, const Tensor& bias, Tensor& out) {
   check_bias_relu2(x, bias, out);
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&x, "x"}, {&bias, "bias"}, {&out, "out"}}) {
-    check_device(kBr, *t, name, x);
-    check_aligned(kBr, *t, name);
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t F = x.size(-1);
   launch_bias_relu2(x.data_ptr(), bias.data_ptr(), out.data_ptr(), x.numel() / F, F, activation_dtype(kBr, x, "x"),
@@ -262,10 +250,11 @@ bool overlap(const Tensor& a, const Tensor& b) {
 }
 
 void check_decode_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& residual,
-                         const Tensor& out) {
+                         const Tensor& out, const OptTensor& ln_weight, const OptTensor& ln_bias) {
   TORCH_CHECK(x.dim() == 2, kDl, ": x must have shape [M, K], got ", x.sizes());
   TORCH_CHECK(weight.dim() == 2, kDl, ": weight must have shape [N, K], got ", weight.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const at::ScalarType dt = x.scalar_type();
   activation_dtype(kDl, x, "x");
   TORCH_CHECK(M >= 1 && M <= kDecodeLinearMaxRows, kDl, ": x must have 1 to ", kDecodeLinearMaxRows,
               " rows (M, the decode batch), got ", M);
@@ -276,45 +265,39 @@ void check_decode_linear(const Tensor& x, const Tensor& weight, const OptTensor&
               ": x must have a unit column stride and a row stride >= K that is a multiple of 8, got strides ",
               x.strides());
   check_shape(kDl, weight, "weight", "[N, K] (K as x)", {N, K});
-  check_dtype(kDl, weight, "weight", x.scalar_type());
-  check_contiguous(kDl, weight, "weight");
-  if (bias.has_value()) {
-    check_shape(kDl, *bias, "bias", "[N]", {N});
-    check_dtype(kDl, *bias, "bias", x.scalar_type());
-    check_contiguous(kDl, *bias, "bias");
-  }
-  if (residual.has_value()) {
-    check_shape(kDl, *residual, "residual", "[M, N]", {M, N});
-    check_dtype(kDl, *residual, "residual", x.scalar_type());
-    check_contiguous(kDl, *residual, "residual");
-  }
+  if (bias.has_value()) check_shape(kDl, *bias, "bias", "[N]", {N});
+  if (residual.has_value()) check_shape(kDl, *residual, "residual", "[M, N]", {M, N});
   check_shape(kDl, out, "out", "[M, N]", {M, N});
-  TORCH_CHECK(out.scalar_type() == x.scalar_type() || out.scalar_type() == at::kFloat, kDl, ": out must be ",
-              x.scalar_type(), " (as x) or float32, got ", out.scalar_type());
-  check_contiguous(kDl, out, "out");
+  TORCH_CHECK(ln_weight.has_value() || !ln_bias.has_value(), kDl, ": ln_bias needs ln_weight (the LayerNorm prologue)");
+  if (ln_weight.has_value()) check_shape(kDl, *ln_weight, "ln_weight", "[K]", {K});
+  if (ln_bias.has_value()) check_shape(kDl, *ln_bias, "ln_bias", "[K]", {K});
+  TORCH_CHECK(out.scalar_type() == dt || out.scalar_type() == at::kFloat, kDl, ": out must be ", dt,
+              " (as x) or float32, got ", out.scalar_type());
+  check_args(kDl, x,
+             {arg("x", x, dt, kAligned16), arg("weight", weight, dt, kContiguous | kAligned16),
+              arg("bias", bias, dt, kContiguous), arg("residual", residual, dt, kContiguous),
+              arg("out", out, std::nullopt, kContiguous), arg("ln_weight", ln_weight, dt, kContiguous | kAligned16),
+              arg("ln_bias", ln_bias, dt, kContiguous | kAligned16)});
+  // Each output element is read from residual and written by the same thread: exact aliasing is fine.
+  TORCH_CHECK(!residual.has_value() || residual->data_ptr() == out.data_ptr() || !overlap(*residual, out), kDl,
+              ": residual must be out itself or not overlap it");
+  // Blocks write out while others still read x.
+  TORCH_CHECK(!overlap(x, out), kDl, ": x must not overlap out");
 }
 
 void decode_linear_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& residual,
-                        Tensor& out, bool relu2) {
-  check_decode_linear(x, weight, bias, residual, out);
-  check_device(kDl, weight, "weight", x);
-  check_device(kDl, out, "out", x);
-  if (bias.has_value()) check_device(kDl, *bias, "bias", x);
-  if (residual.has_value()) {
-    check_device(kDl, *residual, "residual", x);
-    // Each output element is read from residual and written by the same thread: exact aliasing is fine.
-    TORCH_CHECK(residual->data_ptr() == out.data_ptr() || !overlap(*residual, out), kDl,
-                ": residual must be out itself or not overlap it");
-  }
-  // Blocks write out while others still read x.
-  TORCH_CHECK(!overlap(x, out), kDl, ": x must not overlap out");
-  check_aligned(kDl, x, "x");
-  check_aligned(kDl, weight, "weight");
+                        Tensor& out, bool relu2, const OptTensor& ln_weight, const OptTensor& ln_bias, double eps,
+                        int64_t config) {
+  check_decode_linear(x, weight, bias, residual, out, ln_weight, ln_bias);
+  const int64_t num_configs = static_cast<int64_t>(decode_linear_config_names().size());
+  TORCH_CHECK(config >= -1 && config < num_configs, kDl, ": config must be -1 (per-shape choice) or in [0, ",
+              num_configs, "), got ", config);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
   launch_decode_linear(x.data_ptr(), weight.data_ptr(), opt_ptr(bias), opt_ptr(residual), out.data_ptr(),
-                       M == 1 ? K : x.stride(0), static_cast<int>(M), static_cast<int>(weight.size(0)),
-                       static_cast<int>(K), relu2, activation_dtype(kDl, x, "x"), out.scalar_type() == at::kFloat,
+                       opt_ptr(ln_weight), opt_ptr(ln_bias), static_cast<float>(eps), M == 1 ? K : x.stride(0),
+                       static_cast<int>(M), static_cast<int>(weight.size(0)), static_cast<int>(K), relu2,
+                       activation_dtype(kDl, x, "x"), out.scalar_type() == at::kFloat, static_cast<int>(config),
                        current_stream());
 }
 
@@ -331,12 +314,8 @@ void check_attention_cache(const char* op, const Tensor& q, const Tensor& k_cach
   check_shape(op, k_cache, "k_cache", "[B, S, H, D] (H, D as q)", {kAny, kAny, q.size(1), q.size(2)});
   check_shape(op, v_cache, "v_cache", "[B, S, H, D] (as k_cache)", k_cache.sizes().vec());
   const int64_t D = q.size(2);
-  TORCH_CHECK(D == 64 || D == 128, op, ": head_dim D must be 64 or 128 (the kernels' tile shapes), got ", D);
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&q, "q"}, {&k_cache, "k_cache"},
-                                {&v_cache, "v_cache"}}) {
-    check_dtype(op, *t, name, q.scalar_type());
-    check_contiguous(op, *t, name);
-  }
+  TORCH_CHECK(attention_supports_head_dim(static_cast<int>(D)), op, ": head_dim D must be one of ",
+              c10::ArrayRef<int>(kAttentionHeadDims), " (the kernels' tile shapes), got ", D);
 }
 
 void check_attention_prefill(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
@@ -346,14 +325,13 @@ void check_attention_prefill(const Tensor& q, const Tensor& k_cache, const Tenso
   const int64_t B = k_cache.size(0);
   check_shape(kAp, cu_seqlens_q, "cu_seqlens_q", "[B + 1]", {B + 1});
   check_shape(kAp, seq_lens, "seq_lens", "[B]", {B});
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&cu_seqlens_q, "cu_seqlens_q"},
-                                {&seq_lens, "seq_lens"}}) {
-    check_dtype(kAp, *t, name, at::kInt);
-    check_contiguous(kAp, *t, name);
-  }
   check_shape(kAp, out, "out", "[T, H, D] (as q)", q.sizes().vec());
-  check_dtype(kAp, out, "out", q.scalar_type());
-  check_contiguous(kAp, out, "out");
+  const at::ScalarType dt = q.scalar_type();
+  constexpr unsigned kVector = kContiguous | kAligned16;
+  check_args(kAp, q,
+             {arg("q", q, dt, kVector), arg("k_cache", k_cache, dt, kVector), arg("v_cache", v_cache, dt, kVector),
+              arg("cu_seqlens_q", cu_seqlens_q, at::kInt, kContiguous), arg("seq_lens", seq_lens, at::kInt, kContiguous),
+              arg("out", out, dt, kVector)});
 }
 
 void check_attention_decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& seq_lens,
@@ -362,11 +340,12 @@ void check_attention_decode(const Tensor& q, const Tensor& k_cache, const Tensor
   check_attention_cache(kAd, q, k_cache, v_cache);
   check_shape(kAd, k_cache, "k_cache", "[B, S, H, D] (B as q)", {q.size(0), kAny, q.size(1), q.size(2)});
   check_shape(kAd, seq_lens, "seq_lens", "[B]", {q.size(0)});
-  check_dtype(kAd, seq_lens, "seq_lens", at::kInt);
-  check_contiguous(kAd, seq_lens, "seq_lens");
   check_shape(kAd, out, "out", "[B, H, D] (as q)", q.sizes().vec());
-  check_dtype(kAd, out, "out", q.scalar_type());
-  check_contiguous(kAd, out, "out");
+  const at::ScalarType dt = q.scalar_type();
+  constexpr unsigned kVector = kContiguous | kAligned16;
+  check_args(kAd, q,
+             {arg("q", q, dt, kVector), arg("k_cache", k_cache, dt, kVector), arg("v_cache", v_cache, dt, kVector),
+              arg("seq_lens", seq_lens, at::kInt, kContiguous), arg("out", out, dt, kVector)});
 }
 
 void attention_prefill_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cu_seqlens_q,
@@ -374,12 +353,6 @@ void attention_prefill_cuda(const Tensor& q, const Tensor& k_cache, const Tensor
   check_attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, out);
   TORCH_CHECK(max_seqlen_q >= 0, kAp, ": max_seqlen_q must be >= the longest sequence's new tokens, got ",
               max_seqlen_q);
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&k_cache, "k_cache"}, {&v_cache, "v_cache"},
-                                {&cu_seqlens_q, "cu_seqlens_q"}, {&seq_lens, "seq_lens"}, {&out, "out"}})
-    check_device(kAp, *t, name, q);
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&q, "q"}, {&k_cache, "k_cache"},
-                                {&v_cache, "v_cache"}, {&out, "out"}})
-    check_aligned(kAp, *t, name);
   const c10::cuda::CUDAGuard guard(q.device());
   // The caller's max_seqlen_q sizes the grid (reading cu_seqlens_q here would sync with the device);
   // T bounds it for free.
@@ -395,12 +368,6 @@ void attention_prefill_cuda(const Tensor& q, const Tensor& k_cache, const Tensor
 void attention_decode_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& seq_lens,
                            Tensor& out, double scale) {
   check_attention_decode(q, k_cache, v_cache, seq_lens, out);
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&k_cache, "k_cache"}, {&v_cache, "v_cache"},
-                                {&seq_lens, "seq_lens"}, {&out, "out"}})
-    check_device(kAd, *t, name, q);
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&q, "q"}, {&k_cache, "k_cache"},
-                                {&v_cache, "v_cache"}, {&out, "out"}})
-    check_aligned(kAd, *t, name);
   const c10::cuda::CUDAGuard guard(q.device());
   const int B = static_cast<int>(q.size(0)), S = static_cast<int>(k_cache.size(1)), H = static_cast<int>(q.size(1)),
             D = static_cast<int>(q.size(2));
@@ -427,7 +394,10 @@ TORCH_LIBRARY(persimmon_rt, m) {
       "layernorm(Tensor x, Tensor weight, Tensor bias, Tensor(a!) out, float eps, Tensor? residual=None, "
       "Tensor(b!)? residual_out=None) -> ()");
   m.def("bias_relu2(Tensor x, Tensor bias, Tensor(a!) out) -> ()");
-  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor(a!) out, bool relu2) -> ()");
+  // config: a tile configuration index for sweeps (_C.DECODE_LINEAR_CONFIGS); -1 = the per-shape choice.
+  m.def(
+      "decode_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor(a!) out, bool relu2, "
+      "Tensor? ln_weight=None, Tensor? ln_bias=None, float eps=1e-05, int config=-1) -> ()");
   // ---- attention ops ----
   m.def(
       "attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, Tensor seq_lens, "
@@ -456,13 +426,66 @@ TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
 #define PERSIMMON_RT_CUDA_ARCHS "unknown"
 #endif
 
-// `from persimmon_rt import _C` loads this library (running the registrations above); the module only
-// carries CUDA_ARCHS (the architectures it was built for): the ops live under torch.ops.persimmon_rt.
+// `from persimmon_rt import _C` loads this library (running the registrations above); the ops live under
+// torch.ops.persimmon_rt, and the module carries the kernels' limits, each stated once in csrc/ and read
+// by persimmon_rt/ops.py:
+//   CUDA_ARCHS              str, the architectures it was built for, comma-separated ("90a", "80,90a")
+//   DECODE_LINEAR_MAX_ROWS  int, rows (decode batch) the decode GEMV takes
+//   ATTENTION_HEAD_DIMS     tuple of int, head dims the attention kernels are built for
+//   LAYERNORM_MAX_HIDDEN    int, widest row the layernorm op takes
+//   DECODE_LINEAR_CONFIGS   tuple of str, the GEMV's compiled tile configurations (decode_linear's
+//                           `config` argument indexes it; for benchmark sweeps)
+namespace {
+
+PyObject* head_dims_tuple() {
+  constexpr size_t n = sizeof(persimmon_rt::kAttentionHeadDims) / sizeof(persimmon_rt::kAttentionHeadDims[0]);
+  PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(n));
+  for (size_t i = 0; t != nullptr && i < n; ++i) {
+    PyObject* d = PyLong_FromLong(persimmon_rt::kAttentionHeadDims[i]);
+    if (d == nullptr) {
+      Py_DECREF(t);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), d);  // steals d
+  }
+  return t;
+}
+
+bool add_limits(PyObject* m) {
+  if (PyModule_AddStringConstant(m, "CUDA_ARCHS", PERSIMMON_RT_CUDA_ARCHS) < 0) return false;
+  if (PyModule_AddIntConstant(m, "DECODE_LINEAR_MAX_ROWS", persimmon_rt::kDecodeLinearMaxRows) < 0) return false;
+  if (PyModule_AddIntConstant(m, "LAYERNORM_MAX_HIDDEN", persimmon_rt::kLayerNormMaxHidden) < 0) return false;
+  const std::vector<std::string> names = persimmon_rt::decode_linear_config_names();
+  PyObject* configs = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
+  if (configs == nullptr) return false;
+  for (size_t i = 0; i < names.size(); ++i) {
+    PyObject* s = PyUnicode_FromString(names[i].c_str());
+    if (s == nullptr) {
+      Py_DECREF(configs);
+      return false;
+    }
+    PyTuple_SET_ITEM(configs, static_cast<Py_ssize_t>(i), s);
+  }
+  if (PyModule_AddObject(m, "DECODE_LINEAR_CONFIGS", configs) < 0) {
+    Py_DECREF(configs);
+    return false;
+  }
+  PyObject* dims = head_dims_tuple();
+  if (dims == nullptr) return false;
+  if (PyModule_AddObject(m, "ATTENTION_HEAD_DIMS", dims) < 0) {  // steals dims on success only
+    Py_DECREF(dims);
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "persimmon_rt CUDA ops (torch.ops.persimmon_rt)", -1,
                                nullptr, nullptr, nullptr, nullptr, nullptr};
   PyObject* m = PyModule_Create(&module);
-  if (m != nullptr && PyModule_AddStringConstant(m, "CUDA_ARCHS", PERSIMMON_RT_CUDA_ARCHS) < 0) {
+  if (m != nullptr && !add_limits(m)) {
     Py_DECREF(m);
     return nullptr;
   }

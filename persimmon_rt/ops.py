@@ -1,6 +1,22 @@
 """One function per fused op: the CUDA kernel (torch.ops.persimmon_rt.*) for CUDA tensors when the
 extension is built, the fp32 PyTorch reference (reference.py) otherwise. Signatures match reference.py;
 callers above this module never know which one ran.
+
+The kernels' limits, read from the built extension (csrc/ states each once), for callers that pick a
+path by them instead of restating them:
+
+- ``HAVE_CUDA_EXT``: whether ``persimmon_rt._C`` is built and imported.
+- ``CUDA_ARCHS``: tuple of the architectures the extension was built for, e.g. ``("90a",)``.
+- ``DECODE_LINEAR_MAX_ROWS``: most rows (decode batch) ``decode_linear`` takes on the GPU; larger
+  batches go to cuBLAS.
+- ``ATTENTION_HEAD_DIMS``: tuple of the head dims the attention kernels are built for, e.g. ``(64, 128)``.
+- ``LAYERNORM_MAX_HIDDEN``: widest row ``layernorm`` takes on the GPU.
+- ``DECODE_LINEAR_CONFIGS``: names of the GEMV's compiled tile configurations (benchmark sweeps only).
+- ``kernels_support(head_dim)``: whether the CUDA kernels cover a model of that head dim (the attention
+  ops are the only ones with a head-dim list).
+
+Without the extension the tuples are empty and the row / width limits 0: no shape goes to a CUDA kernel
+(every op then runs its reference, on whatever device its tensors are).
 """
 
 from __future__ import annotations
@@ -10,15 +26,37 @@ import torch
 from . import reference
 
 try:  # the extension registers torch.ops.persimmon_rt.* on import
-    from . import _C  # noqa: F401
+    from . import _C
     HAVE_CUDA_EXT = True
 except ImportError:
+    _C = None
     HAVE_CUDA_EXT = False
 
+_LIMITS = ("CUDA_ARCHS", "DECODE_LINEAR_MAX_ROWS", "ATTENTION_HEAD_DIMS", "LAYERNORM_MAX_HIDDEN",
+           "DECODE_LINEAR_CONFIGS")
+if HAVE_CUDA_EXT and not all(hasattr(_C, name) for name in _LIMITS):
+    # A build older than its sources: its ops' schemas may differ too, so running it would fail later
+    # and less clearly.
+    raise ImportError(f"persimmon_rt._C ({_C.__file__}) lacks {', '.join(n for n in _LIMITS if not hasattr(_C, n))}:"
+                      " it predates these sources; rebuild it (pip install --no-build-isolation -e .)")
 
-# Rows the decode GEMV takes (kDecodeLinearMaxRows in csrc/decode_linear.h); more go to cuBLAS, which
-# is as fast from about 16 rows on (benchmarks/RESULTS.md, decode_linear at 32 rows).
-DECODE_LINEAR_MAX_ROWS = 16
+CUDA_ARCHS: tuple[str, ...] = tuple(a for a in _C.CUDA_ARCHS.split(",") if a) if HAVE_CUDA_EXT else ()
+# kDecodeLinearMaxRows (csrc/decode_linear.h); cuBLAS is as fast from about 16 rows on
+# (benchmarks/RESULTS.md, decode_linear at 32 rows).
+DECODE_LINEAR_MAX_ROWS: int = int(_C.DECODE_LINEAR_MAX_ROWS) if HAVE_CUDA_EXT else 0
+# kAttentionHeadDims (csrc/attention.h).
+ATTENTION_HEAD_DIMS: tuple[int, ...] = tuple(int(d) for d in _C.ATTENTION_HEAD_DIMS) if HAVE_CUDA_EXT else ()
+# kLayerNormMaxHidden (csrc/layernorm.h).
+LAYERNORM_MAX_HIDDEN: int = int(_C.LAYERNORM_MAX_HIDDEN) if HAVE_CUDA_EXT else 0
+# The GEMV's compiled tile configurations, for benchmark sweeps (torch.ops.persimmon_rt.decode_linear's
+# `config` argument); the op picks per shape by itself.
+DECODE_LINEAR_CONFIGS: tuple[str, ...] = tuple(_C.DECODE_LINEAR_CONFIGS) if HAVE_CUDA_EXT else ()
+
+
+def kernels_support(head_dim: int) -> bool:
+    """True when the extension is built and its attention kernels cover `head_dim` (the only model
+    dimension with a fixed list; the other ops take any multiple of 8)."""
+    return head_dim in ATTENTION_HEAD_DIMS
 
 
 ATTENTION_HEAD_DIMS = (64, 128)
@@ -78,8 +116,10 @@ def attention_decode(q, k_cache, v_cache, seq_lens, out, scale):
         reference.attention_decode(q, k_cache, v_cache, seq_lens, out, scale)
 
 
-def decode_linear(x, weight, bias, residual, out, relu2=False):
+def decode_linear(x, weight, bias, residual, out, relu2=False, ln_weight=None, ln_bias=None, eps=1e-5):
+    """out = act(LN(x) W^T + bias) + residual (reference.decode_linear); the LayerNorm prologue runs when
+    ln_weight is given. On the GPU: at most DECODE_LINEAR_MAX_ROWS rows of x."""
     if use_cuda_kernels(x):
-        torch.ops.persimmon_rt.decode_linear(x, weight, bias, residual, out, relu2)
+        torch.ops.persimmon_rt.decode_linear(x, weight, bias, residual, out, relu2, ln_weight, ln_bias, eps)
     else:
-        reference.decode_linear(x, weight, bias, residual, out, relu2)
+        reference.decode_linear(x, weight, bias, residual, out, relu2, ln_weight, ln_bias, eps)

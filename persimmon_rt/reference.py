@@ -179,10 +179,22 @@ def decode_linear(
     residual: torch.Tensor | None,  # [M, N]  added after the activation (may alias out)
     out: torch.Tensor,            # [M, N]  written
     relu2: bool = False,
+    ln_weight: torch.Tensor | None = None,  # [K]  LayerNorm prologue on x (None: none)
+    ln_bias: torch.Tensor | None = None,    # [K]  (only with ln_weight)
+    eps: float = 1e-5,
 ) -> None:
-    """out = act(x W^T + bias) + residual, act = relu(.)^2 when relu2 else identity; fp32 accumulation,
-    the epilogue in fp32, rounded once. The decode projections: QKV (bias), dense and MLP-down (bias +
-    residual), MLP-up (bias + relu2), lm_head (no bias; out may be fp32 for sampling)."""
+    """out = act(LN(x) W^T + bias) + residual, act = relu(.)^2 when relu2 else identity; fp32 accumulation,
+    the epilogue in fp32, rounded once. The decode projections: QKV (LN_in prologue, bias), dense and
+    MLP-down (bias + residual), MLP-up (LN_post prologue, bias + relu2), lm_head (final-LN prologue, no
+    bias; out may be fp32 for sampling).
+
+    With ln_weight, x is first replaced by LN(x) * ln_weight + ln_bias over K, statistics in fp32, rounded
+    to x's dtype: exactly what `layernorm` would write for x, so the fused op equals layernorm followed by
+    decode_linear."""
+    if ln_weight is not None:
+        x = _layer_norm_f32(x, ln_weight, ln_bias, eps).to(x.dtype)
+    elif ln_bias is not None:
+        raise ValueError("decode_linear: ln_bias needs ln_weight")
     y = x.float() @ weight.float().t()
     if bias is not None:
         y = y + bias.float()

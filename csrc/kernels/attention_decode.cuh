@@ -51,9 +51,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) attention_decode_split_ke
   constexpr int kStep = kGroups * UNROLL;     // keys per loop iteration
   static_assert(32 % kLanes == 0, "a key's lanes must sit in one warp");
 
-  // Let the combine kernel (a programmatic dependent launch) get scheduled now; it waits for this grid
-  // to finish before reading the partials.
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  // Programmatic dependent launch: let the next kernel (the combine, or whatever follows a single
+  // split) be scheduled now, then wait for the previous one (qk_norm_rope_cache writes q and the
+  // cache) before reading anything.
+  pdl_launch_dependents();
+  pdl_wait();
 
   __shared__ float s_max[kGroups];
   __shared__ float s_sum[kGroups];
@@ -175,9 +177,10 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) attention_decode_split_ke
 // Grid: (H, B), D threads: out[b, h, d] = sum_s 2^(max_s - M) out_s[d] / sum_s 2^(max_s - M) sum_s.
 template <typename T, int D>
 __global__ void __launch_bounds__(D) attention_decode_combine_kernel(const DecodeParams p) {
-  // Scheduled while the split grid drains (programmatic dependent launch): wait until its writes are
-  // visible.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  // Scheduled while the split grid drains (programmatic dependent launch): let the next kernel be
+  // scheduled too, and wait until the split grid's writes are visible.
+  pdl_launch_dependents();
+  pdl_wait();
   const int head = blockIdx.x;
   const int seq = blockIdx.y;
   const int d = threadIdx.x;
@@ -200,24 +203,6 @@ __global__ void __launch_bounds__(D) attention_decode_combine_kernel(const Decod
     l = fmaf(w, p.partial_sum[slot0 + s], l);
   }
   static_cast<T*>(p.out)[row * D + d] = from_float<T>(o / l);
-}
-
-// kernel<<<grid, block, 0, stream>>>(p) as a programmatic dependent launch: its blocks may be scheduled
-// once every block of the previous kernel has run griddepcontrol.launch_dependents, and wait for that
-// kernel in griddepcontrol.wait, so the launch latency hides behind its tail. CUDA-graph capture keeps
-// the programmatic edge.
-template <typename Kernel>
-cudaError_t launch_pdl(Kernel kernel, dim3 grid, dim3 block, cudaStream_t stream, const DecodeParams& p) {
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, p);
 }
 
 }  // namespace attention

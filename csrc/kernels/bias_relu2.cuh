@@ -2,7 +2,7 @@
 //
 // Block = 128 threads x kBiasRelu2Rows rows: each thread loads its 16-byte bias chunk once and then
 // kBiasRelu2Rows x chunks (all loads issued before the first use), so the kernel streams x -> out at
-// copy speed. Rows loop with a grid stride because gridDim.y is capped at 65535.
+// copy speed. Rows loop with a grid stride because gridDim.y is capped (kMaxGridDimYZ).
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,6 @@
-// Decode GEMV with a fused epilogue: out = act(x W^T + bias) + residual, act = relu(.)^2 or identity,
-// fp32 accumulation and epilogue, rounded once. Semantics: persimmon_rt/reference.py::decode_linear.
+// Decode GEMV with a fused LayerNorm prologue and epilogue: out = act(LN(x) W^T + bias) + residual,
+// act = relu(.)^2 or identity, LN optional, fp32 accumulation and epilogue, rounded once.
+// Semantics: persimmon_rt/reference.py::decode_linear.
 //
 // At decode batch sizes (M <= 16 rows) the op is a stream over W: every weight byte is read once and
 // used for M multiply-adds, so the kernel is shaped for bytes in flight, not arithmetic.
@@ -19,13 +20,24 @@
 // shared memory and the epilogue runs once per output on the full sum: no workspace, no second kernel.
 //
 // x (tiny, re-read by every block) is loaded through L1; W (read once) bypasses L1 so it cannot evict x.
+//
+// LayerNorm prologue (LN = true): every block computes mean and rstd of x's M rows itself (fp32, two
+// passes: mean, then squared deviations, as reference.layernorm), with its first weight loads already
+// in flight; the main loop then normalises each x fragment as it loads it (LN weight and bias come
+// through L1 too) and rounds it to T before the mma, exactly as the separate layernorm op's output
+// would be. x is at most 16 rows of a few KB and L2-resident, so the prologue costs one or two L2
+// round trips per block and no launch.
+//
+// Programmatic dependent launch: the kernel lets its successor be scheduled at once, loads its first
+// weights (constants: no predecessor writes them), and only then waits for the predecessor grid
+// before it reads x or residual or writes out.
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
 
-#include "attention_common.cuh"
 #include "common.cuh"
+#include "ptx.cuh"
 
 namespace persimmon_rt {
 namespace gemv {
@@ -41,6 +53,9 @@ struct DecodeLinearParams {
   int N;
   int K;                 // multiple of 8
   bool relu2;
+  const void* ln_weight = nullptr;  // [K]  LN prologue (the kernel's LN instance); else unused
+  const void* ln_bias = nullptr;    // [K]  or nullptr
+  float eps = 0.f;
 };
 
 // RT: 16-row tiles per block (each warp covers all of them, reusing its x fragment); MT: 8-row groups
@@ -63,13 +78,9 @@ constexpr int kChunk = 32;  // k per chunk: 4 lanes x 8 elements
 template <bool L2_256B>
 __device__ __forceinline__ uint4 ld_weight_16(const void* p) {
   if constexpr (L2_256B) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
+    return ld_stream_16_l2_256(p);
   } else {
-    return attention::ld_stream_16(p);
+    return ld_stream_16(p);
   }
 }
 
@@ -85,12 +96,90 @@ __device__ __forceinline__ void store_out(OutT* p, float v) {
   }
 }
 
-// Grid: ceil(N / (16 * RT)) blocks of Cfg::kThreads threads.
-template <typename T, typename OutT, typename Cfg>
+// LayerNorm statistics of x's M rows: s_stats[m] = (mean, rstd), fp32, two passes. Rows spread over
+// the warps: P = WARPS / M (a power of two, at least 1) warps share a row, so one row (batch 1) is read
+// by the whole block at two 16-byte loads a lane (K = 4096); more rows than warps take several rounds.
+// The second pass re-reads x from L1. Ends with a barrier; every thread of the block must call it.
+template <typename T, int WARPS>
+__device__ __forceinline__ void ln_row_stats(const DecodeLinearParams& p, float2* s_stats, float* s_part) {
+  static_assert((WARPS & (WARPS - 1)) == 0, "rows split over a power-of-two number of warps");
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  int parts = 1;  // warps per row
+  while (2 * parts * p.M <= WARPS) parts *= 2;
+  const int rows_per_round = WARPS / parts;
+  const int part = warp % parts;
+  const int chunks = p.K / kVec;
+  const float inv_k = 1.f / static_cast<float>(p.K);
+  for (int base = 0; base < p.M; base += rows_per_round) {
+    const int m = base + warp / parts;
+    const bool row_ok = warp / parts < rows_per_round && m < p.M;  // warp-uniform
+    const T* row = static_cast<const T*>(p.x) + static_cast<int64_t>(row_ok ? m : 0) * p.ldx;
+    float sum = 0.f;
+    if (row_ok) {
+#pragma unroll 4
+      for (int c = part * 32 + lane; c < chunks; c += 32 * parts) {
+        float f[kVec];
+        unpack8<T>(__ldg(reinterpret_cast<const uint4*>(row + c * kVec)), f);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) sum += f[e];
+      }
+    }
+    sum = group_sum<32>(sum);
+    if (lane == 0) s_part[warp] = sum;
+    __syncthreads();
+    float mean = 0.f;
+    if (row_ok) {
+      const int first = warp - part;
+      for (int w = 0; w < parts; ++w) mean += s_part[first + w];
+      mean *= inv_k;
+    }
+    float sq = 0.f;
+    if (row_ok) {
+#pragma unroll 4
+      for (int c = part * 32 + lane; c < chunks; c += 32 * parts) {
+        float f[kVec];
+        unpack8<T>(__ldg(reinterpret_cast<const uint4*>(row + c * kVec)), f);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) sq += (f[e] - mean) * (f[e] - mean);
+      }
+    }
+    sq = group_sum<32>(sq);
+    if (lane == 0) s_part[WARPS + warp] = sq;
+    __syncthreads();
+    if (row_ok && part == 0 && lane == 0) {
+      float var = 0.f;
+      for (int w = 0; w < parts; ++w) var += s_part[WARPS + warp + w];
+      s_stats[m] = make_float2(mean, rsqrtf(var * inv_k + p.eps));
+    }
+  }
+  __syncthreads();
+}
+
+// One x fragment (8 consecutive k of one row) normalised: round((x - mean) * rstd * w + b), as the
+// layernorm op computes and rounds its output.
+template <typename T>
+__device__ __forceinline__ uint4 ln_apply(uint4 xr, uint4 wr, uint4 br, float mean, float rstd) {
+  float f[kVec], w[kVec], b[kVec];
+  unpack8<T>(xr, f);
+  unpack8<T>(wr, w);
+  unpack8<T>(br, b);
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) f[e] = (f[e] - mean) * rstd * w[e] + b[e];
+  return pack8<T>(f);
+}
+
+// Grid: ceil(N / (16 * RT)) blocks of Cfg::kThreads threads. LN: the LayerNorm prologue.
+template <typename T, typename OutT, typename Cfg, bool LN = false>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_kernel(const DecodeLinearParams p) {
   constexpr int RT = Cfg::RT, MT = Cfg::MT, J = Cfg::J, WARPS = Cfg::WARPS;
   constexpr int kVals = RT * MT * 4;  // accumulator floats per lane
   __shared__ float s_partial[WARPS][kVals][32];
+  // LN prologue: per-row (mean, rstd) and per-warp partial sums (empty arrays cost nothing otherwise).
+  __shared__ float2 s_stats[LN ? Cfg::kMaxM : 1];
+  __shared__ float s_part[LN ? 2 * WARPS : 1];
+
+  pdl_launch_dependents();
 
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -135,28 +224,59 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
       for (int i = 0; i < 4; ++i) acc[rt][t][i] = 0.f;
 
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  // The weight loads of one loop step: J chunks x RT tiles x 2 rows of 16 bytes a lane.
+  uint4 wv[J][RT][2];
+  const auto load_weights = [&](int c) {
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const bool ok = c + j < c_end && (c + j) * kChunk + 8 * q < K;
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          wv[j][rt][h] = ok && w_ok[rt][h] ? ld_weight_16<Cfg::L2_256B>(w_row[rt][h] + (c + j) * kChunk) : zero;
+    }
+  };
+  // The first step's weights go out before the wait: they are constants, and the predecessor's tail
+  // hides their latency.
+  if (c_begin < c_end) load_weights(c_begin);
+  pdl_wait();
+
+  float ln_mean[MT], ln_rstd[MT];
+  const T* ln_w = LN ? static_cast<const T*>(p.ln_weight) + 8 * q : nullptr;
+  const T* ln_b = LN && p.ln_bias != nullptr ? static_cast<const T*>(p.ln_bias) + 8 * q : nullptr;
+  if constexpr (LN) {
+    ln_row_stats<T, WARPS>(p, s_stats, s_part);
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      const float2 st = s_stats[x_ok[t] ? 8 * t + g : 0];
+      ln_mean[t] = st.x;
+      ln_rstd[t] = st.y;
+    }
+  }
+
   for (int c = c_begin; c < c_end; c += J) {
     bool ok[J];
 #pragma unroll
     for (int j = 0; j < J; ++j) ok[j] = c + j < c_end && (c + j) * kChunk + 8 * q < K;
 
-    // All of the step's loads are issued before the first mma: weights first (they come from DRAM).
-    uint4 wv[J][RT][2];
+    // This step's weights are in flight (issued before the wait, or at the end of the previous step);
+    // x comes from L1 / L2.
     uint4 xv[J][MT];
-#pragma unroll
-    for (int j = 0; j < J; ++j)
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          wv[j][rt][h] = ok[j] && w_ok[rt][h] ? ld_weight_16<Cfg::L2_256B>(w_row[rt][h] + (c + j) * kChunk) : zero;
 #pragma unroll
     for (int j = 0; j < J; ++j)
 #pragma unroll
       for (int t = 0; t < MT; ++t) xv[j][t] = ok[j] && x_ok[t] ? ld_x_16(x_row[t] + (c + j) * kChunk) : zero;
 
 #pragma unroll
-    for (int j = 0; j < J; ++j)
+    for (int j = 0; j < J; ++j) {
+      if constexpr (LN) {  // normalise chunk j's x fragments just before their mma
+        const uint4 lw = ok[j] ? ld_x_16(ln_w + (c + j) * kChunk) : zero;
+        const uint4 lb = ok[j] && ln_b != nullptr ? ld_x_16(ln_b + (c + j) * kChunk) : zero;
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+          if (ok[j] && x_ok[t]) xv[j][t] = ln_apply<T>(xv[j][t], lw, lb, ln_mean[t], ln_rstd[t]);
+      }
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt) {
         // A fragment: a[0] rows g / k-slots 2q..2q+1, a[1] rows g+8, a[2] rows g / slots 2q+8..2q+9,
@@ -165,10 +285,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
         const uint32_t a1[4] = {wv[j][rt][0].z, wv[j][rt][1].z, wv[j][rt][0].w, wv[j][rt][1].w};
 #pragma unroll
         for (int t = 0; t < MT; ++t) {
-          attention::mma_m16n8k16<T>(acc[rt][t], a0, xv[j][t].x, xv[j][t].y);
-          attention::mma_m16n8k16<T>(acc[rt][t], a1, xv[j][t].z, xv[j][t].w);
+          mma_m16n8k16<T>(acc[rt][t], a0, xv[j][t].x, xv[j][t].y);
+          mma_m16n8k16<T>(acc[rt][t], a1, xv[j][t].z, xv[j][t].w);
         }
       }
+    }
+    if (c + J < c_end) load_weights(c + J);
   }
 
   // Sum the warps' partials: lane-contiguous stores and loads, free of bank conflicts.

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "ptx.cuh"
 
 namespace persimmon_rt {
 
@@ -26,6 +27,10 @@ __global__ void __launch_bounds__(THREADS) layernorm_kernel(
     T* residual_out,                 // [N, C]  (RESIDUAL only) may alias residual
     int hidden, float eps) {
   __shared__ float scratch[2][THREADS / 32];
+  // Programmatic dependent launch: let the next kernel be scheduled; x and residual come from the
+  // previous one.
+  pdl_launch_dependents();
+  pdl_wait();
   const int chunks = hidden / kVec;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * hidden;
 

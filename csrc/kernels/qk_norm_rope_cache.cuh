@@ -15,6 +15,7 @@
 #include <cstdio>
 
 #include "common.cuh"
+#include "ptx.cuh"
 
 namespace persimmon_rt {
 
@@ -95,6 +96,11 @@ __global__ void __launch_bounds__(kQkMaxThreads, 3) qk_norm_rope_cache_kernel(co
   // Idle lanes (d0 >= D, or a head past H in the last block) still run every shuffle and __syncwarp
   // below, holding zeros: only their loads and stores are skipped.
   const bool active = d0 < D && h < H;
+
+  // Programmatic dependent launch: the next kernel may be scheduled now; qkv comes from the previous
+  // one (the QKV GEMV), so wait for it before the first load.
+  pdl_launch_dependents();
+  pdl_wait();
 
   // Issue the loads before anything that waits, so the sin/cos table below hides under them.
   uint4 rq = make_uint4(0, 0, 0, 0), rk = rq, rv = rq;
