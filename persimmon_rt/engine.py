@@ -140,7 +140,7 @@ class Engine:
             if self.dtype == torch.float32:
                 raise ValueError("the CUDA kernels take float16 or bfloat16 weights; load with dtype=torch.float16 "
                                  "or torch.bfloat16 (float32 runs on the CPU reference path)")
-            if not ops.attention_supports(self.config.head_dim):
+            if not ops.kernels_support(self.config.head_dim):
                 raise ValueError(f"the CUDA attention kernels support head_dim {ops.ATTENTION_HEAD_DIMS}, this "
                                  f"model has {self.config.head_dim}; run it on the CPU reference path "
                                  "(device='cpu')")

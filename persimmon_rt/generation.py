@@ -134,7 +134,7 @@ def _engine_applies(model) -> bool:
 
     weight = next(model.parameters())
     return (ops.use_cuda_kernels(weight) and weight.dtype in (torch.float16, torch.bfloat16)
-            and ops.attention_supports(model.config.head_dim))
+            and ops.kernels_support(model.config.head_dim))
 
 
 def _engine_for(model, batch: int, seq_len: int):

@@ -59,14 +59,6 @@ def kernels_support(head_dim: int) -> bool:
     return head_dim in ATTENTION_HEAD_DIMS
 
 
-ATTENTION_HEAD_DIMS = (64, 128)
-
-
-def attention_supports(head_dim: int) -> bool:
-    """Whether the CUDA attention kernels take this head_dim."""
-    return head_dim in ATTENTION_HEAD_DIMS
-
-
 def use_cuda_kernels(t: torch.Tensor) -> bool:
     """True when `t` lives on a GPU and the extension is built."""
     return HAVE_CUDA_EXT and t.is_cuda
