@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import torch
 
 from .config import ConfigError, PersimmonConfig
+from .dtypes import DTYPES, dtype_name, parse_dtype
 from .safe_unpickle import Placeholder, load as safe_load
 from .weights import (DEFAULT_SHARD_BYTES, CheckpointError, atomic_directory, check_state_dict, expected_shapes,
                       save_state_dict)
@@ -34,7 +35,6 @@ TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_NAMES = ("model_optim_rng.pt", "model_rng.pt")
 VOCAB = "adept_vocab.model"
 EOD_PIECE = "|ENDOFTEXT|"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 RENAMES = (("self_attention", "self_attn"), ("language_model.encoder", "model"),
            ("word_embeddings_for_head", "lm_head"), ("language_model.embedding.word_embeddings", "model.embed_tokens"))
 QK_SHARED_MODES = ("weights_per_layer", "weights_per_tensor_parallel_rank_and_layer")
@@ -209,15 +209,6 @@ def _check_tensor_parallel(state: dict[str, torch.Tensor], expected: dict[str, t
                     f"{tuple(state[name].shape)}, a TP=1 checkpoint has {expected[name]}; merge the shards first")
 
 
-def _as_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
-        return DTYPES[dtype.replace("torch.", "")]
-    raise ValueError(f"dtype must be one of float16, bfloat16, float32 (or None to keep the checkpoint's), "
-                     f"got {dtype!r}")
-
-
 def _eod_token(vocab: str, vocab_size: int) -> int | None:
     import sentencepiece as spm
 
@@ -260,7 +251,7 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
     dtype: None keeps the checkpoint's dtype; torch.float16 / bfloat16 / float32 (or their names) convert.
     Returns the config written to ``out_dir/config.json``.
     """
-    dtype = _as_dtype(dtype)
+    dtype = None if dtype is None else parse_dtype(dtype)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite):
         raise FileExistsError(f"output directory {out_dir!r} exists and is not empty (pass overwrite=True / "
@@ -291,7 +282,7 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
     if dtype is None:
         only = next(iter(source_dtypes)) if len(source_dtypes) == 1 else None
         dtype = only if only in DTYPES.values() else config.dtype
-    config.torch_dtype = str(dtype).replace("torch.", "")
+    config.torch_dtype = dtype_name(dtype)
 
     if vocab is None:
         warnings.warn(f"no {VOCAB} found next to {checkpoint_path} (or up to 3 parents); converting without a "
@@ -330,7 +321,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adept", required=True, metavar="PATH",
                         help=f"release directory (with {TRACKER}) or a {CHECKPOINT_NAMES[0]} file")
     parser.add_argument("--out", required=True, metavar="DIR", help="output HF-format directory")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="output dtype (default: keep the checkpoint's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress or summary output")
