@@ -223,6 +223,14 @@ def _eod_token(vocab: str, vocab_size: int) -> int | None:
     return token if sp.id_to_piece(token) == EOD_PIECE else None
 
 
+def check_output_dir(out_dir: str, overwrite: bool, switch: str = "overwrite=True") -> None:
+    """Refuse a file, or a non-empty directory unless `overwrite`; `switch` is how the caller turns it on."""
+    if os.path.isfile(out_dir):
+        raise FileExistsError(f"output {out_dir!r} is a file, not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"output directory {out_dir!r} exists and is not empty (pass {switch} to replace it)")
+
+
 def _human(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
@@ -253,9 +261,7 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
     """
     dtype = None if dtype is None else parse_dtype(dtype)
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite):
-        raise FileExistsError(f"output directory {out_dir!r} exists and is not empty (pass overwrite=True / "
-                              "--overwrite to replace it)")
+    check_output_dir(out_dir, overwrite)
     checkpoint_path, vocab = locate_checkpoint(adept_path)
     start = time.monotonic()
     checkpoint = safe_load(checkpoint_path)
@@ -328,6 +334,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(os.path.abspath(args.out), args.overwrite, "--overwrite")
     convert_adept_checkpoint(args.adept, args.out, dtype=args.dtype, overwrite=args.overwrite,
                              progress=not args.quiet)
     return 0

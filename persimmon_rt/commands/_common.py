@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
@@ -16,16 +17,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="weights and activations (default: float16 on a GPU, float32 on the CPU)")
-    parser.add_argument("--max-seq-len", type=int, default=None,
+    parser.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                         help="KV cache length (default: the model's max_position_embeddings)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="tokens to generate at most")
+    parser.add_argument("--temperature", type=float, default=temperature, metavar="T", help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest tokens; 0 = off")
+    parser.add_argument("--top-p", type=float, default=0.95, metavar="P",
+                        help="sample from the likeliest tokens whose probabilities sum to P; 1 = off")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one each run)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when the reply contains TEXT (repeatable)")
 
@@ -47,6 +49,27 @@ def check_model_dir(path: str) -> str:
         raise FileNotFoundError(f"--model {path}: no such directory (expected a model directory holding "
                                 "config.json and the weights)")
     return path
+
+
+def read_prompt(prompt: str | None) -> str:
+    """The prompt argument, or all of standard input (announced on a terminal, where it waits for Ctrl-D)."""
+    if prompt is not None:
+        return as_utf8(prompt, "the prompt argument")
+    if sys.stdin.isatty():
+        print("persimmon-rt: reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
+    stream = getattr(sys.stdin, "buffer", sys.stdin)    # bytes, so the decoding below is ours
+    return as_utf8(stream.read(), "standard input")
+
+
+def as_utf8(text: str | bytes, source: str) -> str:
+    """`text` as a str, or a ValueError naming the first byte that is not UTF-8. Python hands over invalid
+    bytes in argv (and in stdin under a C locale) as lone surrogates, which the tokenizer cannot encode."""
+    data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{source} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         "re-encode it as UTF-8 first") from None
 
 
 def default_device() -> torch.device:
