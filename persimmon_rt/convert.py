@@ -1,5 +1,6 @@
 """Convert an original Persimmon release (adept-inference / Megatron ``model_optim_rng.pt``) to an HF-format
-directory: safetensors weights, config.json, tokenizer.model and generation_config.json.
+directory: safetensors weights, config.json, generation_config.json, and the tokenizer (tokenizer.model with
+tokenizer_config.json and tokenizer.json, which transformers' AutoTokenizer reads).
 
 The checkpoint is read with `safe_unpickle` (nothing in it is executed and the adept-inference code need
 not be installed); the architecture comes from the checkpoint's own ``args`` namespace, and every tensor is
@@ -28,6 +29,7 @@ import torch
 from .config import ConfigError, PersimmonConfig
 from .dtypes import DTYPES, dtype_name, parse_dtype
 from .safe_unpickle import Placeholder, load as safe_load
+from .tokenizer import PersimmonTokenizer
 from .weights import (DEFAULT_SHARD_BYTES, CheckpointError, atomic_directory, check_state_dict, expected_shapes,
                       save_state_dict)
 
@@ -313,6 +315,9 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
             fh.write("\n")
         if vocab is not None:
             shutil.copyfile(vocab, os.path.join(tmp, "tokenizer.model"))
+            # tokenizer_config.json and tokenizer.json too: transformers' AutoTokenizer then loads the directory
+            # without protobuf, with this tokenizer's special tokens (|ENDOFTEXT|, not <s> / </s>)
+            PersimmonTokenizer(os.path.join(tmp, "tokenizer.model")).save_pretrained(tmp)
     if progress:
         bar.line("")
         params = sum(t.numel() for t in state.values())
