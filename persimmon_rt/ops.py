@@ -11,9 +11,11 @@ from . import reference
 
 try:  # the extension registers torch.ops.persimmon_rt.* on import
     from . import _C  # noqa: F401
-    HAVE_CUDA_EXT = True
-except ImportError:
-    HAVE_CUDA_EXT = False
+except ImportError:  # not built at install: on a GPU machine, compiled now (cached), or a warning says why not
+    from ._build import load_on_first_use
+
+    _C = load_on_first_use()
+HAVE_CUDA_EXT = _C is not None
 
 
 # Rows the decode GEMV takes (kDecodeLinearMaxRows in csrc/decode_linear.h); more go to cuBLAS, which
