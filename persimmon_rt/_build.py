@@ -174,8 +174,9 @@ def load_on_first_use(env=os.environ):
     flags = compile_flags(archs, env.get("PERSIMMON_RT_DEBUG") == "1", shell_quote=True)
     directory = build_directory(archs, env)
     os.makedirs(directory, exist_ok=True)
-    print(f"persimmon_rt: compiling the CUDA extension for sm_{', sm_'.join(archs)} on first use (a few "
-          f"minutes once; cached in {directory})", file=sys.stderr)
+    if not os.path.exists(os.path.join(directory, "_C.so")):        # later imports load it from there
+        print(f"persimmon_rt: compiling the CUDA extension for sm_{', sm_'.join(archs)} on first use (a few "
+              f"minutes once; cached in {directory})", file=sys.stderr)
     previous = os.environ.get("CXX")
     os.environ["CXX"] = cxx                               # torch's loader compiles and links with $CXX
     try:

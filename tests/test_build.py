@@ -109,6 +109,9 @@ def test_gpu_machine_with_nvcc_compiles_on_first_use(gpu_machine, monkeypatch, t
     assert kwargs["build_directory"].startswith(str(tmp_path / "persimmon_rt"))
     assert "-gencode=arch=compute_90a,code=sm_90a" in kwargs["extra_cuda_cflags"]
     assert "compiling the CUDA extension for sm_90a on first use" in capsys.readouterr().err
+    open(os.path.join(kwargs["build_directory"], "_C.so"), "w").close()       # built: later imports just load
+    assert _build.load_on_first_use(env={"XDG_CACHE_HOME": str(tmp_path)}) == "module"
+    assert capsys.readouterr().err == "" and len(calls) == 2
 
     def failing_load(**kwargs):
         raise RuntimeError("Error building extension '_C'\nlong compiler output")
