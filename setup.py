@@ -2,6 +2,9 @@
 otherwise the pure-Python package (every op then runs on its PyTorch reference).
 
 Always install with `pip install --no-build-isolation -e .` so the build uses the torch already installed.
+The C++ compiler is $CXX when it links libstdc++ dynamically, else the first of c++, g++, /usr/bin/c++,
+/usr/bin/g++ that does (see persimmon_rt/_build.py); without nvcc here, the extension is compiled on first
+use on a GPU machine instead.
 
 Environment switches:
   PERSIMMON_RT_CUDA_ARCH   semicolon-separated compute capabilities to build for (default "90a")
@@ -10,13 +13,21 @@ Environment switches:
   MAX_JOBS                 parallel compile jobs (torch's ninja builder reads it)
 """
 
-import glob
+import importlib.util
 import os
-import shutil
+import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_helpers():
+    """persimmon_rt/_build.py, loaded by path: importing the package would need its dependencies."""
+    spec = importlib.util.spec_from_file_location("persimmon_rt_build", os.path.join(ROOT, "persimmon_rt", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cuda_extension():
@@ -27,26 +38,19 @@ def _cuda_extension():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
+    build = _build_helpers()
+    if torch.version.cuda is None or build.find_nvcc(CUDA_HOME) is None:
         return [], {}
-    debug = os.environ.get("PERSIMMON_RT_DEBUG") == "1"
-    archs = os.environ.get("PERSIMMON_RT_CUDA_ARCH", "90a").replace(",", ";").split(";")
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + [os.path.join("csrc", "torch_bindings.cpp")]
+    try:
+        os.environ["CXX"] = build.pick_cxx()     # torch's builder compiles and links with $CXX
+    except RuntimeError as exc:
+        sys.exit(f"persimmon_rt: {exc}")
+    archs = build.cuda_archs()
     ext = CUDAExtension(
         name="persimmon_rt._C",
-        sources=sources,
+        sources=[os.path.relpath(s, ROOT) for s in build.sources(ROOT)],
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={
-            # No -std: torch picks the C++ standard its headers need (C++20 from 2.10). torch shell-quotes each
-            # flag, so the double quotes reach the compiler and the macro is a string literal.
-            "cxx": opt + [f'-DPERSIMMON_RT_CUDA_ARCHS="{",".join(a for a in archs if a)}"'],
-            "nvcc": opt + gencode + ["-std=c++17", "-lineinfo", "--use_fast_math", "--expt-relaxed-constexpr",
-                                     "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-                                     "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
-                    + (["-G"] if debug else []),
-        },
+        extra_compile_args=build.compile_flags(archs, os.environ.get("PERSIMMON_RT_DEBUG") == "1", shell_quote=False),
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -2,12 +2,15 @@
 
 A subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``
 (and usually a standalone ``main(argv)``); register it in COMMANDS. Errors print one line
-``persimmon-rt: error: ...`` (exit 2 for usage errors, 1 otherwise); ``--debug`` shows the traceback.
+``persimmon-rt: error: ...`` (exit 2 for usage errors, 1 otherwise); ``--debug`` shows the traceback. A reader
+that closes the pipe early (``| head``) ends the command quietly with 141, the status a shell reports for a
+tool stopped by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from importlib import import_module
@@ -24,18 +27,34 @@ COMMANDS = {
 }
 
 
+EXIT_BROKEN_PIPE = 128 + 13     # 128 + SIGPIPE
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends each option's default to its help, unless the help already states it or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None or default is False
+                or default is argparse.SUPPRESS or default in ([], "")):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Fast, faithful inference for the Persimmon decoder family.")
+    parser = _Parser(prog=PROG, description="Fast, faithful inference for the Persimmon decoder family.",
+                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, summary) in COMMANDS.items():
-        sub = commands.add_parser(name, help=summary, description=summary)
+        sub = commands.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         import_module(module).add_arguments(sub)
         sub.set_defaults(_module=module)
@@ -55,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            _discard_stdout()
+            return EXIT_BROKEN_PIPE
         except Exception as exc:
             if args.debug:
                 raise
@@ -63,3 +85,13 @@ def main(argv: list[str] | None = None) -> int:
                 message = f"{type(exc).__name__}: {message}"
             print(f"{PROG}: error: {message}", file=sys.stderr)
             return 1
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so that flushing it at exit does not raise again on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):    # stdout replaced by an object without a file descriptor
+        pass

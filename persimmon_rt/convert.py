@@ -1,5 +1,6 @@
 """Convert an original Persimmon release (adept-inference / Megatron ``model_optim_rng.pt``) to an HF-format
-directory: safetensors weights, config.json, tokenizer.model and generation_config.json.
+directory: safetensors weights, config.json, generation_config.json, and the tokenizer (tokenizer.model with
+tokenizer_config.json and tokenizer.json, which transformers' AutoTokenizer reads).
 
 The checkpoint is read with `safe_unpickle` (nothing in it is executed and the adept-inference code need
 not be installed); the architecture comes from the checkpoint's own ``args`` namespace, and every tensor is
@@ -26,7 +27,9 @@ from collections.abc import Mapping
 import torch
 
 from .config import ConfigError, PersimmonConfig
+from .dtypes import DTYPES, dtype_name, parse_dtype
 from .safe_unpickle import Placeholder, load as safe_load
+from .tokenizer import PersimmonTokenizer
 from .weights import (DEFAULT_SHARD_BYTES, CheckpointError, atomic_directory, check_tensors, expected_shapes,
                       save_state_dict)
 
@@ -34,7 +37,6 @@ TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_NAMES = ("model_optim_rng.pt", "model_rng.pt")
 VOCAB = "adept_vocab.model"
 EOD_PIECE = "|ENDOFTEXT|"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 RENAMES = (("self_attention", "self_attn"), ("language_model.encoder", "model"),
            ("word_embeddings_for_head", "lm_head"), ("language_model.embedding.word_embeddings", "model.embed_tokens"))
 QK_SHARED_MODES = ("weights_per_layer", "weights_per_tensor_parallel_rank_and_layer")
@@ -209,15 +211,6 @@ def _check_tensor_parallel(state: dict[str, torch.Tensor], expected: dict[str, t
                     f"{tuple(state[name].shape)}, a TP=1 checkpoint has {expected[name]}; merge the shards first")
 
 
-def _as_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
-        return DTYPES[dtype.replace("torch.", "")]
-    raise ValueError(f"dtype must be one of float16, bfloat16, float32 (or None to keep the checkpoint's), "
-                     f"got {dtype!r}")
-
-
 def _eod_token(vocab: str, vocab_size: int) -> int | None:
     import sentencepiece as spm
 
@@ -230,6 +223,14 @@ def _eod_token(vocab: str, vocab_size: int) -> int | None:
                               f"{vocab_size}: tokenizer and checkpoint do not belong together")
     token = sp.piece_to_id(EOD_PIECE)
     return token if sp.id_to_piece(token) == EOD_PIECE else None
+
+
+def check_output_dir(out_dir: str, overwrite: bool, switch: str = "overwrite=True") -> None:
+    """Refuse a file, or a non-empty directory unless `overwrite`; `switch` is how the caller turns it on."""
+    if os.path.isfile(out_dir):
+        raise FileExistsError(f"output {out_dir!r} is a file, not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"output directory {out_dir!r} exists and is not empty (pass {switch} to replace it)")
 
 
 def _human(nbytes: int) -> str:
@@ -260,11 +261,9 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
     dtype: None keeps the checkpoint's dtype; torch.float16 / bfloat16 / float32 (or their names) convert.
     Returns the config written to ``out_dir/config.json``.
     """
-    dtype = _as_dtype(dtype)
+    dtype = None if dtype is None else parse_dtype(dtype)
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite):
-        raise FileExistsError(f"output directory {out_dir!r} exists and is not empty (pass overwrite=True / "
-                              "--overwrite to replace it)")
+    check_output_dir(out_dir, overwrite)
     checkpoint_path, vocab = locate_checkpoint(adept_path)
     start = time.monotonic()
     checkpoint = safe_load(checkpoint_path)
@@ -291,7 +290,7 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
     if dtype is None:
         only = next(iter(source_dtypes)) if len(source_dtypes) == 1 else None
         dtype = only if only in DTYPES.values() else config.dtype
-    config.torch_dtype = str(dtype).replace("torch.", "")
+    config.torch_dtype = dtype_name(dtype)
 
     if vocab is None:
         warnings.warn(f"no {VOCAB} found next to {checkpoint_path} (or up to 3 parents); converting without a "
@@ -316,6 +315,9 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
             fh.write("\n")
         if vocab is not None:
             shutil.copyfile(vocab, os.path.join(tmp, "tokenizer.model"))
+            # tokenizer_config.json and tokenizer.json too: transformers' AutoTokenizer then loads the directory
+            # without protobuf, with this tokenizer's special tokens (|ENDOFTEXT|, not <s> / </s>)
+            PersimmonTokenizer(os.path.join(tmp, "tokenizer.model")).save_pretrained(tmp)
     if progress:
         bar.line("")
         params = sum(t.numel() for t in state.values())
@@ -330,13 +332,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adept", required=True, metavar="PATH",
                         help=f"release directory (with {TRACKER}) or a {CHECKPOINT_NAMES[0]} file")
     parser.add_argument("--out", required=True, metavar="DIR", help="output HF-format directory")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="output dtype (default: keep the checkpoint's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress or summary output")
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(os.path.abspath(args.out), args.overwrite, "--overwrite")
     convert_adept_checkpoint(args.adept, args.out, dtype=args.dtype, overwrite=args.overwrite,
                              progress=not args.quiet)
     return 0

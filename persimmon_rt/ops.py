@@ -26,11 +26,12 @@ import torch
 from . import reference
 
 try:  # the extension registers torch.ops.persimmon_rt.* on import
-    from . import _C
-    HAVE_CUDA_EXT = True
-except ImportError:
-    _C = None
-    HAVE_CUDA_EXT = False
+    from . import _C  # noqa: F401
+except ImportError:  # not built at install: on a GPU machine, compiled now (cached), or a warning says why not
+    from ._build import load_on_first_use
+
+    _C = load_on_first_use()
+HAVE_CUDA_EXT = _C is not None
 
 _LIMITS = ("CUDA_ARCHS", "DECODE_LINEAR_MAX_ROWS", "ATTENTION_HEAD_DIMS", "LAYERNORM_MAX_HIDDEN",
            "DECODE_LINEAR_CONFIGS")

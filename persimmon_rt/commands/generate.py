@@ -11,7 +11,7 @@ import time
 
 from ..config import PersimmonConfig
 from ._common import (add_model_arguments, add_sampling_arguments, load_engine, model_and_sampling_argv, model_dir,
-                      sampling_kwargs)
+                      read_prompt, sampling_kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import tensor_parallel
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = read_prompt(args.prompt)
     if not prompt:
         raise ValueError("empty prompt: pass it as an argument or on standard input")
     if args.tp is not None and args.tp < 1:

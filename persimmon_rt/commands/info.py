@@ -7,14 +7,17 @@ import os
 
 import torch
 
-from ._common import model_dir
+from ..dtypes import DTYPES, default_dtype, dtype_name, parse_dtype
+from ._common import default_device, model_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR", default=None, help="model directory (default: the demo model)")
     parser.add_argument("--batch", type=int, default=1, help="batch size for the memory estimate")
     parser.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the maximum)")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="dtype for the memory estimate (default: what generate uses here: float16 on a GPU, "
+                             "float32 on the CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     config = PersimmonConfig.from_pretrained(path)
     files = weight_files(path)
     disk = sum(os.path.getsize(f) for f in files)
-    dtype = getattr(torch, args.dtype)
+    dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(default_device())
     n_params = _count_parameters(config)
     weights = n_params * torch.finfo(dtype).bits // 8
     context = args.context or config.max_position_embeddings
@@ -53,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
           f"(theta {config.rope_theta:g}, {config.rope_type})")
     print(f"  {n_params / 1e6:.1f} M parameters, {disk / 2**20:.1f} MiB on disk in {len(files)} file(s), "
           f"saved as {config.torch_dtype}")
-    print(f"  memory at {args.dtype}, batch {args.batch} x context {context}: weights {weights / 2**30:.2f} GiB "
-          f"+ KV cache {cache / 2**30:.2f} GiB = {(weights + cache) / 2**30:.2f} GiB (plus activations)")
+    print(f"  memory at {dtype_name(dtype)}, batch {args.batch} x context {context}: "
+          f"weights {weights / 2**30:.2f} GiB + KV cache {cache / 2**30:.2f} GiB = "
+          f"{(weights + cache) / 2**30:.2f} GiB (plus activations)")
     return 0
-
 
 
 def _count_parameters(config) -> int:

@@ -2,8 +2,9 @@
 
 It lets a machine without the 8B checkpoint generate real text and lets tests catch a broken op through
 the model's held-out perplexity. The directory holds an HF-format model (config.json, model.safetensors,
-generation_config.json), its SentencePiece tokenizer (tokenizer.model) and PERPLEXITY.json, the held-out
-perplexity recorded when the model was saved. ``scripts/train_demo_model.py`` rebuilds all of it.
+generation_config.json), its SentencePiece tokenizer (tokenizer.model, with tokenizer_config.json and
+tokenizer.json for transformers' AutoTokenizer) and PERPLEXITY.json, the held-out perplexity recorded when
+the model was saved. ``scripts/train_demo_model.py`` rebuilds all of it.
 
     from persimmon_rt import PersimmonForCausalLM
     from persimmon_rt.demo import demo_model_path
