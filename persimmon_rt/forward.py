@@ -64,54 +64,33 @@ class Forward:
         attend(q [T, H, D], layer) -> [T, H, D] is the attention of this pass (prefill or decode)."""
         w = self.weights
         h = F.embedding(tokens, w.embed) if inputs_embeds is None else inputs_embeds
-        if h.shape[0] <= self.gemv_rows:
-            h = self._layers_gemv(h, positions, slots, attend)
-            h = h if select is None else h[select]
-            logits = torch.empty(h.shape[0], w.lm_head.shape[0], dtype=torch.float32, device=h.device)
-            ops.decode_linear(h, w.lm_head, None, None, logits, False, w.final_ln_w, w.final_ln_b,
-                              self.config.layer_norm_eps)
-        else:
-            down, h = self._layers_gemm(h, positions, slots, attend)
-            if select is not None:
-                down, h = down[select], h[select]
-            out = torch.empty_like(h)
-            ops.layernorm(down, w.final_ln_w, w.final_ln_b, out, self.config.layer_norm_eps, h, torch.empty_like(h))
-            logits = F.linear(out, w.lm_head).float()
+        down, h = self._layers(h, positions, slots, attend)
+        if select is not None:
+            down, h = down[select], h[select]
+        out = torch.empty_like(h)
+        ops.layernorm(down, w.final_ln_w, w.final_ln_b, out, self.config.layer_norm_eps, h, torch.empty_like(h))
+        logits = self._linear(out, w.lm_head, out_dtype=torch.float32)
         return logits if self.tp is None else self.tp.gather_vocab(logits)
 
-    def _attention_block(self, x, lw, i, positions, slots, attend, ln=None) -> torch.Tensor:
-        """QKV projection (of LN(x) when ln is given), QK-LayerNorm, rotary, cache write, attention:
-        [T, H * D], the input of the dense projection."""
+    def _attention_block(self, x, lw, i, positions, slots, attend) -> torch.Tensor:
+        """QKV projection, QK-LayerNorm, rotary, cache write, attention: [T, H * D], the input of the dense
+        projection."""
         c, T = self.config, x.shape[0]
         H, D = self.num_heads, c.head_dim
-        qkv = self._linear(x, lw.qkv_w, lw.qkv_b, ln=ln).view(T, H, 3, D)
+        qkv = self._linear(x, lw.qkv_w, lw.qkv_b).view(T, H, 3, D)
         q = torch.empty(T, H, D, dtype=x.dtype, device=x.device)
         ops.qk_norm_rope_cache(qkv, positions, self.inv_freq, lw.q_ln_w, lw.q_ln_b, lw.k_ln_w, lw.k_ln_b,
                                self.cache.k[i], self.cache.v[i], slots, q, c.layer_norm_eps)
         return attend(q, i).view(T, H * D)
 
-    def _layers_gemv(self, h, positions, slots, attend) -> torch.Tensor:
-        """Every layer on the decode GEMV (up to gemv_rows tokens): each LayerNorm runs as the prologue of the
-        projection that reads it, and the dense and MLP-down projections add their output to the residual
-        stream h in place (their residual epilogue). Returns the final residual stream."""
-        tp = self.tp
-        # Under tensor parallelism each rank's output is a partial sum: rank 0 alone adds the residual (as
-        # it alone holds the biases), and the all-reduce then yields h + the full projection.
-        residual = h if tp is None or tp.rank == 0 else None
-        for i, lw in enumerate(self.weights.layers):
-            a = self._attention_block(h, lw, i, positions, slots, attend, ln=(lw.ln_in_w, lw.ln_in_b))
-            ops.decode_linear(a, lw.dense_w, lw.dense_b, residual, h)
-            if tp is not None:
-                tp.all_reduce_(h)
-            up = self._linear(h, lw.up_w, lw.up_b, relu2=True, ln=(lw.ln_post_w, lw.ln_post_b))
-            ops.decode_linear(up, lw.down_w, lw.down_b, residual, h)
-            if tp is not None:
-                tp.all_reduce_(h)
-        return h
+    def _layers(self, h, positions, slots, attend) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer, with the LayerNorm (+ residual add) kernel between the projections; returns the last
+        MLP output and the residual stream it is still to be added to.
 
-    def _layers_gemm(self, h, positions, slots, attend) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer on cuBLAS with the LayerNorm (+ residual add) and bias + relu² kernels between the
-        GEMMs; returns the last MLP output and the residual stream it is still to be added to."""
+        The decode GEMV could take each LayerNorm as its prologue and the residual add as its epilogue
+        (decode_linear's ln_weight and residual): measured on the H200 that was slower (4.81 -> 5.68
+        ms/token at batch 1: every block recomputes its rows' statistics before streaming weights), so the
+        LayerNorm stays a kernel of its own (benchmarks/RESULTS.md)."""
         c, tp = self.config, self.tp
         x = torch.empty_like(h)
         down = None
@@ -129,21 +108,19 @@ class Forward:
                 tp.all_reduce_(down)
         return down, h
 
-    def _linear(self, x, weight, bias=None, relu2=False, ln=None) -> torch.Tensor:
-        """x W^T (+ bias) (then relu^2), of LN(x) when ln = (weight, bias) is given: the decode GEMV (weight
-        streaming, prologue and epilogue fused) for up to `gemv_rows` rows; cuBLAS plus the bias_relu2
-        epilogue otherwise (where the caller has applied the LayerNorm already: ln must be None)."""
+    def _linear(self, x, weight, bias=None, relu2=False, out_dtype=None) -> torch.Tensor:
+        """x W^T (+ bias) (then relu^2): the decode GEMV (weight streaming, epilogue fused) for up to
+        `gemv_rows` rows; cuBLAS plus the bias_relu2 epilogue otherwise. out_dtype=float32 gives fp32 logits."""
         if x.shape[0] <= self.gemv_rows:
-            out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-            ln_w, ln_b = ln if ln is not None else (None, None)
-            ops.decode_linear(x, weight, bias, None, out, relu2, ln_w, ln_b, self.config.layer_norm_eps)
+            out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
+            ops.decode_linear(x, weight, bias, None, out, relu2)
             return out
-        assert ln is None, "the cuBLAS path takes LayerNorm outputs"
         if relu2:
             y = F.linear(x, weight)
             ops.bias_relu2(y, bias, y)
             return y
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        return y if out_dtype is None else y.to(out_dtype)
 
     # -------------------------------------------------------------------------------------------- prefill
     def prefill(self, pieces: Sequence[tuple[int, torch.Tensor, int, int]]) -> torch.Tensor:
