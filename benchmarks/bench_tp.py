@@ -52,6 +52,35 @@ def random_shard(config: PersimmonConfig, rank: int, world: int, dtype, device) 
     return Weights.assemble(normalise_names(full, config), config, shard=(rank, world))
 
 
+def all_reduce_latency_us(tp: TensorParallel, width: int, dtype, calls: int = 64) -> dict:
+    """us per all-reduce of one [1, width] row (8 KB at Persimmon's width in fp16), as the decode graph
+    issues them: `calls` back to back in a captured graph; the engine's path and NCCL's."""
+    import torch.distributed as dist
+
+    x = torch.randn(1, width, dtype=dtype, device=tp.device)
+    paths = {"engine": tp.all_reduce_, "nccl": lambda t: dist.all_reduce(t, group=tp.group)}
+    out = {}
+    for name, reduce in paths.items():
+        for _ in range(3):
+            reduce(x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            for _ in range(calls):
+                reduce(x)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(10):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / calls)
+        out[name] = sorted(times)[len(times) // 2]
+        del graph
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ints = lambda s: [int(x) for x in s.split(",") if x]          # noqa: E731
@@ -97,9 +126,15 @@ def main() -> None:
                 row["checked"] = _check(config, weights, tp, row["max_batch"], context)
             result["fit"].append(row)
 
+    if tp is not None and device.type == "cuda":
+        result["all_reduce"] = tp.all_reduce_backend
+        result["all_reduce_us_8kb"] = all_reduce_latency_us(tp, config.hidden_size, dtype)
     if rank == 0:
         gib = result["weights_gib_per_rank"]
         print(f"TP={world} on {name} ({args.preset}, {dtype}); weights {gib:.2f} GiB per rank")
+        if "all_reduce" in result:
+            print(f"  all-reduce: {result['all_reduce']}; one {config.hidden_size}-wide row in a graph: "
+                  + ", ".join(f"{k} {v:.1f} us" for k, v in result["all_reduce_us_8kb"].items()))
         for row in result["decode"]:
             graph = f", captured step {row['graph_step_ms']:.3f} ms" if "graph_step_ms" in row else ""
             print(f"  decode batch 1, context {row['context']}: {row['ms_per_step']:.3f} ms/token{graph}")

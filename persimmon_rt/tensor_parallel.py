@@ -48,6 +48,9 @@ TP_CHILD_ENV = "PERSIMMON_RT_TP_CHILD"
 # failed must not leave the others blocked forever.
 TIMEOUT_ENV = "PERSIMMON_RT_TP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
+# "nccl" keeps every all-reduce on NCCL; by default small ones on GPUs take the one-shot symmetric-memory
+# all-reduce where it works (fast_all_reduce.py).
+ALL_REDUCE_ENV = "PERSIMMON_RT_TP_ALL_REDUCE"
 
 # ---------------------------------------------------------------------------------------- process group
 class TensorParallel:
@@ -63,6 +66,8 @@ class TensorParallel:
         self._owns_process_group = False
         # Objects holding CUDA graphs with captured collectives (engines): released before teardown.
         self._graph_owners: weakref.WeakSet = weakref.WeakSet()
+        self._fast_all_reduce = None
+        self.all_reduce_backend = "nccl" if self.device.type == "cuda" else "gloo"
         # all_gather_single is the newer name (torch >= 2.12); both take the concatenated-along-dim-0 output.
         self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -127,9 +132,25 @@ class TensorParallel:
             self._owns_process_group = False
 
     # ------------------------------------------------------------------------------------- collectives
+    def enable_fast_all_reduce(self) -> str:
+        """Take the one-shot symmetric-memory all-reduce for small messages on GPUs, unless
+        PERSIMMON_RT_TP_ALL_REDUCE=nccl or it does not work here; returns the backend now in use (with the
+        reason when it stayed on NCCL). Collective: every rank calls it, outside graph capture."""
+        if self.device.type != "cuda" or self._fast_all_reduce is not None:
+            return self.all_reduce_backend
+        if os.environ.get(ALL_REDUCE_ENV, "auto") == "nccl":
+            self.all_reduce_backend = f"nccl ({ALL_REDUCE_ENV}=nccl)"
+            return self.all_reduce_backend
+        from .fast_all_reduce import OneShotAllReduce
+
+        self._fast_all_reduce, why = OneShotAllReduce.try_create(self.group, self.device, self.rank)
+        self.all_reduce_backend = "symm_mem one-shot (small messages), nccl" if why == "" else f"nccl ({why})"
+        return self.all_reduce_backend
+
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum `t` over the ranks, in place (a row-parallel projection's partial sums). CUDA-graph capturable
-        on NCCL."""
+        """Sum `t` over the ranks, in place (a row-parallel projection's partial sums). CUDA-graph capturable."""
+        if self._fast_all_reduce is not None and self._fast_all_reduce.fits(t):
+            return self._fast_all_reduce(t)
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
