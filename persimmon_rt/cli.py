@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return import_module(args._module).run(args) or 0
         except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr)
+            print(f"{PROG}: interrupted{_rank_label()}", file=sys.stderr)
             return 130
         except BrokenPipeError:
             _discard_stdout()
@@ -83,8 +83,14 @@ def main(argv: list[str] | None = None) -> int:
             message = " ".join(str(exc).split("\n")) or type(exc).__name__
             if not isinstance(exc, (OSError, ValueError)):  # CheckpointError and ConfigError are ValueErrors
                 message = f"{type(exc).__name__}: {message}"
-            print(f"{PROG}: error: {message}", file=sys.stderr)
+            print(f"{PROG}: error{_rank_label()}: {message}", file=sys.stderr)
             return 1
+
+
+def _rank_label() -> str:
+    """" (rank R of N)" in a process of a tensor-parallel run, so the failing rank is named."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
 
 
 def _discard_stdout() -> None:

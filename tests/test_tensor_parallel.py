@@ -343,3 +343,51 @@ def test_tp2_on_two_gpus_captures_nccl_in_the_decode_graph(tmp_path):
     assert a["captured"] and a["graphs"] == a["eager"] == b["graphs"] and a["sampled"] == b["sampled"]
     agree = sum(x == y for ids, ref in zip(a["graphs"], a["tp1"]) for x, y in zip(ids[:8], ref[:8]))
     assert agree >= 20                                     # of 24: fp16 rounding may flip a near tie late
+
+
+# --------------------------------------------------------------------------------------- exiting cleanly
+# Every path out of a tensor-parallel run ends by itself within a bound: a normal end (above and the GPU
+# test below), an error on one rank, Ctrl-C under torchrun. On the CPU (gloo) here; on two GPUs (NCCL,
+# graphs) where they exist.
+EXIT_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.device_count() >= 2 and ops.HAVE_CUDA_EXT else [])
+
+
+def _torchrun(args, **kwargs):
+    env = {k: v for k, v in os.environ.items() if k not in (tpm.TP_CHILD_ENV, "WORLD_SIZE", "RANK")}
+    env.update(tpm.NVLS_OFF_ENV, OMP_NUM_THREADS="1", PERSIMMON_RT_TP_TIMEOUT="60")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                             "2", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+
+
+@pytest.mark.parametrize("device", EXIT_DEVICES)
+def test_an_error_on_one_rank_ends_the_run_and_names_the_rank(device):
+    script = os.path.join(os.path.dirname(__file__), "tp_scripts", "fail_on_one_rank.py")
+    proc = _torchrun([script, device])
+    try:
+        _, err = proc.communicate(timeout=150)
+    finally:
+        os.killpg(proc.pid, 9) if proc.poll() is None else None
+    assert proc.returncode != 0
+    assert "persimmon-rt: error (rank 1 of 2): prompt" in err and "exceeds" in err
+
+
+@pytest.mark.parametrize("device", EXIT_DEVICES)
+def test_ctrl_c_under_torchrun_ends_every_rank(device):
+    import signal
+    import time
+
+    proc = _torchrun(["-m", "persimmon_rt", "generate", "--device", device, "--temperature", "0",
+                      "--max-new-tokens", "240", "--", "ROMEO:"])
+    try:
+        first = proc.stdout.read(1)                     # rank 0 is streaming: the ranks are mid-decode
+        assert first
+        os.killpg(proc.pid, signal.SIGINT)              # what a terminal's Ctrl-C sends to the foreground group
+        started = time.monotonic()
+        proc.communicate(timeout=90)
+        assert time.monotonic() - started < 90
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            pytest.fail("torchrun still running 90 s after Ctrl-C")
+    assert proc.returncode != 0
