@@ -15,8 +15,8 @@ ramp-up and tail of a lone kernel included); median.
 
     python benchmarks/bench_decode_linear.py [--rows 1 8] [--dtype float16]
 
-Sweep mode (`--sweep`): the shapes as the fused decode step uses them (QKV, MLP-up and lm_head with the
-LayerNorm prologue; dense and MLP-down with the residual epilogue), every compiled tile configuration
+Sweep mode (`--sweep`): the shapes as the engine's decode step uses them (with `--prologue`: QKV, MLP-up
+and lm_head with the LayerNorm prologue, dense and MLP-down with the residual epilogue), every compiled tile configuration
 (_C.DECODE_LINEAR_CONFIGS) that takes M rows, each checked against the fp32 reference and then timed in
 the same graph method; beside them the per-shape default (config -1), cuBLAS F.linear alone and the copy
 bandwidth. One compact table: pick the fastest config per shape and M into kShapeRules
@@ -149,8 +149,16 @@ def bench_shape(name, M, dtype, launches, reps):
     return nbytes, t_ours, t_cublas, t_cublas_e, t_ours_1, t_cublas_1
 
 
-# name: (N, K, bias, residual, relu2, fp32 out, LN prologue): the fused decode step's calls.
+# name: (N, K, bias, residual, relu2, fp32 out, LN prologue): the decode step's calls as the engine makes
+# them, and (--prologue) as a step with the LayerNorms and residual adds folded into the GEMVs would.
 SWEEP_SHAPES = {
+    "qkv": (12288, 4096, True, False, False, False, False),
+    "dense": (4096, 4096, True, False, False, False, False),
+    "up+relu2": (16384, 4096, True, False, True, False, False),
+    "down": (4096, 16384, True, False, False, False, False),
+    "lm_head": (262144, 4096, False, False, False, True, False),
+}
+PROLOGUE_SHAPES = {
     "qkv+LN": (12288, 4096, True, False, False, False, True),
     "dense+res": (4096, 4096, True, True, False, False, False),
     "up+LN+relu2": (16384, 4096, True, False, True, False, True),
@@ -161,7 +169,7 @@ SWEEP_SHAPES = {
 
 def sweep_shape(name, M, dtype, launches, reps):
     """{config: seconds per call} for config -1 (default) and every config taking M rows, plus cuBLAS."""
-    N, K, has_bias, has_res, relu2, fp32_out, ln = SWEEP_SHAPES[name]
+    N, K, has_bias, has_res, relu2, fp32_out, ln = {**SWEEP_SHAPES, **PROLOGUE_SHAPES}[name]
     dev = "cuda"
     w_bytes = N * K * dtype.itemsize
     nbuf = max(2, -(-ROTATE_BYTES // w_bytes))
@@ -203,7 +211,7 @@ def run_sweep(args, dtype):
               + " | ".join(f"c{i} us" for i in range(len(names))) + " |")
     lines = []
     for M in args.rows:
-        for name in SWEEP_SHAPES:
+        for name in PROLOGUE_SHAPES if args.prologue else SWEEP_SHAPES:
             w_bytes, t = sweep_shape(name, M, dtype, args.launches, args.reps)
             ours = {k: v for k, v in t.items() if isinstance(k, int) and k >= 0}
             best = min(ours, key=ours.get)
@@ -229,6 +237,8 @@ def main():
     parser.add_argument("--launches", type=int, default=16, help="calls per captured graph")
     parser.add_argument("--reps", type=int, default=30, help="graph replays (median taken)")
     parser.add_argument("--sweep", action="store_true", help="time every tile configuration per shape")
+    parser.add_argument("--prologue", action="store_true",
+                        help="sweep the shapes with the LayerNorm prologue / residual epilogue (not the engine's)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
