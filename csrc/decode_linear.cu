@@ -37,24 +37,25 @@ constexpr int kDefault16 = 5;
 // two x fragments and four weight chunks); the J2 variant spills 12 bytes.
 constexpr int kDefault16Ln = 6;
 
-// Per-shape choices (Persimmon-8B decode shapes, in the engine's use: LN prologue or not); other
-// shapes take the defaults. Fill from an H200 sweep: config for M <= 8, config for 9 <= M <= 16.
+// Per-shape choices (Persimmon-8B decode shapes, as the engine calls them: no LayerNorm prologue), from the
+// H200 sweep of benchmarks/bench_decode_linear.py --sweep (benchmarks/RESULTS.md, run D): config for one
+// row, for 2..8 rows, for 9..16 rows. Other shapes, and the prologue variants, take the defaults.
 struct ShapeRule {
   int n, k;
   bool ln;
-  int config8, config16;
+  int config1, config8, config16;
 };
 constexpr ShapeRule kShapeRules[] = {
-    {12288, 4096, true, kDefault8, kDefault16Ln},   // QKV (LN_in prologue)
-    {4096, 4096, false, 1, 6},                      // attention dense: H200 sweep, 9.3-9.7 us against 10.8-11.0 (M 1-8)
-    {16384, 4096, true, kDefault8, kDefault16Ln},   // MLP up (LN_post prologue, relu2)
-    {4096, 16384, false, 1, 7},                     // MLP down: H200 sweep, 32.1-33.4 us against 42.7 (M 1-8)
-    {262144, 4096, true, kDefault8, kDefault16Ln},  // lm_head (final LN prologue, fp32 out)
+    {12288, 4096, false, 0, 0, 6},   // QKV: c6 28.3 us against 34.1 at 16 rows
+    {4096, 4096, false, 1, 1, 6},    // attention dense: c1 9.4 us against 10.8 at one row
+    {16384, 4096, false, 0, 0, 6},   // MLP up: c6 37.6 us against 46.2 at 16 rows
+    {4096, 16384, false, 2, 1, 7},   // MLP down: c2 32.6 / c1 32.5 us against 42.6 (1 / 8 rows)
+    {262144, 4096, false, 5, 0, 6},  // lm_head: c5 472 us against 497 at one row; c6 558 against 609 at 16
 };
 
 int choose_config(int M, int N, int K, bool ln) {
   for (const ShapeRule& r : kShapeRules)
-    if (r.n == N && r.k == K && r.ln == ln) return M <= 8 ? r.config8 : r.config16;
+    if (r.n == N && r.k == K && r.ln == ln) return M == 1 ? r.config1 : M <= 8 ? r.config8 : r.config16;
   return M <= 8 ? kDefault8 : ln ? kDefault16Ln : kDefault16;
 }
 

@@ -87,7 +87,7 @@ class Engine:
         self.graphs = DecodeGraphs(self.forward, self.max_seq_len, use_cuda_graphs, self.tp is not None)
         if self.tp is not None:
             self.tp.register_graph_owner(self)
-            self.tp.enable_fast_all_reduce()
+            self.tp.enable_fast_all_reduce(self.dtype)
         self._lock = threading.Lock()
         # Timings of the last generate call: prefill_s (prompts + first tokens), decode_s over decode_steps.
         self.last_stats: dict = {}

@@ -48,8 +48,8 @@ TP_CHILD_ENV = "PERSIMMON_RT_TP_CHILD"
 # failed must not leave the others blocked forever.
 TIMEOUT_ENV = "PERSIMMON_RT_TP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
-# "nccl" keeps every all-reduce on NCCL; by default small ones on GPUs take the one-shot symmetric-memory
-# all-reduce where it works (fast_all_reduce.py).
+# "symm_mem" lets small all-reduces on GPUs take the one-shot symmetric-memory kernel where it works
+# (fast_all_reduce.py); the default keeps NCCL, the measured path (benchmarks/RESULTS.md).
 ALL_REDUCE_ENV = "PERSIMMON_RT_TP_ALL_REDUCE"
 
 # ---------------------------------------------------------------------------------------- process group
@@ -132,18 +132,17 @@ class TensorParallel:
             self._owns_process_group = False
 
     # ------------------------------------------------------------------------------------- collectives
-    def enable_fast_all_reduce(self) -> str:
-        """Take the one-shot symmetric-memory all-reduce for small messages on GPUs, unless
-        PERSIMMON_RT_TP_ALL_REDUCE=nccl or it does not work here; returns the backend now in use (with the
-        reason when it stayed on NCCL). Collective: every rank calls it, outside graph capture."""
+    def enable_fast_all_reduce(self, dtype: torch.dtype) -> str:
+        """With PERSIMMON_RT_TP_ALL_REDUCE=symm_mem, take the one-shot symmetric-memory all-reduce for small
+        messages of `dtype` on GPUs where it works; returns the backend in use (with the reason when it is
+        NCCL). Collective: every rank calls it, outside graph capture."""
         if self.device.type != "cuda" or self._fast_all_reduce is not None:
             return self.all_reduce_backend
-        if os.environ.get(ALL_REDUCE_ENV, "auto") == "nccl":
-            self.all_reduce_backend = f"nccl ({ALL_REDUCE_ENV}=nccl)"
+        if os.environ.get(ALL_REDUCE_ENV, "nccl") != "symm_mem":
             return self.all_reduce_backend
         from .fast_all_reduce import OneShotAllReduce
 
-        self._fast_all_reduce, why = OneShotAllReduce.try_create(self.group, self.device, self.rank)
+        self._fast_all_reduce, why = OneShotAllReduce.try_create(self.group, self.device, self.rank, dtype)
         self.all_reduce_backend = "symm_mem one-shot (small messages), nccl" if why == "" else f"nccl ({why})"
         return self.all_reduce_backend
 
