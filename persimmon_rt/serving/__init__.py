@@ -5,14 +5,20 @@
 
 app.py holds the routes, protocol.py checks request bodies, openai_format.py writes responses, worker.py
 is the scheduler thread that owns the engine, metrics.py the Prometheus metrics, server.py runs uvicorn.
+Only app.py and server.py need the HTTP stack, so worker.py can be used (benchmarks/bench_serve.py) where
+it is not installed.
 """
-
-from .app import create_app, default_model_name
 
 __all__ = ["create_app", "default_model_name", "make_server"]
 
 
-def make_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
-    from .server import make_server as make
+def __getattr__(name: str):
+    if name in ("create_app", "default_model_name"):
+        from . import app
 
-    return make(app, host, port, log_level)
+        return getattr(app, name)
+    if name == "make_server":
+        from .server import make_server
+
+        return make_server
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
