@@ -224,8 +224,27 @@ def test_a_failing_step_answers_500_and_the_server_goes_on(server, client, refer
     assert error["type"] == "server_error" and "injected fault" in error["message"]
     out = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=8, temperature=0)
     assert out.choices[0].text == alone(reference, "ROMEO:", 8)[0]
-    assert metric(server.url, "persimmon_rt_step_failures_total") == 1
-    assert metric(server.url, "persimmon_rt_sequences_total", reason="error") == 1
+    failures.clear()                                   # once more, streaming: an error event, then [DONE]
+    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 8, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+        events = sse_events(response)
+    assert "injected fault" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
+    assert metric(server.url, "persimmon_rt_step_failures_total") == 2
+    assert metric(server.url, "persimmon_rt_sequences_total", reason="error") == 2
+    assert client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=8, temperature=0).choices[0].text \
+        == out.choices[0].text
+
+
+def test_a_client_that_leaves_before_a_whole_answer_frees_its_row(server):
+    cancelled = metric(server.url, "persimmon_rt_sequences_total", reason="cancelled")
+    body = {"model": MODEL, "prompt": "HAMLET:", "max_tokens": 240, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.2)
+    assert _eventually(lambda: metric(server.url, "persimmon_rt_sequences_total", reason="cancelled")
+                       == cancelled + 1)
+    assert _eventually(lambda: metric(server.url, "persimmon_rt_rows_in_use") == 0)
+    assert _eventually(lambda: metric(server.url, "persimmon_rt_http_requests_total", endpoint="/v1/completions",
+                                      status="499") == 1)
 
 
 def test_metrics_parse_as_prometheus_text(server):

@@ -152,13 +152,22 @@ class Worker:
                 return
             finally:
                 self._ready.set()
-            while scheduler is not None:
-                scheduler = self._boundary(scheduler)
+            current = scheduler
+            try:
+                while scheduler is not None:
+                    current = scheduler
+                    scheduler = self._boundary(current)
+            except Exception as exc:     # a fault outside the step itself: nothing can be served any more
+                log.error("the scheduler thread failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+                self.error = exc
+                self._fail(current, self._all(current) + self._take_inbox(),
+                           StepFailed(f"the scheduler thread failed: {exc}"), "error")
 
     def _boundary(self, scheduler: Scheduler) -> Scheduler | None:
         """Take what the event loop sent, run one step, publish its events; the scheduler to go on with."""
         if not self._take(scheduler):
-            self._fail(scheduler, self._all(scheduler), StepFailed("the server stopped", 503), "cancelled")
+            self._fail(scheduler, self._all(scheduler) + self._take_inbox(), StepFailed("the server stopped", 503),
+                       "cancelled")
             return None
         try:
             events = scheduler.step()
@@ -190,6 +199,11 @@ class Worker:
             self._fail(scheduler, self._all(scheduler), StepFailed("the server is shutting down", 503), "cancelled")
         return True
 
+    def _take_inbox(self) -> list[Request]:
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+        return inbox
+
     @staticmethod
     def _all(scheduler: Scheduler) -> list[Request]:
         holding = [h.request for h in scheduler.rows if h is not None]
@@ -217,10 +231,8 @@ class Worker:
             fresh = self.engine.scheduler(self.rows, self.prefill_budget)
         except Exception as again:       # the engine cannot go on (a broken device): stop serving
             self.error = again
-            with self._cond:
-                waiting += self._inbox
-                self._inbox = []
-            self._fail(scheduler, waiting, StepFailed(f"the engine failed: {again}", 503), "error")
+            self._fail(scheduler, waiting + self._take_inbox(), StepFailed(f"the engine failed: {again}", 503),
+                       "error")
             return None
         for r in waiting:
             fresh.submit(r)
