@@ -306,7 +306,8 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=None, help="workload size (default 256; quick 24)")
     p.add_argument("--rates", default=None, help="Poisson arrival rates, requests/s, or 'burst' "
                    "(default 4,8,16,burst; quick 20,burst)")
-    p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per finite rate (default 20; quick 5)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds of arrivals per finite rate (default 20; quick 5)")
     p.add_argument("--prompt-range", default=None, help="min,max prompt tokens (default 128,2048; quick 16,256)")
     p.add_argument("--output-range", default=None, help="min,max output tokens (default 32,512; quick 8,64)")
     p.add_argument("--stream-tokens", type=int, default=None, help="output length of the bare/streams runs "

@@ -13,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 
 from serve_utils import MODEL, ChildServer, sse_events  # noqa: E402
 
-BOUND = 3.0
+BOUND = 1.5
 
 
 def test_sigterm_under_load_drains_within_the_bound_and_exits():
@@ -31,7 +31,7 @@ def test_sigterm_under_load_drains_within_the_bound_and_exits():
                 rest = sse_events(_Replay(first, lines))
             results[name] = rest
 
-        short = threading.Thread(target=stream, args=("short", 40))
+        short = threading.Thread(target=stream, args=("short", 20))
         long = threading.Thread(target=stream, args=("long", 1000))
         short.start(), long.start()
         started.wait()
