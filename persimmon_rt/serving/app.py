@@ -153,9 +153,24 @@ async def _complete(request: Request, chat: bool) -> Response:
     _submit(state, stream)
     formatter = Formatter(chat, state.model_name, state.engine.tokenizer, parsed.sampling.logprobs is not None)
     if parsed.sampling.stream:
-        events = _sse(state, stream, formatter, parsed.sampling.include_usage)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _EventStream(_sse(stream, formatter, parsed.sampling.include_usage),
+                            lambda: state.worker.cancel(stream.unfinished()))
     return await _whole(request, state, stream, formatter)
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events; `on_close` runs however the response ends (a client that leaves before the first
+    event included, when the event generator never starts)."""
+
+    def __init__(self, events, on_close):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 async def _read_json(request: Request):
@@ -242,10 +257,10 @@ def _sse_data(payload) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-async def _sse(state: ServeState, stream: Stream, formatter: Formatter, include_usage: bool):
+async def _sse(stream: Stream, formatter: Formatter, include_usage: bool):
     """Server-sent events: one chunk per token that releases text (or log-probabilities), the finish
     reasons, usage (on the last chunk, or in a chunk of its own with stream_options.include_usage), then
-    `data: [DONE]`. A client that leaves cancels its sequences at the next step boundary."""
+    `data: [DONE]`."""
     choices = [Choice(i) for i in range(len(stream.requests))]
     try:
         if formatter.chat:
@@ -264,6 +279,4 @@ async def _sse(state: ServeState, stream: Stream, formatter: Formatter, include_
             yield _sse_data(formatter.usage_chunk(_usage(stream, choices)))
     except StepFailed as exc:
         yield _sse_data(APIError(exc.status, str(exc), "server_error").body())
-    finally:
-        state.worker.cancel(stream.unfinished())
     yield "data: [DONE]\n\n"

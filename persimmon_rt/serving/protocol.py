@@ -41,7 +41,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int | None = None
+    seed: int | None = None             # accepted, best effort: the batch shares one generator
     stop: list[str] = field(default_factory=list)
     n: int = 1
     stream: bool = False
