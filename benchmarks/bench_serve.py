@@ -10,14 +10,14 @@ default), random token ids, no stop tokens (every request generates exactly its 
 
     bare            Engine.generate on `rows` of the workload's prompts at once, one output length: its decode
                     step and token rate (prefill excluded).
-    32 streams      the same prompts and length through the scheduler thread, all submitted at once: the
-                    token rate while every row decodes (from the last first token to the first finish).
+    32 streams      the same prompts and length through the scheduler thread, all submitted at once and
+                    prefilled at once (as in bare): the token rate while every row decodes.
     static          the workload in waves of `rows` through Engine.generate, each wave run to its longest
                     output (a static batch): the requested tokens over the time.
     continuous      the workload through the scheduler thread, arrivals Poisson at each rate ("burst": all at
                     once): output tokens/s, time to first token and inter-token latency (p50, p99), and
                     inter-token p99 over the intervals in which a prompt was being prefilled (see summarize).
-Each of the last two runs once per prefill budget (prompt tokens prefilled per step while rows decode).
+The continuous runs are repeated once per prefill budget (prompt tokens prefilled per step while rows decode).
 """
 
 from __future__ import annotations
@@ -229,11 +229,12 @@ def run(args) -> dict:
     streams = [Item(it.ids, args.stream_tokens) for it in items[:rows]]
     served(engine, [Item(it.ids, 8) for it in items[:rows]], [0.0] * rows, rows, None)        # warm-up
     bare = bare_decode(engine, streams, args.stream_tokens)
+    # The same prompts through the scheduler thread, prefilled at once as in `bare`: the decode contexts
+    # match, so the two rates differ by what serving adds.
+    together = all_decoding_rate(served(engine, streams, [0.0] * rows, rows, None)[0])
     static = static_waves(engine, items, rows)
     by_budget = []
     for budget in args.prefill_budget:
-        results, _ = served(engine, streams, [0.0] * rows, rows, budget or None)
-        together = all_decoding_rate(results)
         runs = []
         for rate in args.rates:
             n = len(items) if math.isinf(rate) else min(len(items), max(rows, int(rate * args.duration)))
@@ -241,9 +242,9 @@ def run(args) -> dict:
             runs.append({"rate": rate, **summarize(results, prefills, bare["step_ms"] / 1e3)})
             print(f"budget {budget}, rate {rate}: {runs[-1]}", file=sys.stderr, flush=True)
         by_budget.append({"prefill_budget": budget or None, "runs": runs,
-                          "streams": {"tokens_per_s": together, "pct_of_bare": 100 * together / bare["tokens_per_s"]},
                           "targets": targets(bare, together, static, runs)})
     return {"setup": label, "rows": rows, "requests": len(items),
+            "streams": {"tokens_per_s": together, "pct_of_bare": 100 * together / bare["tokens_per_s"]},
             "prompt_range": [args.prompt_min, args.prompt_max], "output_range": [args.output_min, args.output_max],
             "mean_prompt": statistics.mean(len(it.ids) for it in items),
             "mean_output": statistics.mean(it.out for it in items), "bare": bare, "static": static,
@@ -275,11 +276,11 @@ def format_table(r: dict) -> str:
              f"{'ITL p50/p99 ms':>15s} {'ITL p99 prefill':>15s}",
              f"{'bare generate, batch ' + str(bare['batch']):30s} {'-':>6s} {bare['batch']:5d} "
              f"{bare['tokens_per_s']:10.1f} {'':>17s} {'step ' + _ms(bare['step_ms']):>15s}",
+             f"{str(rows) + ' streams, all decoding':30s} {'burst':>6s} {rows:5d} "
+             f"{r['streams']['tokens_per_s']:10.1f}   ({r['streams']['pct_of_bare']:.1f} % of bare)",
              f"{'static waves of ' + str(rows):30s} {'burst':>6s} {st['requests']:5d} {st['tokens_per_s']:10.1f}"]
     for b in r["by_budget"]:
         lines.append(f"prefill budget {b['prefill_budget'] or 'none'} tokens/step:")
-        lines.append(f"{'  ' + str(rows) + ' streams, all decoding':30s} {'burst':>6s} {rows:5d} "
-                     f"{b['streams']['tokens_per_s']:10.1f}   ({b['streams']['pct_of_bare']:.1f} % of bare)")
         for run in b["runs"]:
             rate = "burst" if math.isinf(run["rate"]) else f"{run['rate']:g}/s"
             lines.append(f"{'  continuous':30s} {rate:>6s} {run['requests']:5d} {run['tokens_per_s']:10.1f} "
@@ -311,7 +312,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-range", default=None, help="min,max prompt tokens (default 128,2048; quick 16,256)")
     p.add_argument("--output-range", default=None, help="min,max output tokens (default 32,512; quick 8,64)")
     p.add_argument("--stream-tokens", type=int, default=None, help="output length of the bare/streams runs "
-                   "(default 256; quick 32)")
+                   "(default 512; quick 32; at most the longest output)")
     p.add_argument("--prefill-budget", default="256", help="prompt tokens per step while rows decode, one run "
                    "per value (0: no limit; default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -320,7 +321,7 @@ def parse_args(argv=None):
     quick = args.quick
     defaults = {"rows": 8 if quick else 32, "requests": 24 if quick else 256, "duration": 5 if quick else 20,
                 "rates": "20,burst" if quick else "4,8,16,burst", "prompt_range": "16,256" if quick else "128,2048",
-                "output_range": "8,64" if quick else "32,512", "stream_tokens": 32 if quick else 256}
+                "output_range": "8,64" if quick else "32,512", "stream_tokens": 32 if quick else 512}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -328,6 +329,8 @@ def parse_args(argv=None):
     args.rates = [rate(v) for v in str(args.rates).split(",") if v]
     args.prompt_min, args.prompt_max = map(int, args.prompt_range.split(","))
     args.output_min, args.output_max = map(int, args.output_range.split(","))
+    if args.stream_tokens > args.output_max:
+        p.error("--stream-tokens must not exceed the longest output (the cache is sized for it)")
     return args
 
 
