@@ -204,7 +204,7 @@ def build_engine(args) -> tuple[Engine, str]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))
     max_seq_len = args.prompt_max + args.output_max + 8
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if args.model or device.type == "cpu":
+    if args.model or (device.type == "cpu" and args.preset is None):
         from persimmon_rt.demo import demo_model_path
 
         path = args.model or demo_model_path()
@@ -215,10 +215,12 @@ def build_engine(args) -> tuple[Engine, str]:
 
     from persimmon_rt.config import PersimmonConfig
 
-    config = PersimmonConfig.preset(args.preset)
+    preset = args.preset or "persimmon-8b"
+    config = PersimmonConfig.preset(preset)
     model = random_model(config, dtype, device)
     engine = Engine(model, config, max_batch_size=args.rows, max_seq_len=max_seq_len)
-    return engine, f"{args.preset} shapes, random fp16 weights, {torch.cuda.get_device_name(device)}"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return engine, f"{preset} shapes, random {str(dtype).removeprefix('torch.')} weights, {where}"
 
 
 def run(args) -> dict:
@@ -301,7 +303,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smoke run: demo model on the CPU, small workload")
     p.add_argument("--model", metavar="DIR", help="a model directory instead of random weights")
-    p.add_argument("--preset", default="persimmon-8b", help="shapes of the random weights")
+    p.add_argument("--preset", default=None, help="shapes of the random weights (default persimmon-8b on a GPU; "
+                   "on the CPU the demo model unless given)")
     p.add_argument("--device", default=None)
     p.add_argument("--rows", type=int, default=None, help="concurrent sequences (default 32; quick 8)")
     p.add_argument("--requests", type=int, default=None, help="workload size (default 256; quick 24)")
@@ -334,6 +337,17 @@ def parse_args(argv=None):
     return args
 
 
+def _plain(value):
+    """Strict JSON: an infinite rate is "burst", a missing figure (NaN) null."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "burst" if value == math.inf else None
+    return value
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -341,7 +355,7 @@ def main(argv=None) -> int:
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1, default=lambda v: None)
+            json.dump(_plain(result), fh, indent=1)
     return 0
 
 
