@@ -55,6 +55,8 @@ BAD = [  # (route, body, status, the param named, words in the message)
     ("/v1/completions", completion(logprobs=6), 400, "logprobs", "between 0 and 5"),
     ("/v1/completions", completion(seed="x"), 400, "seed", "must be an integer"),
     ("/v1/completions", completion(presence_penalty=0.5), 400, "presence_penalty", "not supported"),
+    ("/v1/completions", completion(repetition_penalty=1.1), 400, "repetition_penalty", "unrecognized"),
+    ("/v1/chat/completions", chat(prompt="x"), 400, "prompt", "unrecognized"),
     ("/v1/completions", completion(stream_options={"include_usage": True}), 400, "stream_options", "stream"),
     ("/v1/completions", completion(prompt=[]), 400, "prompt", "must be a string"),
     ("/v1/completions", completion(prompt=[1, "a"]), 400, "prompt", "must be a string"),
@@ -84,6 +86,11 @@ def test_bad_input_is_an_openai_error_naming_the_problem(server, route, body, st
         assert error["code"] == "model_not_found"
     if "context length" in words:
         assert error["code"] == "context_length_exceeded"
+
+
+def test_neutral_and_bookkeeping_fields_are_accepted(server):
+    body = completion(max_tokens=2, user="u1", metadata={"k": "v"}, presence_penalty=0, echo=False, best_of=1)
+    assert httpx.post(server.url + "/v1/completions", json=body, timeout=30).status_code == 200
 
 
 def test_unknown_routes_and_methods_answer_in_the_openai_format(server):

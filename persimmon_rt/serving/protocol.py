@@ -1,9 +1,9 @@
 """The OpenAI API's request bodies, checked: what the server accepts, and the errors it answers with.
 
-Known fields are checked for type and range and a bad one is named in a 400; fields this server does not
-implement are refused when set to anything but their neutral value (a penalty of 0, `echo` false, ...),
-so a client never silently gets something other than what it asked for; other unknown fields are ignored,
-as OpenAI-compatible servers do.
+Known fields are checked for type and range and a bad one is named in a 400; fields of the API this server
+does not implement are refused when set to anything but their neutral value (a penalty of 0, `echo` false,
+...), so a client never silently gets something other than what it asked for; bookkeeping fields (`user`,
+`metadata`, ...) are accepted and ignored; any other field is refused as OpenAI refuses it.
 """
 
 from __future__ import annotations
@@ -115,7 +115,19 @@ _NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "echo":
             "response_format": ({"type": "text"},)}
 
 
-def _refuse_unsupported(body: dict) -> None:
+_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+            "safety_identifier", "reasoning_effort", "verbosity", "modalities", "audio", "prediction",
+            "web_search_options", "function_call"}
+_SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options",
+             "logprobs"}
+_FIELDS = {"completions": _SAMPLING | {"prompt"},
+           "chat": _SAMPLING | {"messages", "top_logprobs", "max_completion_tokens"}}
+
+
+def _refuse_unsupported(body: dict, api: str) -> None:
+    for name in body:
+        if name not in _FIELDS[api] and name not in _NEUTRAL and name not in _IGNORED:
+            raise bad(name, f"unrecognized request argument supplied: {name}")
     for name, neutral in _NEUTRAL.items():
         value = body.get(name)
         if value is not None and not any(value == v and type(value) is type(v) for v in neutral):
@@ -150,17 +162,17 @@ def _sampling(body: dict, logprobs: int | None, max_tokens_names: tuple[str, ...
                     include_usage=_boolean(options or {}, "include_usage", False), logprobs=logprobs)
 
 
-def _object(body) -> dict:
+def _object(body, api: str) -> dict:
     if not isinstance(body, dict):
         raise bad(None, f"the request body must be a JSON object, got {_kind(body)}")
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, api)
     return body
 
 
 def parse_completion(body) -> Completion:
     """A /v1/completions body: `prompt` is a string, an array of strings, an array of token ids, or an array
     of arrays of token ids."""
-    body = _object(body)
+    body = _object(body, "completions")
     model = _model(body)
     logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     sampling = _sampling(body, logprobs, ("max_tokens",))
@@ -188,7 +200,7 @@ def _prompts(prompt) -> list:
 def parse_chat(body) -> Completion:
     """A /v1/chat/completions body. System (and developer) messages are folded into the user turn that
     follows them: Persimmon's chat format has only human and adept turns."""
-    body = _object(body)
+    body = _object(body, "chat")
     model = _model(body)
     want = _boolean(body, "logprobs", False)
     top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
