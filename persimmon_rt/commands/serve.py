@@ -12,8 +12,8 @@ from ._common import add_model_arguments, load_engine, model_dir
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
     parser.add_argument("--max-batch-size", type=int, default=8, metavar="N",
                         help="sequences decoded together (rows of the KV cache)")
     parser.add_argument("--max-queue", type=int, default=256, metavar="N",
@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model name clients use (default: the model directory's name)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long requests in flight may go on before they are cancelled")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    parser.add_argument("--quantize", choices=["int8"], default=None, help="weight quantisation")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="uvicorn's log level")
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="weight quantisation (not available in this build)")
     parser.add_argument("--tp", type=int, default=None, metavar="N", help="tensor parallelism (serve: 1 only)")
 
 
