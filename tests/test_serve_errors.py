@@ -61,6 +61,7 @@ BAD = [  # (route, body, status, the param named, words in the message)
     ("/v1/completions", completion(prompt=[]), 400, "prompt", "must be a string"),
     ("/v1/completions", completion(prompt=[1, "a"]), 400, "prompt", "must be a string"),
     ("/v1/completions", completion(prompt=[10**6]), 400, "prompt", "token ids must be in"),
+    ("/v1/completions", '{"model": "demo", "prompt": "\\ud800"}', 400, "prompt", "cannot tokenize"),
     ("/v1/completions", completion(max_tokens=MAX_SEQ_LEN), 400, "prompt", "maximum context length"),
     ("/v1/completions", completion(prompt="ROMEO: " * 200), 400, "prompt", "maximum context length"),
     ("/v1/chat/completions", {"model": MODEL}, 400, "messages", "'messages' is required"),

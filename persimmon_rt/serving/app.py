@@ -184,10 +184,13 @@ async def _read_json(request: Request):
 def _requests(state: ServeState, parsed: Completion) -> list:
     """One scheduler request per prompt and choice (choice index = prompt index * n + j)."""
     engine, s = state.engine, parsed.sampling
-    if parsed.chat:
-        prompts = [engine.tokenizer.apply_chat_template(parsed.messages, tokenize=True)]
-    else:
-        prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in parsed.prompts]
+    try:
+        if parsed.chat:
+            prompts = [engine.tokenizer.apply_chat_template(parsed.messages, tokenize=True)]
+        else:
+            prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in parsed.prompts]
+    except (ValueError, TypeError) as exc:        # UnicodeError included (a lone surrogate, say)
+        raise bad("messages" if parsed.chat else "prompt", f"cannot tokenize the prompt: {exc}") from None
     if len(prompts) * s.n > state.max_queue:
         raise bad("n", f"{len(prompts)} prompt(s) x n={s.n} is more sequences than the server queues at once "
                        f"({state.max_queue})")

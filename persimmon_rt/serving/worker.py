@@ -173,10 +173,11 @@ class Worker:
             events = scheduler.step()
         except Exception as exc:
             return self._recover(scheduler, exc)
-        self._publish(events, time.perf_counter())
-        self._waiting = len(scheduler.waiting)
+        with self._cond:                 # before the events go out: a reader acting on them sees these
+            self._waiting = len(scheduler.waiting)
         self.metrics.queue_depth.set(self.queue_depth())
         self.metrics.rows_in_use.set(scheduler.rows_in_use())
+        self._publish(events, time.perf_counter())
         return scheduler
 
     def _take(self, scheduler: Scheduler) -> bool:
@@ -188,6 +189,7 @@ class Worker:
                 return False
             inbox, self._inbox = self._inbox, []
             cancels, self._cancels = self._cancels, []
+            self._waiting += len(inbox)          # still counted against the queue bound once taken
             expired = self._deadline is not None and time.monotonic() > self._deadline
         for r in inbox:
             scheduler.submit(r)
