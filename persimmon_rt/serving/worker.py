@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from ..scheduler import Request, Scheduler, TokenEvent
 
 log = logging.getLogger("persimmon_rt.serve")
@@ -144,6 +146,8 @@ class Worker:
 
     # -------------------------------------------------------------------------------- scheduler thread
     def _run(self) -> None:
+        if self.engine.device.type == "cuda":
+            torch.cuda.set_device(self.engine.device)    # a new thread starts on device 0
         with self.engine.lock:
             try:
                 scheduler = self.engine.scheduler(self.rows, self.prefill_budget)
