@@ -23,6 +23,7 @@ COMMANDS = {
     "chat": ("persimmon_rt.commands.chat", "interactive multi-turn chat (human: ...\\n\\nadept: format)"),
     "convert": ("persimmon_rt.convert", "convert an original adept checkpoint to an HF-format directory"),
     "bench": ("persimmon_rt.commands.bench", "the generation benchmark, as a table (optionally a PNG)"),
+    "serve": ("persimmon_rt.commands.serve", "an OpenAI-compatible HTTP server with continuous batching"),
     "info": ("persimmon_rt.commands.info", "the installed build, the GPU, and a model's size and memory needs"),
 }
 
