@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from .config import PersimmonConfig
-from .quantization import QuantizedWeight
+from .quantization import QuantizedWeight, check_scheme, quantize_weight
 from .quantized_sources import assemble_streamed, check_no_stray_scales, materializer, pair_quantized, \
     resolve_scheme, streaming_converter, wanted_names
 from .sharding import check_tp_config, take_shard
@@ -117,6 +117,23 @@ class Weights:
         layers = [LayerWeights(**{f: get(f"model.layers.{i}.{n}") for f, n in _LAYER_NAMES.items()})
                   for i in range(config.num_hidden_layers)]
         return cls(layers=layers, **{f: get(n) for f, n in _MODEL_NAMES.items()})
+
+
+def quantize_weights(weights: Weights, scheme: str = "int8") -> Weights:
+    """A copy of full-precision `weights` with the projections, lm_head and embedding quantized (one tensor
+    at a time, on their device; a tied head shares the embedding's); the originals are left as they are."""
+    if check_scheme(scheme) is None or weights.scheme is not None:
+        raise ValueError(f"quantize_weights: need full-precision weights and a scheme, got {scheme!r}")
+    done: dict[int, QuantizedWeight] = {}
+
+    def q(t: torch.Tensor) -> QuantizedWeight:
+        if id(t) not in done:
+            done[id(t)] = quantize_weight(t)
+        return done[id(t)]
+
+    layers = [replace(lw, qkv_w=q(lw.qkv_w), dense_w=q(lw.dense_w), up_w=q(lw.up_w), down_w=q(lw.down_w))
+              for lw in weights.layers]
+    return replace(weights, layers=layers, embed=q(weights.embed), lm_head=q(weights.lm_head))
 
 
 def normalise_names(state: Mapping, config: PersimmonConfig) -> dict:
