@@ -16,9 +16,23 @@ import torch
 
 from .config import PersimmonConfig
 from .dtypes import DTYPES, dtype_name, parse_dtype
-from .quantization import SCALE_SUFFIX, check_scheme, config_entry, is_quantized_name, quantize_int8, scheme_of
-from .weights import (GENERATION_CONFIG, CheckpointError, atomic_directory, check_tensors, expected_shapes,
-                      load_state_dict, save_state_dict)
+from .quantization import (
+    SCALE_SUFFIX,
+    check_scheme,
+    config_entry,
+    is_quantized_name,
+    quantize_int8,
+    scheme_of,
+)
+from .weights import (
+    GENERATION_CONFIG,
+    CheckpointError,
+    atomic_directory,
+    check_tensors,
+    expected_shapes,
+    load_state_dict,
+    save_state_dict,
+)
 
 # Files beside the weights that a quantized copy keeps.
 _CARRIED = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", GENERATION_CONFIG)

@@ -13,8 +13,15 @@ from collections.abc import Mapping
 
 import torch
 
-from .quantization import SCALE_SUFFIX, QuantizedWeight, check_quantized_pair, check_scheme, is_quantized_name, \
-    quantize_weight, scheme_of
+from .quantization import (
+    SCALE_SUFFIX,
+    QuantizedWeight,
+    check_quantized_pair,
+    check_scheme,
+    is_quantized_name,
+    quantize_weight,
+    scheme_of,
+)
 from .weights import CheckpointError, shape_of
 
 

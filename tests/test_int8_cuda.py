@@ -11,11 +11,10 @@ import itertools
 
 import pytest
 import torch
+from op_utils import capture_graph, check_against_fp32, requires_cuda
 
 from persimmon_rt import ops, reference
 from persimmon_rt.quantization import quantize_int8
-
-from op_utils import capture_graph, check_against_fp32, requires_cuda
 
 DTYPES = [torch.float16, torch.bfloat16]
 EPILOGUES = list(itertools.product([False, True], repeat=3))     # (bias, residual, relu2)
@@ -166,10 +165,10 @@ def test_graph_replay_follows_inputs():
 
 @requires_cuda
 def test_demo_greedy_int8_equals_fp16_or_near_tie():
+    from test_int8 import check_greedy_agreement
+
     from persimmon_rt.demo import demo_model_path
     from persimmon_rt.engine import Engine
-
-    from test_int8 import check_greedy_agreement
 
     fp16 = Engine.from_pretrained(demo_model_path(), dtype=torch.float16, max_seq_len=128)
     int8 = Engine.from_pretrained(demo_model_path(), dtype=torch.float16, max_seq_len=128, quantize="int8")
@@ -186,7 +185,7 @@ def teacher_forced_logits(engine, prompt: torch.Tensor, tokens: torch.Tensor) ->
         lens = torch.tensor([pos + 1], dtype=torch.int32, device="cuda")
         pos_t = torch.tensor([pos], device="cuda")
 
-        def attend(q, layer):
+        def attend(q, layer, lens=lens):
             o = torch.empty_like(q)
             ops.attention_decode(q, fwd.cache.k[layer][:1], fwd.cache.v[layer][:1], lens, o, fwd.scale)
             return o
