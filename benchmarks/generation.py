@@ -74,10 +74,41 @@ def _randomise_norms(model) -> None:
             p.normal_(0, 0.02)
 
 
-def decode_bytes(model, config: PersimmonConfig, batch: int, context: int, dtype: torch.dtype) -> int:
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+def decode_bytes(model, config: PersimmonConfig, batch: int, context: int, dtype: torch.dtype,
+                 weights=None) -> int:
     kv = 2 * config.num_hidden_layers * config.hidden_size * torch.finfo(dtype).bits // 8
-    return weights + batch * context * kv
+    return decode_weight_bytes(weights, model) + batch * context * kv
+
+
+def engine_systems(model, config: PersimmonConfig, quantize: str | None, backends: list[str]) -> list:
+    """(system name, Weights or None) of each persimmon_rt engine to time: the full-precision one (None: it
+    wraps the model's parameters) and, with `quantize`, one on a quantized copy of the same weights."""
+    systems = [("persimmon_rt", None)]
+    if quantize:
+        if backends:
+            raise ValueError("--quantize compares against the fp16 engine: leave --transformers off")
+        from persimmon_rt.loading import quantize_weights, weights_from_module
+
+        systems.append((f"persimmon_rt {quantize}", quantize_weights(weights_from_module(model, config), quantize)))
+    return systems
+
+
+def weight_bytes(weights, model) -> int:
+    """Bytes the engine holds for its weights."""
+    if weights is None:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+    return sum(t.numel() * t.element_size() for t in weights.tensors())
+
+
+def decode_weight_bytes(weights, model) -> int:
+    """Bytes a decode step streams: every weight but the input embedding."""
+    if weights is None:
+        return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    embed = weights.embed
+    skip = {id(embed.qweight), id(embed.scale)} if hasattr(embed, "qweight") else {id(embed)}
+    if weights.lm_head is weights.embed:
+        skip = set()
+    return sum(t.numel() * t.element_size() for t in weights.tensors() if id(t) not in skip)
 
 
 def measure_decode(engine: Engine, batch: int, context: int, new_tokens: int) -> dict:
@@ -324,6 +355,26 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def decode_case(args, model, config, weights, batch: int, context: int, bandwidth, dtype, backends) -> dict:
+    """One decode row: capture, ms per step, tokens/s, and against the bandwidth floor."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    t = time.perf_counter()
+    max_seq_len = context + args.new_tokens + 8
+    engine = Engine.from_transformers(model, max_batch_size=batch, max_seq_len=max_seq_len) if backends else \
+        Engine(model, config, max_batch_size=batch, max_seq_len=max_seq_len, weights=weights)
+    engine.capture([batch])
+    numbers = {"capture_s": time.perf_counter() - t, **measure_decode(engine, batch, context, args.new_tokens)}
+    numbers["tokens_per_s"] = 1e3 * batch / numbers["ms_per_step"]
+    if bandwidth:
+        floor = 1e3 * decode_bytes(model, config, batch, context, dtype, weights) / bandwidth
+        numbers.update(floor_ms=floor, pct_of_floor=100 * floor / numbers["ms_per_step"],
+                       peak_extra_gib=(torch.cuda.max_memory_allocated(device) - base) / 2**30)
+    return numbers
+
+
 def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -357,42 +408,34 @@ def run(args: argparse.Namespace) -> dict:
         if args.verbose:
             print(f"[{gpu}] {system} {case} {numbers}", flush=True)
 
+    systems = engine_systems(model, config, args.quantize, backends)
+    for system, weights in systems:
+        if weights is not None or len(systems) > 1:
+            record(system, "weights", gib=weight_bytes(weights, model) / 2**30)
     for batch in args.batch:
         for context in args.context:
             if context + args.new_tokens > config.max_position_embeddings:
                 continue
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-            t = time.perf_counter()
-            engine = Engine.from_transformers(model, max_batch_size=batch,
-                                              max_seq_len=context + args.new_tokens + 8) if backends else \
-                Engine(model, config, max_batch_size=batch, max_seq_len=context + args.new_tokens + 8)
-            engine.capture([batch])
-            numbers = {"capture_s": time.perf_counter() - t, **measure_decode(engine, batch, context, args.new_tokens)}
-            numbers["tokens_per_s"] = 1e3 * batch / numbers["ms_per_step"]
-            if bandwidth:
-                floor = 1e3 * decode_bytes(model, config, batch, context, dtype) / bandwidth
-                numbers.update(floor_ms=floor, pct_of_floor=100 * floor / numbers["ms_per_step"],
-                               peak_extra_gib=(torch.cuda.max_memory_allocated(device) - base) / 2**30)
-            record("persimmon_rt", f"decode b={batch} ctx={context}", **numbers)
-            del engine
-            _free()
+            for system, weights in systems:
+                record(system, f"decode b={batch} ctx={context}",
+                       **decode_case(args, model, config, weights, batch, context, bandwidth, dtype, backends))
+                _free()
     for tokens in args.prefill:
         if tokens + 8 > config.max_position_embeddings:
             continue
-        engine = Engine(model, config, max_batch_size=1, max_seq_len=tokens + 8)
-        record("persimmon_rt", f"prefill {tokens}", ms=measure_prefill(engine, tokens))
-        if args.profile and device.type == "cuda":
-            profiles.append({"case": f"prefill {tokens}", **profile_prefill(engine, tokens)})
-        del engine
-        _free()
+        for system, weights in systems:
+            engine = Engine(model, config, max_batch_size=1, max_seq_len=tokens + 8, weights=weights)
+            record(system, f"prefill {tokens}", ms=measure_prefill(engine, tokens))
+            if args.profile and device.type == "cuda":
+                profiles.append({"case": f"{system} prefill {tokens}", **profile_prefill(engine, tokens)})
+            del engine
+            _free()
     for batch in args.batch if args.profile and device.type == "cuda" else []:
         context = args.context[0]
-        engine = Engine(model, config, max_batch_size=batch, max_seq_len=context + 64)
+        engine = Engine(model, config, max_batch_size=batch, max_seq_len=context + 64, weights=systems[-1][1])
         engine.generate(torch.randint(0, config.vocab_size, (batch, context)).tolist(), max_new_tokens=2,
                         stop_token_ids=[])
-        profiles.append({"case": f"decode b={batch} ctx={context}",
+        profiles.append({"case": f"{systems[-1][0]} decode b={batch} ctx={context}",
                          **profile_decode_step(engine, batch, context)})
         del engine
         _free()
@@ -420,7 +463,11 @@ def format_table(result: dict) -> str:
     lines = [f"{result['gpu']}, {result['dtype']}" + (f", copy {result['copy_bandwidth_tb_s']:.2f} TB/s"
                                                       if result["copy_bandwidth_tb_s"] else ""),
              f"{'system':34s} {'case':22s} {'ms':>9s} {'tok/s':>9s} {'% floor':>8s}"]
+    base = {r["case"]: r.get("ms_per_step", r.get("ms")) for r in result["rows"] if r["system"] == "persimmon_rt"}
     for r in result["rows"]:
+        if "gib" in r:
+            lines.append(f"{r['system']:34s} {'weights':22s} {r['gib']:8.2f} GiB")
+            continue
         ms = r.get("ms_per_step", r.get("ms"))
         tps = f"{r['tokens_per_s']:9.1f}" if "tokens_per_s" in r else f"{'':9s}"
         pct = f"{r['pct_of_floor']:7.1f}%" if "pct_of_floor" in r else f"{'':8s}"
@@ -428,7 +475,9 @@ def format_table(result: dict) -> str:
             lines.append(f"{r['system']:34s} {r['case']:22s} {r['total_s']:8.2f}s (load {r['load_s']:.2f} s, "
                          f"capture {r['capture_s']:.2f} s, peak host anon {r['peak_host_anon_gib']:.2f} GiB)")
             continue
-        lines.append(f"{r['system']:34s} {r['case']:22s} {ms:9.3f} {tps} {pct}")
+        ratio = (f"  {base[r['case']] / ms:5.2f}x fp" if r["system"] != "persimmon_rt" and r["system"].startswith(
+            "persimmon_rt") and base.get(r["case"]) else "")
+        lines.append(f"{r['system']:34s} {r['case']:22s} {ms:9.3f} {tps} {pct}{ratio}")
     for p in result.get("profiles", []):
         if not p.get("kernels"):
             continue
@@ -472,6 +521,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     parser.add_argument("--context", type=ints, default=ints(d["context"]), help="comma-separated prompt lengths")
     parser.add_argument("--prefill", type=ints, default=ints(d["prefill"]), help="comma-separated prompt lengths")
     parser.add_argument("--new-tokens", type=int, default=d["new_tokens"])
+    parser.add_argument("--quantize", default=None, metavar="SCHEME",
+                        help="also time an engine on int8 weights (quantized from the same weights; the ratio column "
+                             "is the full-precision engine's time over its time)")
     parser.add_argument("--transformers", default=d["transformers"],
                         help="also time transformers on the same weights: attention backends (eager, sdpa) "
                              "and/or 'compile' (sdpa + static cache, compiled by generate)")

@@ -21,6 +21,7 @@
 #include "attention.h"
 #include "bias_relu2.h"
 #include "decode_linear.h"
+#include "int8_linear.h"
 #include "layernorm.h"
 #include "qk_norm_rope_cache.h"
 
@@ -301,6 +302,75 @@ void decode_linear_cuda(const Tensor& x, const Tensor& weight, const OptTensor& 
                        current_stream());
 }
 
+// ---- int8 weight-only: decode_linear_int8, dequantize_int8 --------------------------------------------
+
+constexpr const char* kDq = "decode_linear_int8";
+constexpr const char* kDeq = "dequantize_int8";
+
+void check_int8_weight(const char* op, const Tensor& weight, const Tensor& scale) {
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must have shape [N, K], got ", weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(N >= 1 && N <= INT32_MAX, op, ": weight must have 1 to 2^31 - 1 rows (N), got ", N);
+  TORCH_CHECK(K >= kInt8KMultiple && K % kInt8KMultiple == 0 && K <= INT32_MAX, op,
+              ": K must be a positive multiple of ", kInt8KMultiple, " (whole 16-byte int8 rows), got ", K);
+  check_shape(op, scale, "scale", "[N]", {N});
+}
+
+void check_decode_linear_int8(const Tensor& x, const Tensor& weight, const Tensor& scale, const OptTensor& bias,
+                              const OptTensor& residual, const Tensor& out) {
+  TORCH_CHECK(x.dim() == 2, kDq, ": x must have shape [M, K], got ", x.sizes());
+  check_int8_weight(kDq, weight, scale);
+  const int64_t M = x.size(0), K = weight.size(1), N = weight.size(0);
+  const at::ScalarType dt = x.scalar_type();
+  activation_dtype(kDq, x, "x");
+  TORCH_CHECK(M >= 1 && M <= kDecodeLinearInt8MaxRows, kDq, ": x must have 1 to ", kDecodeLinearInt8MaxRows,
+              " rows (M, the decode batch), got ", M);
+  check_shape(kDq, x, "x", "[M, K] (K as weight)", {M, K});
+  TORCH_CHECK(x.stride(1) == 1 && (M == 1 || (x.stride(0) % 8 == 0 && x.stride(0) >= K)), kDq,
+              ": x must have a unit column stride and a row stride >= K that is a multiple of 8, got strides ",
+              x.strides());
+  if (bias.has_value()) check_shape(kDq, *bias, "bias", "[N]", {N});
+  if (residual.has_value()) check_shape(kDq, *residual, "residual", "[M, N]", {M, N});
+  check_shape(kDq, out, "out", "[M, N]", {M, N});
+  TORCH_CHECK(out.scalar_type() == dt || out.scalar_type() == at::kFloat, kDq, ": out must be ", dt,
+              " (as x) or float32, got ", out.scalar_type());
+  check_args(kDq, x,
+             {arg("x", x, dt, kAligned16), arg("weight", weight, at::kChar, kContiguous | kAligned16),
+              arg("scale", scale, at::kFloat, kContiguous), arg("bias", bias, dt, kContiguous),
+              arg("residual", residual, dt, kContiguous), arg("out", out, std::nullopt, kContiguous)});
+  TORCH_CHECK(!residual.has_value() || residual->data_ptr() == out.data_ptr() || !overlap(*residual, out), kDq,
+              ": residual must be out itself or not overlap it");
+  TORCH_CHECK(!overlap(x, out), kDq, ": x must not overlap out");
+}
+
+void decode_linear_int8_cuda(const Tensor& x, const Tensor& weight, const Tensor& scale, const OptTensor& bias,
+                             const OptTensor& residual, Tensor& out, bool relu2, int64_t config) {
+  check_decode_linear_int8(x, weight, scale, bias, residual, out);
+  const int64_t num_configs = static_cast<int64_t>(decode_linear_int8_config_names().size());
+  TORCH_CHECK(config >= -1 && config < num_configs, kDq, ": config must be -1 (per-shape choice) or in [0, ",
+              num_configs, "), got ", config);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  launch_decode_linear_int8(x.data_ptr(), weight.data_ptr<int8_t>(), scale.data_ptr<float>(), opt_ptr(bias),
+                            opt_ptr(residual), out.data_ptr(), M == 1 ? K : x.stride(0), static_cast<int>(M),
+                            static_cast<int>(weight.size(0)), static_cast<int>(K), relu2,
+                            activation_dtype(kDq, x, "x"), out.scalar_type() == at::kFloat, static_cast<int>(config),
+                            current_stream());
+}
+
+void dequantize_int8_cuda(const Tensor& weight, const Tensor& scale, Tensor& out) {
+  check_int8_weight(kDeq, weight, scale);
+  check_shape(kDeq, out, "out", "[N, K] (as weight)", weight.sizes().vec());
+  const at::ScalarType dt = out.scalar_type();
+  const DType dtype = activation_dtype(kDeq, out, "out");
+  check_args(kDeq, weight,
+             {arg("weight", weight, at::kChar, kContiguous | kAligned16), arg("scale", scale, at::kFloat, kContiguous),
+              arg("out", out, dt, kContiguous | kAligned16)});
+  const c10::cuda::CUDAGuard guard(weight.device());
+  launch_dequantize_int8(weight.data_ptr<int8_t>(), scale.data_ptr<float>(), out.data_ptr(), weight.size(0),
+                         static_cast<int>(weight.size(1)), dtype, current_stream());
+}
+
 // ---- attention ops ------------------------------------------------------------------------------------
 // Launchers and their preconditions: csrc/attention.h. These checks cover the layout the launchers
 // assume (contiguous, [.., H, D] matching the cache); the launchers reject head dims they lack kernels for.
@@ -398,6 +468,11 @@ TORCH_LIBRARY(persimmon_rt, m) {
   m.def(
       "decode_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor(a!) out, bool relu2, "
       "Tensor? ln_weight=None, Tensor? ln_bias=None, float eps=1e-05, int config=-1) -> ()");
+  // int8 weights [N, K] with fp32 per-row scales (weight-only quantization).
+  m.def(
+      "decode_linear_int8(Tensor x, Tensor weight, Tensor scale, Tensor? bias, Tensor? residual, Tensor(a!) out, "
+      "bool relu2, int config=-1) -> ()");
+  m.def("dequantize_int8(Tensor weight, Tensor scale, Tensor(a!) out) -> ()");
   // ---- attention ops ----
   m.def(
       "attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, Tensor seq_lens, "
@@ -410,6 +485,8 @@ TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
   m.impl("layernorm", &persimmon_rt::layernorm_cuda);
   m.impl("bias_relu2", &persimmon_rt::bias_relu2_cuda);
   m.impl("decode_linear", &persimmon_rt::decode_linear_cuda);
+  m.impl("decode_linear_int8", &persimmon_rt::decode_linear_int8_cuda);
+  m.impl("dequantize_int8", &persimmon_rt::dequantize_int8_cuda);
   m.impl("attention_prefill", &persimmon_rt::attention_prefill_cuda);
   m.impl("attention_decode", &persimmon_rt::attention_decode_cuda);
 }
@@ -417,8 +494,8 @@ TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
 // Meta (fake-tensor) impls: the ops only write into their arguments, so there is nothing to compute;
 // shape errors surface when the CUDA impl runs.
 TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
-  for (const char* op : {"qk_norm_rope_cache", "layernorm", "bias_relu2", "decode_linear", "attention_prefill",
-                         "attention_decode"})
+  for (const char* op : {"qk_norm_rope_cache", "layernorm", "bias_relu2", "decode_linear", "decode_linear_int8",
+                         "dequantize_int8", "attention_prefill", "attention_decode"})
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&persimmon_rt::meta_noop>());
 }
 
@@ -435,6 +512,7 @@ TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
 //   LAYERNORM_MAX_HIDDEN    int, widest row the layernorm op takes
 //   DECODE_LINEAR_CONFIGS   tuple of str, the GEMV's compiled tile configurations (decode_linear's
 //                           `config` argument indexes it; for benchmark sweeps)
+//   DECODE_LINEAR_INT8_CONFIGS  tuple of str, the same for decode_linear_int8
 namespace {
 
 PyObject* head_dims_tuple() {
@@ -451,25 +529,31 @@ PyObject* head_dims_tuple() {
   return t;
 }
 
+// Adds `names` to m as a tuple of str under `key`.
+bool add_names(PyObject* m, const char* key, const std::vector<std::string>& names) {
+  PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
+  if (tuple == nullptr) return false;
+  for (size_t i = 0; i < names.size(); ++i) {
+    PyObject* s = PyUnicode_FromString(names[i].c_str());
+    if (s == nullptr) {
+      Py_DECREF(tuple);
+      return false;
+    }
+    PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), s);
+  }
+  if (PyModule_AddObject(m, key, tuple) < 0) {  // steals tuple on success only
+    Py_DECREF(tuple);
+    return false;
+  }
+  return true;
+}
+
 bool add_limits(PyObject* m) {
   if (PyModule_AddStringConstant(m, "CUDA_ARCHS", PERSIMMON_RT_CUDA_ARCHS) < 0) return false;
   if (PyModule_AddIntConstant(m, "DECODE_LINEAR_MAX_ROWS", persimmon_rt::kDecodeLinearMaxRows) < 0) return false;
   if (PyModule_AddIntConstant(m, "LAYERNORM_MAX_HIDDEN", persimmon_rt::kLayerNormMaxHidden) < 0) return false;
-  const std::vector<std::string> names = persimmon_rt::decode_linear_config_names();
-  PyObject* configs = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
-  if (configs == nullptr) return false;
-  for (size_t i = 0; i < names.size(); ++i) {
-    PyObject* s = PyUnicode_FromString(names[i].c_str());
-    if (s == nullptr) {
-      Py_DECREF(configs);
-      return false;
-    }
-    PyTuple_SET_ITEM(configs, static_cast<Py_ssize_t>(i), s);
-  }
-  if (PyModule_AddObject(m, "DECODE_LINEAR_CONFIGS", configs) < 0) {
-    Py_DECREF(configs);
-    return false;
-  }
+  if (!add_names(m, "DECODE_LINEAR_CONFIGS", persimmon_rt::decode_linear_config_names())) return false;
+  if (!add_names(m, "DECODE_LINEAR_INT8_CONFIGS", persimmon_rt::decode_linear_int8_config_names())) return false;
   PyObject* dims = head_dims_tuple();
   if (dims == nullptr) return false;
   if (PyModule_AddObject(m, "ATTENTION_HEAD_DIMS", dims) < 0) {  // steals dims on success only

@@ -22,6 +22,7 @@ COMMANDS = {
     "generate": ("persimmon_rt.commands.generate", "continue a prompt, streaming the text"),
     "chat": ("persimmon_rt.commands.chat", "interactive multi-turn chat (human: ...\\n\\nadept: format)"),
     "convert": ("persimmon_rt.convert", "convert an original adept checkpoint to an HF-format directory"),
+    "quantize": ("persimmon_rt.quantize_checkpoint", "write a weight-only int8 copy of an HF-format directory"),
     "bench": ("persimmon_rt.commands.bench", "the generation benchmark, as a table (optionally a PNG)"),
     "serve": ("persimmon_rt.commands.serve", "an OpenAI-compatible HTTP server with continuous batching"),
     "info": ("persimmon_rt.commands.info", "the installed build, the GPU, and a model's size and memory needs"),

@@ -28,6 +28,8 @@ import torch
 
 from .config import ConfigError, PersimmonConfig
 from .dtypes import DTYPES, dtype_name, parse_dtype
+from .quantization import check_scheme
+from .quantize_checkpoint import mark_quantized, quantize_state_dict
 from .safe_unpickle import Placeholder, load as safe_load
 from .tokenizer import PersimmonTokenizer
 from .weights import (DEFAULT_SHARD_BYTES, CheckpointError, atomic_directory, check_tensors, expected_shapes,
@@ -255,13 +257,16 @@ class _Progress:
 # ------------------------------------------------------------------------------------------------- convert
 def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.PathLike, dtype=None,
                              max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-                             progress: bool = True) -> PersimmonConfig:
+                             progress: bool = True, quantize: str | None = None) -> PersimmonConfig:
     """Convert an adept release (directory or ``model_optim_rng.pt``) into an HF-format directory.
 
     dtype: None keeps the checkpoint's dtype; torch.float16 / bfloat16 / float32 (or their names) convert.
+    quantize: "int8" writes weight-only int8 weights with their scales (quantization.py); dtype is then
+    the activation dtype recorded in config.json.
     Returns the config written to ``out_dir/config.json``.
     """
     dtype = None if dtype is None else parse_dtype(dtype)
+    check_scheme(quantize)
     out_dir = os.path.abspath(os.fspath(out_dir))
     check_output_dir(out_dir, overwrite)
     checkpoint_path, vocab = locate_checkpoint(adept_path)
@@ -291,6 +296,9 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
         only = next(iter(source_dtypes)) if len(source_dtypes) == 1 else None
         dtype = only if only in DTYPES.values() else config.dtype
     config.torch_dtype = dtype_name(dtype)
+    if quantize is not None:
+        state = quantize_state_dict(state, quantize, dtype)
+        mark_quantized(config, quantize, dtype)
 
     if vocab is None:
         warnings.warn(f"no {VOCAB} found next to {checkpoint_path} (or up to 3 parents); converting without a "
@@ -303,11 +311,14 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                   "pad_token_id": config.eos_token_id}
 
-    total = sum(t.numel() * dtype.itemsize for t in state.values())
+    def nbytes(t):
+        return t.nbytes if quantize is not None else t.numel() * dtype.itemsize
+
+    total = sum(nbytes(t) for t in state.values())
     bar = _Progress(progress, len(state), total)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         # Converted one shard at a time: a dtype change never holds a second copy of the model in memory.
-        files = save_state_dict(state, tmp, max_shard_bytes=max_shard_bytes, dtype=dtype,
+        files = save_state_dict(state, tmp, max_shard_bytes=max_shard_bytes, dtype=None if quantize else dtype,
                                 on_shard=lambda n, nbytes: bar.update(n, nbytes, "writing"))
         config.save_pretrained(tmp)
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as fh:
@@ -321,8 +332,9 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
     if progress:
         bar.line("")
         params = sum(t.numel() for t in state.values())
+        form = f"{config.torch_dtype}" + (f", {quantize} weights" if quantize else "")
         print(f"converted {len(state)} tensors, {params / 1e9:.2f} B parameters ({_human(total)} on disk, "
-              f"{config.torch_dtype}, {len(files)} file(s)) "
+              f"{form}, {len(files)} file(s)) "
               f"from {checkpoint_path} to {out_dir} in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return config
 
@@ -334,14 +346,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output HF-format directory")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="output dtype (default: keep the checkpoint's)")
+    parser.add_argument("--quantize", default=None, metavar="SCHEME",
+                        help="write quantized weights: int8 (weight-only, per output channel; default: off)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress or summary output")
 
 
 def run(args: argparse.Namespace) -> int:
+    check_scheme(args.quantize)
     check_output_dir(os.path.abspath(args.out), args.overwrite, "--overwrite")
     convert_adept_checkpoint(args.adept, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                             progress=not args.quiet)
+                             progress=not args.quiet, quantize=args.quantize)
     return 0
 
 

@@ -109,15 +109,21 @@ def load_file(path: str, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict(directory: str, device, dtype: torch.dtype | None = None,
-                    names=None) -> dict[str, torch.Tensor]:
+                    names=None, convert=None) -> dict:
     """The tensors of an HF-format safetensors directory (those in `names`, if given) on `device`, floating
     point ones converted to `dtype` file by file (so a converted copy of at most one file coexists with
-    its original on the device)."""
+    its original on the device). `convert(name, tensor)`, if given, replaces that conversion (it may
+    return something other than a tensor: a quantized weight, say)."""
+    if convert is None:
+        def convert(name, tensor):
+            return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     state = {}
     for path in weight_files(directory):
-        for name, tensor in load_file(path, device).items():
+        loaded = load_file(path, device)
+        for name in list(loaded):
+            tensor = loaded.pop(name)             # the original is freed once converted
             if names is None or name in names:
-                state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                state[name] = convert(name, tensor)
     return state
 
 

@@ -100,9 +100,11 @@ class Engine:
     # ------------------------------------------------------------------------------------------ building
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float16, device=None, max_batch_size: int = 1,
-                        max_seq_len: int | None = None, tp=None, **kwargs) -> "Engine":
+                        max_seq_len: int | None = None, tp=None, quantize: str | None = None, **kwargs) -> "Engine":
         """Load an HF-format directory straight into the engine's weights (no nn.Module). With `tp` (more
-        than one rank) each rank reads only its slices, onto `device` (default tp.device)."""
+        than one rank) each rank reads only its slices, onto `device` (default tp.device).
+        quantize="int8": weight-only int8 (quantization.py), quantized tensor by tensor while loading; a
+        checkpoint saved quantized loads quantized without it."""
         from .tokenizer import PersimmonTokenizer
 
         sharded = tp is not None and tp.world_size > 1
@@ -120,7 +122,7 @@ class Engine:
         except FileNotFoundError:
             pass
         shard = (tp.rank, tp.world_size) if sharded else None
-        weights = load_weights(path, config, dtype, device, shard)
+        weights = load_weights(path, config, dtype, device, shard, quantize=quantize)
         return cls(None, config, max_batch_size, max_seq_len, tokenizer, tp=tp, weights=weights,
                    generation_config=read_generation_config(path), **kwargs)
 
@@ -141,6 +143,9 @@ class Engine:
             if self.dtype == torch.float32:
                 raise ValueError("the CUDA kernels take float16 or bfloat16 weights; load with dtype=torch.float16 "
                                  "or torch.bfloat16 (float32 runs on the CPU reference path)")
+            if self.weights.scheme is not None and (self.config.hidden_size % 16 or self.config.intermediate_size % 16):
+                raise ValueError(f"the int8 CUDA kernels need hidden_size and intermediate_size divisible by 16, "
+                                 f"this model has {self.config.hidden_size} and {self.config.intermediate_size}")
             if not ops.kernels_support(self.config.head_dim):
                 raise ValueError(f"the CUDA attention kernels support head_dim {ops.ATTENTION_HEAD_DIMS}, this "
                                  f"model has {self.config.head_dim}; run it on the CPU reference path "

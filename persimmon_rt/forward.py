@@ -28,6 +28,7 @@ from .cache import StaticKVCache
 from .config import PersimmonConfig
 from .decode_state import DecodeState
 from .loading import Weights
+from .quantization import QuantizedWeight
 from .reference import rope_inv_freq
 from .sampling import sample, token_logprobs
 
@@ -63,7 +64,7 @@ class Forward:
         """Run every layer over packed tokens and return fp32 logits of the rows in `select` (all if None).
         attend(q [T, H, D], layer) -> [T, H, D] is the attention of this pass (prefill or decode)."""
         w = self.weights
-        h = F.embedding(tokens, w.embed) if inputs_embeds is None else inputs_embeds
+        h = self.embed(tokens) if inputs_embeds is None else inputs_embeds
         down, h = self._layers(h, positions, slots, attend)
         if select is not None:
             down, h = down[select], h[select]
@@ -108,13 +109,25 @@ class Forward:
                 tp.all_reduce_(down)
         return down, h
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows of the embedding table (dequantized rows of an int8 one)."""
+        table = self.weights.embed
+        return table.rows(tokens) if isinstance(table, QuantizedWeight) else F.embedding(tokens, table)
+
     def _linear(self, x, weight, bias=None, relu2=False, out_dtype=None) -> torch.Tensor:
         """x W^T (+ bias) (then relu^2): the decode GEMV (weight streaming, epilogue fused) for up to
-        `gemv_rows` rows; cuBLAS plus the bias_relu2 epilogue otherwise. out_dtype=float32 gives fp32 logits."""
+        `gemv_rows` rows; cuBLAS plus the bias_relu2 epilogue otherwise. out_dtype=float32 gives fp32 logits.
+        An int8 weight takes the int8 GEMV at decode; prefill dequantizes it into a scratch copy for cuBLAS
+        (one projection at a time: the copy is freed, and its memory reused, before the next)."""
         if x.shape[0] <= self.gemv_rows:
             out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
-            ops.decode_linear(x, weight, bias, None, out, relu2)
+            if isinstance(weight, QuantizedWeight):
+                ops.decode_linear_int8(x, weight.qweight, weight.scale, bias, None, out, relu2)
+            else:
+                ops.decode_linear(x, weight, bias, None, out, relu2)
             return out
+        if isinstance(weight, QuantizedWeight):
+            weight = weight.dequantize(x.dtype)
         if relu2:
             y = F.linear(x, weight)
             ops.bias_relu2(y, bias, y)
@@ -140,7 +153,7 @@ class Forward:
         embeds = any(p.is_floating_point() for p in parts)
         if embeds:        # token pieces beside embedding pieces go through the embedding table here
             parts = [p.to(dev, self.weights.embed.dtype) if p.is_floating_point()
-                     else F.embedding(p.to(dev), self.weights.embed) for p in parts]
+                     else self.embed(p.to(dev)) for p in parts]
         cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32).to(dev)
         seq_lens = seq_lens.to(dev)
         max_q = max(take for _, _, _, take in pieces)

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import DynamicCache
 from .config import PersimmonConfig
+from .quantization import scheme_of
 from .generation import GenerationMixin
 from .reference import rope_inv_freq
 from .weights import (GENERATION_CONFIG, CheckpointError, atomic_files, check_tensors, find_non_finite,
@@ -249,15 +250,19 @@ class PersimmonPreTrainedModel(nn.Module, GenerationMixin):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = "auto", device=None,
                         config: PersimmonConfig | None = None, check_finite: bool = False,
-                        torch_dtype=None, **config_overrides):
+                        torch_dtype=None, quantize: str | None = None, **config_overrides):
         """Load an HF-format directory: config.json plus safetensors (single or sharded) or pytorch_model*.bin.
 
         dtype: "auto" keeps the checkpoint's dtype; a torch dtype (or its name) converts while loading.
         device: where the parameters live ("cpu", "cuda", ...); tensors move one at a time.
         check_finite: scan every tensor for NaN/Inf and refuse the checkpoint if any has them.
+        quantize: "int8" loads onto the CPU and moves the model to `device` with every projection and lm_head
+        quantized on arrival (quantized_modules.py; inference only).
         """
         path = os.fspath(path)
         config = config or PersimmonConfig.from_pretrained(path, **config_overrides)
+        if quantize is not None or scheme_of(config) is not None:
+            return _load_quantized(cls, path, config, dtype, device, quantize, check_finite, torch_dtype)
         dtype = torch_dtype if torch_dtype is not None else dtype
         file_state = load_state_dict(path)
         file_names = _checkpoint_names(cls, file_state)            # our name -> the name in the file
@@ -324,6 +329,19 @@ class PersimmonPreTrainedModel(nn.Module, GenerationMixin):
             if self.generation_config:
                 with open(os.path.join(tmp, GENERATION_CONFIG), "w", encoding="utf-8") as fh:
                     json.dump(self.generation_config, fh, indent=2, sort_keys=True)
+
+
+def _load_quantized(cls, path, config, dtype, device, quantize, check_finite, torch_dtype):
+    from .quantization import check_scheme
+    from .quantized_modules import quantize_module
+
+    check_scheme(quantize)
+    if scheme_of(config) is not None:
+        raise CheckpointError(f"{path} is saved quantized ({scheme_of(config)}); the module path loads full-precision "
+                              "checkpoints only: use persimmon_rt.engine.Engine.from_pretrained for this one")
+    model = cls.from_pretrained(path, dtype=dtype, device="cpu", config=config, check_finite=check_finite,
+                                torch_dtype=torch_dtype)
+    return quantize_module(model, quantize, torch.device(device) if device is not None else torch.device("cpu"))
 
 
 def _checkpoint_names(cls, state: dict) -> dict[str, str]:

@@ -12,6 +12,7 @@ path by them instead of restating them:
 - ``ATTENTION_HEAD_DIMS``: tuple of the head dims the attention kernels are built for, e.g. ``(64, 128)``.
 - ``LAYERNORM_MAX_HIDDEN``: widest row ``layernorm`` takes on the GPU.
 - ``DECODE_LINEAR_CONFIGS``: names of the GEMV's compiled tile configurations (benchmark sweeps only).
+- ``DECODE_LINEAR_INT8_CONFIGS``: the same for the int8 GEMV (``decode_linear_int8``).
 - ``kernels_support(head_dim)``: whether the CUDA kernels cover a model of that head dim (the attention
   ops are the only ones with a head-dim list).
 
@@ -34,7 +35,7 @@ except ImportError:  # not built at install: on a GPU machine, compiled now (cac
 HAVE_CUDA_EXT = _C is not None
 
 _LIMITS = ("CUDA_ARCHS", "DECODE_LINEAR_MAX_ROWS", "ATTENTION_HEAD_DIMS", "LAYERNORM_MAX_HIDDEN",
-           "DECODE_LINEAR_CONFIGS")
+           "DECODE_LINEAR_CONFIGS", "DECODE_LINEAR_INT8_CONFIGS")
 if HAVE_CUDA_EXT and not all(hasattr(_C, name) for name in _LIMITS):
     # A build older than its sources: its ops' schemas may differ too, so running it would fail later
     # and less clearly.
@@ -52,6 +53,8 @@ LAYERNORM_MAX_HIDDEN: int = int(_C.LAYERNORM_MAX_HIDDEN) if HAVE_CUDA_EXT else 0
 # The GEMV's compiled tile configurations, for benchmark sweeps (torch.ops.persimmon_rt.decode_linear's
 # `config` argument); the op picks per shape by itself.
 DECODE_LINEAR_CONFIGS: tuple[str, ...] = tuple(_C.DECODE_LINEAR_CONFIGS) if HAVE_CUDA_EXT else ()
+# The same for the int8 GEMV (decode_linear_int8's `config`).
+DECODE_LINEAR_INT8_CONFIGS: tuple[str, ...] = tuple(_C.DECODE_LINEAR_INT8_CONFIGS) if HAVE_CUDA_EXT else ()
 
 
 def kernels_support(head_dim: int) -> bool:
@@ -116,3 +119,20 @@ def decode_linear(x, weight, bias, residual, out, relu2=False, ln_weight=None, l
         torch.ops.persimmon_rt.decode_linear(x, weight, bias, residual, out, relu2, ln_weight, ln_bias, eps)
     else:
         reference.decode_linear(x, weight, bias, residual, out, relu2, ln_weight, ln_bias, eps)
+
+
+def decode_linear_int8(x, weight, scale, bias, residual, out, relu2=False):
+    """out = act(scale * (x Wq^T) + bias) + residual over int8 weights with fp32 per-row scales
+    (reference.decode_linear_int8). On the GPU: at most DECODE_LINEAR_MAX_ROWS rows, K a multiple of 16."""
+    if use_cuda_kernels(x):
+        torch.ops.persimmon_rt.decode_linear_int8(x, weight, scale, bias, residual, out, relu2)
+    else:
+        reference.decode_linear_int8(x, weight, scale, bias, residual, out, relu2)
+
+
+def dequantize_int8(weight, scale, out):
+    """out = weight * scale[:, None] rounded to out's dtype (reference.dequantize_int8)."""
+    if use_cuda_kernels(weight) and out.dtype in (torch.float16, torch.bfloat16):
+        torch.ops.persimmon_rt.dequantize_int8(weight, scale, out)
+    else:
+        reference.dequantize_int8(weight, scale, out)

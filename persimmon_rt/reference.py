@@ -205,9 +205,38 @@ def decode_linear(
     out.copy_(y.to(out.dtype))
 
 
+def decode_linear_int8(
+    x: torch.Tensor,              # [M, K]
+    weight: torch.Tensor,         # [N, K]  int8
+    scale: torch.Tensor,          # [N]  fp32, one per output row
+    bias: torch.Tensor | None,    # [N]
+    residual: torch.Tensor | None,  # [M, N]  (may alias out)
+    out: torch.Tensor,            # [M, N]  written
+    relu2: bool = False,
+) -> None:
+    """out = act(scale * (x Wq^T) + bias) + residual: decode_linear over int8 weights with per-row scales,
+    the scale applied to the fp32 dot product (once per output), the epilogue in fp32, rounded once."""
+    y = (x.float() @ weight.float().t()) * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    if relu2:
+        y = torch.relu(y).square()
+    if residual is not None:
+        y = y + residual.float()
+    out.copy_(y.to(out.dtype))
+
+
+def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """out[n, k] = weight[n, k] * scale[n] (int8 weight, fp32 scale), the product in fp32, rounded once to
+    out's dtype. Row blocks bound the fp32 temporary."""
+    for start in range(0, weight.shape[0], 4096):
+        stop = start + 4096
+        out[start:stop] = (weight[start:stop].float() * scale[start:stop, None].float()).to(out.dtype)
+
+
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
 __all__ = ["rope_inv_freq", "qk_norm_rope_cache", "layernorm", "bias_relu2", "attention_prefill",
-           "attention_decode", "decode_linear", "default_scale"]
+           "attention_decode", "decode_linear", "decode_linear_int8", "dequantize_int8", "default_scale"]

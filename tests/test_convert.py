@@ -574,3 +574,21 @@ def test_cli_errors(tmp_path):
     assert usage.returncode == 2 and len(lines) == 1 and lines[0].startswith("persimmon-rt: error:")
     debug = run_cli("--debug", "convert", "--adept", str(tmp_path / "missing"), "--out", str(tmp_path / "hf"))
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_convert_quantize_int8_writes_a_checkpoint_that_loads_without_requantizing(release, tmp_path):
+    from persimmon_rt.engine import Engine
+    from persimmon_rt.quantization import quantize_int8
+
+    out = tmp_path / "int8"
+    config = convert_adept_checkpoint(release["path"], out, dtype="float16", progress=False, quantize="int8")
+    assert config.extra["quantization_config"]["scheme"] == "int8" and config.torch_dtype == "float16"
+    state = converted_state(out)
+    name = "model.layers.0.mlp.dense_h_to_4h.weight"
+    q, s = quantize_int8(release["expected"][name])
+    assert torch.equal(state[name], q) and torch.equal(state[name + "_scale"], s)
+    engine = Engine.from_pretrained(out, device="cpu", max_seq_len=32)
+    assert engine.weights.scheme == "int8" and torch.equal(engine.weights.layers[0].up_w.qweight, q)
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
+        convert_adept_checkpoint(release["path"], tmp_path / "bad", progress=False, quantize="int2")
+    assert not (tmp_path / "bad").exists()

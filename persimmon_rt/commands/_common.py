@@ -19,6 +19,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights and activations (default: float16 on a GPU, float32 on the CPU)")
     parser.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                         help="KV cache length (default: the model's max_position_embeddings)")
+    add_quantize_argument(parser)
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", default=None, metavar="SCHEME",
+                        help="quantize the weights while loading: int8 (weight-only, per output channel; "
+                             "default: off; a quantized checkpoint loads quantized without it)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
@@ -87,7 +94,7 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 1, tp=None):
         device = tp.device                    # one GPU per rank (cuda:LOCAL_RANK), or the CPU under gloo
     dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
     engine = Engine.from_pretrained(model_dir(args), dtype=dtype, device=device, max_batch_size=max_batch_size,
-                                    max_seq_len=args.max_seq_len, tp=tp)
+                                    max_seq_len=args.max_seq_len, tp=tp, quantize=getattr(args, "quantize", None))
     if engine.tokenizer is None:
         raise ValueError(f"{model_dir(args)} has no tokenizer.model; text generation needs one")
     return engine
@@ -96,8 +103,8 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 1, tp=None):
 def model_and_sampling_argv(args: argparse.Namespace) -> list[str]:
     """The options of add_model_arguments and add_sampling_arguments that reproduce `args` (for re-launching
     a command in other processes). Values go as --opt=value so ones starting with '-' survive."""
-    argv = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in ("model", "device", "dtype", "max_seq_len")
-            if getattr(args, name) is not None]
+    argv = [f"--{name.replace('_', '-')}={getattr(args, name)}"
+            for name in ("model", "device", "dtype", "max_seq_len", "quantize") if getattr(args, name, None) is not None]
     argv += [f"--max-new-tokens={args.max_new_tokens}", f"--temperature={args.temperature!r}",
              f"--top-k={args.top_k}", f"--top-p={args.top_p!r}"]
     if args.seed is not None:

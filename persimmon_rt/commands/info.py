@@ -18,12 +18,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="dtype for the memory estimate (default: what generate uses here: float16 on a GPU, "
                              "float32 on the CPU)")
+    parser.add_argument("--quantize", default=None, metavar="SCHEME",
+                        help="memory estimate with weights quantized while loading: int8 (default: as stored)")
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import __version__, ops
     from ..config import PersimmonConfig
     from ..cache import StaticKVCache
+    from ..quantized_sources import resolve_scheme
     from ..weights import weight_files
 
     print(f"persimmon_rt {__version__}, torch {torch.__version__}")
@@ -46,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     disk = sum(os.path.getsize(f) for f in files)
     dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(default_device())
     n_params = _count_parameters(config)
-    weights = n_params * torch.finfo(dtype).bits // 8
+    full = n_params * torch.finfo(dtype).bits // 8
+    scheme = resolve_scheme(config, args.quantize)[0]
+    weights = quantized_bytes(config, dtype) if scheme else full
     context = args.context or config.max_position_embeddings
     cache = StaticKVCache.nbytes(config, args.batch, context, dtype)
     print(f"model: {path}")
@@ -56,10 +61,32 @@ def run(args: argparse.Namespace) -> int:
           f"(theta {config.rope_theta:g}, {config.rope_type})")
     print(f"  {n_params / 1e6:.1f} M parameters, {disk / 2**20:.1f} MiB on disk in {len(files)} file(s), "
           f"saved as {config.torch_dtype}")
+    if scheme:
+        print(f"  weights quantized {scheme} (weight-only, per output channel): {weights / 2**30:.2f} GiB against "
+              f"{full / 2**30:.2f} GiB at {dtype_name(dtype)}, {(full - weights) / 2**30:.2f} GiB saved")
     print(f"  memory at {dtype_name(dtype)}, batch {args.batch} x context {context}: "
           f"weights {weights / 2**30:.2f} GiB + KV cache {cache / 2**30:.2f} GiB = "
           f"{(weights + cache) / 2**30:.2f} GiB (plus activations)")
     return 0
+
+
+def quantized_bytes(config, dtype) -> int:
+    """Weight bytes with the scheme's tensors as int8 plus fp32 per-row scales, the rest in `dtype`."""
+    from ..quantization import is_quantized_name
+    from ..weights import expected_shapes
+
+    shapes = dict(expected_shapes(config))
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    else:
+        shapes.setdefault("lm_head.weight", (config.vocab_size, config.hidden_size))
+    total = 0
+    for name, shape in shapes.items():
+        numel = 1
+        for d in shape:
+            numel *= d
+        total += numel + 4 * shape[0] if is_quantized_name(name) else numel * torch.finfo(dtype).bits // 8
+    return total
 
 
 def _count_parameters(config) -> int:
