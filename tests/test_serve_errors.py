@@ -133,7 +133,7 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     assert metric(server.url, "persimmon_rt_http_requests_total", endpoint="/v1/completions", status="429") == 1
 
 
-@pytest.mark.parametrize("flag, words", [("--quantize=int8", "not available in this build"),
+@pytest.mark.parametrize("flag, words", [("--quantize=int4", "int4"),
                                          ("--tp=2", "serve runs on one device")])
 def test_serve_refuses_what_it_cannot_do_in_one_line(flag, words, capsys):
     assert cli.main(["serve", flag]) == 1

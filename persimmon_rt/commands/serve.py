@@ -26,13 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, how long requests in flight may go on before they are cancelled")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level")
-    parser.add_argument("--quantize", choices=["int8"], default=None, help="weight quantisation (not available in this build)")
     parser.add_argument("--tp", type=int, default=None, metavar="N", help="tensor parallelism (serve: 1 only)")
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.quantize:
-        raise ValueError(f"--quantize {args.quantize} is not available in this build")
     if args.tp is not None and args.tp != 1:
         raise ValueError(f"--tp {args.tp}: serve runs on one device for now (tensor-parallel serving would need "
                          "one process per GPU under torchrun)")
