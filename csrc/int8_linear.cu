@@ -24,17 +24,18 @@ using Configs = std::tuple<GemvConfig<1, 1, 4, 8, 3>,    // 0  m8 J4 W8
                            GemvConfig<1, 2, 2, 16, 2>>;  // 4  m16 J2 W16
 constexpr int kNumConfigs = std::tuple_size_v<Configs>;
 
-// Persimmon-8B decode shapes; others take M <= 8: 0, else 3. Narrow outputs (N = 4096: 256 blocks of 16
-// rows for 132 SMs) split K over 16 warps. Untuned guesses until an H200 sweep
-// (benchmarks/bench_int8.py --sweep) fills them in.
+// Persimmon-8B decode shapes; others take M <= 8: 0, else 3. From the H200 sweep
+// (benchmarks/bench_int8.py --sweep, benchmarks/RESULTS.md run E): dense 6.2 / 6.9 us with c0 against
+// 7.4 / 8.1 with c2 (1 / 8 rows); MLP-down 20.2 / 21.3 with c4 against 21.1 / 22.4 with c2. The wide
+// shapes keep c0 (best or within 1 %).
 struct ShapeRule {
   int n, k, config8, config16;
 };
 constexpr ShapeRule kShapeRules[] = {
     {12288, 4096, 0, 3},   // QKV
-    {4096, 4096, 2, 4},    // attention dense
+    {4096, 4096, 0, 4},    // attention dense
     {16384, 4096, 0, 3},   // MLP up
-    {4096, 16384, 2, 4},   // MLP down
+    {4096, 16384, 4, 4},   // MLP down
     {262144, 4096, 0, 3},  // lm_head
 };
 
