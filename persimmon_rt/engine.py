@@ -241,15 +241,13 @@ class Engine:
             return events
         for _ in events:
             pass
-        texts = None
-        if self.tokenizer is not None:
-            texts = [r.tag[1] for r in requests]
+        texts = [r.text for r in requests] if self.tokenizer is not None else None
         return GenerationResult(texts, [r.output_ids for r in requests], [r.finish_reason for r in requests])
 
     def _requests(self, prompts, inputs_embeds, max_new_tokens, temperature, top_k, top_p, stop_token_ids,
                   stop_strings, logprobs) -> list[Request]:
         return [self.request(p, max_new_tokens, temperature, top_k, top_p, stop_token_ids, stop_strings, logprobs,
-                             tag=[i, ""])
+                             tag=i)
                 for i, p in enumerate(self._normalise_prompts(prompts, inputs_embeds))]
 
     def request(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -300,9 +298,7 @@ class Engine:
         decode_started = None
         while scheduler.busy():
             for ev in scheduler.step():
-                ev.request.tag[1] += ev.text
-                yield StreamEvent(ev.request.tag[0], ev.token_id, ev.text, ev.finished, ev.logprob,
-                                  ev.top_logprobs)
+                yield StreamEvent(ev.request.tag, ev.token_id, ev.text, ev.finished, ev.logprob, ev.top_logprobs)
             if scheduler.decode_steps == 0:
                 stats["prefill_s"] = time.perf_counter() - started
                 decode_started = time.perf_counter()

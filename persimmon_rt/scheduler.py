@@ -47,6 +47,7 @@ class Request:
     logprobs: int | None = None           # alternatives per token (0..5); None: no log-probabilities
     tag: object = None                    # the caller's
     output_ids: list[int] = field(default_factory=list)
+    text: str = ""                        # released so far (ends before any stop)
     finish_reason: str | None = None      # "stop", "length" or "cancelled" once finished
 
     def __len__(self) -> int:
@@ -258,6 +259,7 @@ class Scheduler:
         text, reason = h.tracker.push(token)
         if reason is None and len(request.output_ids) >= request.max_new_tokens:
             text, reason = text + h.tracker.finish(), "length"
+        request.text += text
         request.finish_reason = reason
         event = TokenEvent(request, token, text, reason)
         if logprobs is not None and request.logprobs is not None:
