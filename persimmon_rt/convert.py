@@ -271,6 +271,35 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
     check_output_dir(out_dir, overwrite)
     checkpoint_path, vocab = locate_checkpoint(adept_path)
     start = time.monotonic()
+    config, state = _read_release(checkpoint_path)
+    source_dtypes = {t.dtype for t in state.values()}
+    if dtype is None:
+        only = next(iter(source_dtypes)) if len(source_dtypes) == 1 else None
+        dtype = only if only in DTYPES.values() else config.dtype
+    config.torch_dtype = dtype_name(dtype)
+    if quantize is not None:
+        state = quantize_state_dict(state, quantize, dtype)
+        mark_quantized(config, quantize, dtype)
+    _set_special_tokens(config, vocab, checkpoint_path)
+    total = sum(t.nbytes if quantize is not None else t.numel() * dtype.itemsize for t in state.values())
+    bar = _Progress(progress, len(state), total)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        # Converted one shard at a time: a dtype change never holds a second copy of the model in memory.
+        files = save_state_dict(state, tmp, max_shard_bytes=max_shard_bytes, dtype=None if quantize else dtype,
+                                on_shard=lambda n, nbytes: bar.update(n, nbytes, "writing"))
+        _write_metadata(tmp, config, vocab)
+    if progress:
+        bar.line("")
+        params = sum(t.numel() for t in state.values())
+        form = f"{config.torch_dtype}" + (f", {quantize} weights" if quantize else "")
+        print(f"converted {len(state)} tensors, {params / 1e9:.2f} B parameters ({_human(total)} on disk, "
+              f"{form}, {len(files)} file(s)) "
+              f"from {checkpoint_path} to {out_dir} in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    return config
+
+
+def _read_release(checkpoint_path: str) -> tuple[PersimmonConfig, dict[str, torch.Tensor]]:
+    """The config (from the checkpoint's own args) and the HF-named, checked state of a release."""
     checkpoint = safe_load(checkpoint_path)
     if not isinstance(checkpoint, Mapping) or "args" not in checkpoint or "model" not in checkpoint:
         keys = sorted(map(str, checkpoint)) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
@@ -289,54 +318,33 @@ def convert_adept_checkpoint(adept_path: str | os.PathLike, out_dir: str | os.Pa
         check_tensors(expected, state)
     except CheckpointError as exc:
         raise CheckpointError(f"{checkpoint_path}: {exc}") from None
-    state = {name: state[name] for name in expected}  # canonical order: embeddings, layers, head
+    return config, {name: state[name] for name in expected}  # canonical order: embeddings, layers, head
 
-    source_dtypes = {t.dtype for t in state.values()}
-    if dtype is None:
-        only = next(iter(source_dtypes)) if len(source_dtypes) == 1 else None
-        dtype = only if only in DTYPES.values() else config.dtype
-    config.torch_dtype = dtype_name(dtype)
-    if quantize is not None:
-        state = quantize_state_dict(state, quantize, dtype)
-        mark_quantized(config, quantize, dtype)
 
+def _set_special_tokens(config: PersimmonConfig, vocab: str | None, checkpoint_path: str) -> None:
+    """BOS and EOS are the vocabulary's end-of-text piece, as the original release uses them."""
     if vocab is None:
         warnings.warn(f"no {VOCAB} found next to {checkpoint_path} (or up to 3 parents); converting without a "
-                      "tokenizer (copy it to tokenizer.model in the output yourself)", stacklevel=2)
-        eod = None
-    else:
-        eod = _eod_token(vocab, config.vocab_size)
+                      "tokenizer (copy it to tokenizer.model in the output yourself)", stacklevel=3)
+        return
+    eod = _eod_token(vocab, config.vocab_size)
     if eod is not None:
         config.bos_token_id = config.eos_token_id = eod
+
+
+def _write_metadata(directory: str, config: PersimmonConfig, vocab: str | None) -> None:
+    """config.json, generation_config.json and the tokenizer files beside the weights."""
+    config.save_pretrained(directory)
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                   "pad_token_id": config.eos_token_id}
-
-    def nbytes(t):
-        return t.nbytes if quantize is not None else t.numel() * dtype.itemsize
-
-    total = sum(nbytes(t) for t in state.values())
-    bar = _Progress(progress, len(state), total)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        # Converted one shard at a time: a dtype change never holds a second copy of the model in memory.
-        files = save_state_dict(state, tmp, max_shard_bytes=max_shard_bytes, dtype=None if quantize else dtype,
-                                on_shard=lambda n, nbytes: bar.update(n, nbytes, "writing"))
-        config.save_pretrained(tmp)
-        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as fh:
-            json.dump(generation, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        if vocab is not None:
-            shutil.copyfile(vocab, os.path.join(tmp, "tokenizer.model"))
-            # tokenizer_config.json and tokenizer.json too: transformers' AutoTokenizer then loads the directory
-            # without protobuf, with this tokenizer's special tokens (|ENDOFTEXT|, not <s> / </s>)
-            PersimmonTokenizer(os.path.join(tmp, "tokenizer.model")).save_pretrained(tmp)
-    if progress:
-        bar.line("")
-        params = sum(t.numel() for t in state.values())
-        form = f"{config.torch_dtype}" + (f", {quantize} weights" if quantize else "")
-        print(f"converted {len(state)} tensors, {params / 1e9:.2f} B parameters ({_human(total)} on disk, "
-              f"{form}, {len(files)} file(s)) "
-              f"from {checkpoint_path} to {out_dir} in {time.monotonic() - start:.1f} s", file=sys.stderr)
-    return config
+    with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as fh:
+        json.dump(generation, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    if vocab is not None:
+        shutil.copyfile(vocab, os.path.join(directory, "tokenizer.model"))
+        # tokenizer_config.json and tokenizer.json too: transformers' AutoTokenizer then loads the directory
+        # without protobuf, with this tokenizer's special tokens (|ENDOFTEXT|, not <s> / </s>)
+        PersimmonTokenizer(os.path.join(directory, "tokenizer.model")).save_pretrained(directory)
 
 
 # ---------------------------------------------------------------------------------------------- command line
