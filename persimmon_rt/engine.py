@@ -105,8 +105,13 @@ class Engine:
         than one rank) each rank reads only its slices, onto `device` (default tp.device).
         quantize="int8": weight-only int8 (quantization.py), quantized tensor by tensor while loading; a
         checkpoint saved quantized loads quantized without it."""
+        from .fuyu.config import is_fuyu_dir
         from .tokenizer import PersimmonTokenizer
 
+        if cls is Engine and is_fuyu_dir(path):      # multimodal: the image front end (fuyu/engine.py)
+            from .fuyu.engine import FuyuEngine
+
+            return FuyuEngine.from_pretrained(path, dtype, device, max_batch_size, max_seq_len, tp, quantize, **kwargs)
         sharded = tp is not None and tp.world_size > 1
         default = tp.device if sharded else ("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(device or default)
@@ -225,7 +230,7 @@ class Engine:
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
                  stop_strings: Sequence[str] | None = None, stream: bool = False, inputs_embeds=None,
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, images=None):
         """Generate from a batch of prompts: strings (needs a tokenizer), lists of token ids, or (with
         `prompts=None`) `inputs_embeds` as a list of [len, hidden] tensors.
 
@@ -234,6 +239,8 @@ class Engine:
         likely alternatives to the stream events. Returns a GenerationResult, or with stream=True an
         iterator of StreamEvent as tokens are produced. Prompts beyond max_batch_size wait for a free row.
         """
+        if images is not None:
+            raise ValueError("this is a text-only Persimmon model; images need a Fuyu model directory")
         requests = self._requests(prompts, inputs_embeds, max_new_tokens, temperature, top_k, top_p,
                                   stop_token_ids, stop_strings, logprobs)
         events = self._events(requests, seed)

@@ -56,8 +56,10 @@ class FuyuConfig:
         return cls(text_config=PersimmonConfig.from_dict(text), **mine, extra=data)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.extra.items() if k not in _TEXT_KEYS}
-        out.update(model_type="fuyu", text_config=self.text_config.to_dict(), image_size=self.image_size,
+        text = self.text_config.to_dict()
+        # transformers reads the top-level copies too (hidden_size sizes vision_embed_tokens).
+        out = {**self.extra, **{k: text[k] for k in _TEXT_KEYS if k in text}}
+        out.update(model_type="fuyu", text_config=text, image_size=self.image_size,
                    patch_size=self.patch_size, num_channels=self.num_channels, image_token_id=self.image_token_id,
                    initializer_range=self.initializer_range, tie_word_embeddings=self.tie_word_embeddings)
         return out
