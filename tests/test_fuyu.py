@@ -131,3 +131,30 @@ def test_text_only_engine_refuses_images():
     engine = Engine.from_pretrained(demo, device="cpu", max_seq_len=32)
     with pytest.raises(ValueError, match="text-only"):
         engine.generate(["ROMEO:"], images=[random_image(10, 10)], max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def _cli(*argv):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    return subprocess.run([sys.executable, "-m", "persimmon_rt", *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_cli_generate_with_image_and_info(model_dir, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "picture.png"
+    Image.fromarray(random_image(80, 100, seed=10)).save(path)
+    out = _cli("generate", "--model", model_dir, "--device", "cpu", "--image", str(path), "--temperature", "0",
+               "--max-new-tokens", "4", "--json", "Describe this picture.\n")
+    assert out.returncode == 0, out.stderr
+    assert len(__import__("json").loads(out.stdout)["token_ids"]) >= 1
+    info = _cli("info", "--model", model_dir)
+    assert info.returncode == 0 and "multimodal (Fuyu)" in info.stdout
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really")
+    bad = _cli("generate", "--model", model_dir, "--device", "cpu", "--image", str(broken), "x")
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "cannot read image" in bad.stderr
