@@ -37,7 +37,10 @@ def build_model(dtype, layers: int):
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("layernorm.weight") else p.normal_(0.0, 0.02 if p.dim() == 2 else 0.0)
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+            else:
+                p.fill_(1.0 if name.endswith("layernorm.weight") else 0.0)
     return model.eval()
 
 
