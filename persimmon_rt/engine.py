@@ -25,6 +25,7 @@ from .cache import StaticKVCache
 from .config import PersimmonConfig
 from .decode_graphs import GREEDY, SAMPLED, SAMPLED_LOGPROBS, DecodeGraphs, StepVariant, bucket_for
 from .forward import Forward
+from .fuyu.config import is_fuyu_dir
 from .loading import Weights, load_weights, weights_from_module
 from .sampling import MAX_LOGPROBS, validate_sampling
 from .scheduler import Request, Scheduler
@@ -89,6 +90,7 @@ class Engine:
             self.tp.register_graph_owner(self)
             self.tp.enable_fast_all_reduce(self.dtype)
         self._lock = threading.Lock()
+        self.images = None                          # the image front end of a multimodal model (Fuyu)
         # Timings of the last generate call: prefill_s (prompts + first tokens), decode_s over decode_steps.
         self.last_stats: dict = {}
 
@@ -115,6 +117,8 @@ class Engine:
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"unsupported dtype {dtype}; use torch.float16, torch.bfloat16 or torch.float32")
         path = os.fspath(path)
+        if is_fuyu_dir(path):
+            return cls._from_fuyu(path, dtype, device, max_batch_size, max_seq_len, tp, quantize, **kwargs)
         config = PersimmonConfig.from_pretrained(path)
         tokenizer = None
         try:
@@ -125,6 +129,19 @@ class Engine:
         weights = load_weights(path, config, dtype, device, shard, quantize=quantize)
         return cls(None, config, max_batch_size, max_seq_len, tokenizer, tp=tp, weights=weights,
                    generation_config=read_generation_config(path), **kwargs)
+
+    @classmethod
+    def _from_fuyu(cls, path, dtype, device, max_batch_size, max_seq_len, tp, quantize, **kwargs) -> "Engine":
+        """Fuyu: the decoder as usual, plus the image front end (fuyu/frontend.py) as `engine.images`."""
+        from .fuyu.frontend import load_fuyu
+
+        if tp is not None and tp.world_size > 1:
+            raise ValueError("Fuyu does not support tensor parallelism yet; run it on one GPU")
+        config, weights, images = load_fuyu(path, dtype, device, quantize)
+        engine = cls(None, config.text_config, max_batch_size, max_seq_len, images.processor and images.processor.tokenizer,
+                     weights=weights, generation_config=read_generation_config(path), **kwargs)
+        engine.images = images
+        return engine
 
     @classmethod
     def from_transformers(cls, model, tokenizer=None, **kwargs) -> "Engine":
@@ -225,15 +242,22 @@ class Engine:
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
                  stop_strings: Sequence[str] | None = None, stream: bool = False, inputs_embeds=None,
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, images=None):
         """Generate from a batch of prompts: strings (needs a tokenizer), lists of token ids, or (with
-        `prompts=None`) `inputs_embeds` as a list of [len, hidden] tensors.
+        `prompts=None`) `inputs_embeds` as a list of [len, hidden] tensors. A multimodal model (Fuyu) takes
+        `images`, one per text prompt (paths, PIL images or uint8 arrays).
 
         temperature 0 is greedy. Stop token ids default to the model's end-of-text; texts end just before a
         stop token or stop string. logprobs=k (0..5) adds each token's log-probability and the k most
         likely alternatives to the stream events. Returns a GenerationResult, or with stream=True an
         iterator of StreamEvent as tokens are produced. Prompts beyond max_batch_size wait for a free row.
         """
+        if images is not None:
+            if self.images is None:
+                raise ValueError("this is a text-only Persimmon model; images need a Fuyu model directory")
+            if inputs_embeds is not None:
+                raise ValueError("give images with text prompts, not with inputs_embeds")
+            prompts, inputs_embeds = None, self.images.embed_prompts(prompts, images, self.forward.embed)
         requests = self._requests(prompts, inputs_embeds, max_new_tokens, temperature, top_k, top_p,
                                   stop_token_ids, stop_strings, logprobs)
         events = self._events(requests, seed)

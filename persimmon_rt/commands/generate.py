@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser, temperature=0.8)
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (text, token ids, finish reason, timings) instead of streaming")
+    parser.add_argument("--image", default=None, metavar="PATH",
+                        help="an image for the prompt (multimodal models: Fuyu); needs the fuyu extra")
     parser.add_argument("--tp", type=int, default=None, metavar="N",
                         help="tensor parallelism over N GPUs (N processes under torchrun; rank 0 prints)")
 
@@ -33,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tp is not None and args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
     if not tensor_parallel.in_launched_run():
+        if args.tp is not None and args.tp > 1 and args.image is not None:
+            raise ValueError("--image does not support --tp yet")
         if args.tp is not None and args.tp > 1:      # re-run this command in N processes, prompt as argument
             tensor_parallel.check_tp_config(PersimmonConfig.from_pretrained(model_dir(args)), args.tp)
             flags = ["--json"] * args.json + ["--debug"] * bool(getattr(args, "debug", False))
@@ -51,11 +55,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, prompt: str, engine, stdout) -> int:
+    image = getattr(args, "image", None)
     ids = engine.tokenizer.encode(prompt)
+    # With an image the front end lays out the tokens itself (image rows, then the prompt).
+    prompts, extra = ([prompt], {"images": [image]}) if image is not None else ([ids], {})
     start = time.perf_counter()
     first_token_at = None
     token_ids, reason, text = [], "length", ""
-    for event in engine.generate([ids], stream=True, **sampling_kwargs(args)):
+    for event in engine.generate(prompts, stream=True, **extra, **sampling_kwargs(args)):
         first_token_at = first_token_at or time.perf_counter()
         token_ids.append(event.token_id)
         text += event.text

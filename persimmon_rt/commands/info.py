@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import __version__, ops
     from ..config import PersimmonConfig
+    from ..fuyu.config import FuyuConfig, is_fuyu_dir
     from ..cache import StaticKVCache
     from ..quantized_sources import resolve_scheme
     from ..weights import weight_files
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         print("GPU: none visible to torch")
 
     path = model_dir(args)
-    config = PersimmonConfig.from_pretrained(path)
+    fuyu = is_fuyu_dir(path)
+    config = FuyuConfig.from_pretrained(path).text_config if fuyu else PersimmonConfig.from_pretrained(path)
     files = weight_files(path)
     disk = sum(os.path.getsize(f) for f in files)
     dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(default_device())
@@ -55,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     context = args.context or config.max_position_embeddings
     cache = StaticKVCache.nbytes(config, args.batch, context, dtype)
     print(f"model: {path}")
+    if fuyu:
+        p = FuyuConfig.from_pretrained(path)
+        print(f"  multimodal (Fuyu): images as {p.patch_size}x{p.patch_size}x{p.num_channels} patches, one linear layer "
+              f"into the decoder; generate --image PATH")
     print(f"  {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads "
           f"x {config.head_dim}, ffn {config.intermediate_size}, vocab {config.vocab_size}, "
           f"max positions {config.max_position_embeddings}, rotary {config.rotary_dim} dims "
