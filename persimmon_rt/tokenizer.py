@@ -411,6 +411,10 @@ class StreamDecoder:
         token_id = self.tokenizer._check_ids([token_id])[0]
         if token_id in self._skip:
             return ""
+        if not self._started and self.tokenizer._sp.is_control(token_id):
+            # Control pieces render as nothing and leave the leading-space strip as it was; holding them
+            # until text appears would make every push re-decode a growing prefix (quadratic time).
+            return ""
         self._pending.append(token_id)
         if self.tokenizer._incomplete_utf8(self._pending):
             return ""
