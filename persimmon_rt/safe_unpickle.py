@@ -226,9 +226,18 @@ def _np_dtype(spec, align=False, copy=False):
     if not isinstance(spec, str):
         raise UnsafeCheckpointError(f"refusing numpy.dtype({_short(spec)})")
     dtype = np.dtype(spec, align, True)  # always a fresh dtype: BUILD must never mutate numpy's shared ones
-    if dtype.fields is not None or dtype.subdtype is not None or dtype.itemsize > 1024:
+    # Plain scalar dtypes only. Object arrays in particular are refused: numpy frees an array's objects
+    # recursively, so a chain of arrays nested 60,000 deep crashes the interpreter when it is released.
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.itemsize > 1024:
         raise UnsafeCheckpointError(f"refusing numpy.dtype({_short(spec)}): only plain scalar dtypes")
     return dtype
+
+
+def _slice(*args):
+    # Only integer bounds: slices free their members recursively, so deeply nested ones crash on release.
+    if not all(a is None or type(a) is int for a in args):
+        raise UnsafeCheckpointError("refusing a slice of anything but integers")
+    return slice(*args)
 
 
 _COPYABLE = (list, tuple, set, frozenset, dict, str, bytes, bytearray)
@@ -317,8 +326,9 @@ _allow("copyreg", "_reconstructor", _reconstructor, _reconstructor)
 _allow("_codecs", "encode", _codecs_encode, _codecs_encode)
 for _type, _check in ((set, _members), (frozenset, _members), (list, _copyable), (tuple, _copyable), (dict, _pairs)):
     _allow("builtins", _type.__name__, _type, _container(_type, _check))
-for _type in (complex, slice, range):
+for _type in (complex, range):
     _allow("builtins", _type.__name__, _type, _type)
+_allow("builtins", "slice", slice, _slice)
 for _type in (bytes, bytearray):
     _allow("builtins", _type.__name__, _type, _bytes_like(_type))
 for _type in (object, int, float, str, bool):

@@ -1,3 +1,4 @@
+"""Writes the crafted inputs of the unpickle regression corpus (review-*): python tests/fuzz/crafted_unpickle.py [DEPTH]."""
 import io, pickle, struct, zipfile, sys
 C = "tests/fuzz/corpus/unpickle/"
 def w(name, data): open(C + name, "wb").write(data); print(name, len(data))
@@ -23,6 +24,13 @@ w("review-numpy-dtype-fields-state.pkl", P2 + b"cnumpy\ndtype\nX\x02\x00\x00\x00
 buf = io.BytesIO()
 pkl = P2 + b"ctorch._utils\n_rebuild_tensor_v2\n(X\x07\x00\x00\x00storagectorch\nByteStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuJ\x00\x00\x00\x04tQK\x00J\x00\x00\x00\x04\x85K\x01\x85\x89NtR."
 with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-    zf.writestr("archive/data.pkl", pkl)
-    zf.writestr("archive/data/0", b"\x00" * 2**26)
+    for name, body in (("archive/data.pkl", pkl), ("archive/data/0", b"\x00" * 2**26)):
+        zf.writestr(zipfile.ZipInfo(name, (2020, 1, 1, 0, 0, 0)), body, zipfile.ZIP_DEFLATED)
 w("review-zip-deflate-bomb.pt", buf.getvalue())
+# Objects freed recursively (no trashcan in their dealloc): nested 200 deep here, refused at the first
+# level now; at 60,000 (numpy object arrays) or 300,000 (slices) deep the release crashed the interpreter.
+level = b"q\x010h\x02h\x03R(K\x01h\x04h\x05\x89]h\x01atb"
+w("review-numpy-object-array-chain.pkl", P2 + b"cnumpy.core.multiarray\n_reconstruct\nq\x02cnumpy\nndarray\nK\x00\x85C\x01b\x87q\x03"
+  b"K\x01\x85q\x04cnumpy\ndtype\nX\x01\x00\x00\x00O\x85Rq\x050N" + level * int(sys.argv[1] if len(sys.argv) > 1 else 200) + b".")
+n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+w("review-nested-slice.pkl", P2 + b"cbuiltins\nslice\n" + b"2" * (n - 1) + b"N" + b"\x85R" * n + b".")
