@@ -189,8 +189,6 @@ class _CountingSP:
 
 def check_stream(data: bytes, workdir: str | None = None) -> str:
     """`StreamDecoder` over the ids: every push is text; pushes + flush == decode(ids); linear work."""
-    from persimmon_rt.tokenizer import StreamDecoder
-
     tok = stream_tokenizer()
     skip, ids = stream_ids(data, tok.vocab_size)
     valid = [i for i in ids if 0 <= i < tok.vocab_size]
@@ -198,19 +196,8 @@ def check_stream(data: bytes, workdir: str | None = None) -> str:
     counter = _CountingSP(tok._sp)
     real, tok._sp = tok._sp, counter
     try:
-        decoder = StreamDecoder(tok, skip_special_tokens=skip)
-        pieces = []
-        for i in ids:
-            try:
-                pieces.append(decoder.push(i))
-            except ValueError as exc:
-                if i in valid:
-                    raise Finding(f"push({i}) of a valid id raised {exc}") from exc
-                _documented(exc, ValueError)
-            else:
-                if i not in valid:
-                    raise Finding(f"push({i}) of an id outside the vocabulary was accepted")
-        pieces.append(decoder.flush())
+        with _Watch(MEM_BASE + 64 * len(data)):
+            pieces = _stream(tok, ids, valid, skip)
     finally:
         tok._sp = real
     for piece in pieces:
@@ -227,6 +214,25 @@ def check_stream(data: bytes, workdir: str | None = None) -> str:
     if counter.decoded > 8 * len(valid) + 16:
         raise Finding(f"decoding {len(valid)} ids took {counter.decoded} id-decodes (not linear)")
     return "ok"
+
+
+def _stream(tok, ids, valid, skip) -> list[str]:
+    from persimmon_rt.tokenizer import StreamDecoder
+
+    decoder = StreamDecoder(tok, skip_special_tokens=skip)
+    pieces = []
+    for i in ids:
+        try:
+            pieces.append(decoder.push(i))
+        except ValueError as exc:
+            if i in valid:
+                raise Finding(f"push({i}) of a valid id raised {exc}") from exc
+            _documented(exc, ValueError)
+        else:
+            if i not in valid:
+                raise Finding(f"push({i}) of an id outside the vocabulary was accepted")
+    pieces.append(decoder.flush())
+    return pieces
 
 
 CHECKS = {"unpickle": check_unpickle, "safetensors": check_safetensors, "stream": check_stream}
