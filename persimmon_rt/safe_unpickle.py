@@ -30,6 +30,7 @@ import io
 import mmap
 import os
 import pickle
+import re
 import reprlib
 import struct
 import sys
@@ -94,7 +95,8 @@ class _ShortRepr(reprlib.Repr):
         return repr(x) if x.bit_length() <= 128 else f"<int of {x.bit_length()} bits>"
 
     def repr_instance(self, x, level):
-        if isinstance(x, (float, complex, bytes, bytearray, GlobalRef, torch.dtype, torch.device, np.dtype)):
+        if x is None or isinstance(x, (bool, float, complex, bytes, bytearray, GlobalRef, torch.dtype, torch.device,
+                                       np.dtype)):
             return super().repr_instance(x, level)
         return f"<{type(x).__name__}>"
 
@@ -222,8 +224,13 @@ def _np_scalar(dtype, *data):
     return _multiarray.scalar(dtype, *data)
 
 
+_DTYPE_SPEC = re.compile(r"[<>|=]?[A-Za-z][A-Za-z0-9]{0,15}")
+
+
 def _np_dtype(spec, align=False, copy=False):
-    if not isinstance(spec, str):
+    # A type code or name ("u4", "<f8", "float32"): numpy parses anything richer ("2i,(3)f") with the
+    # Python compiler (ast.literal_eval), which checkpoint text must never reach.
+    if not (isinstance(spec, str) and _DTYPE_SPEC.fullmatch(spec)):
         raise UnsafeCheckpointError(f"refusing numpy.dtype({_short(spec)})")
     dtype = np.dtype(spec, align, True)  # always a fresh dtype: BUILD must never mutate numpy's shared ones
     # Plain scalar dtypes only. Object arrays in particular are refused: numpy frees an array's objects
