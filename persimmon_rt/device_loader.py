@@ -40,7 +40,7 @@ def read_header(path: str) -> tuple[int, dict[str, tuple[torch.dtype, list[int],
         if length > min(_MAX_HEADER_BYTES, size - 8):
             raise CheckpointError(f"cannot read {path}: header length {length} does not fit the file ({size} bytes)")
         try:
-            table = json.loads(fh.read(length))
+            table = json.loads(fh.read(length).decode("utf-8"))  # the format's encoding, not json's guess
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also over-long integers
             raise CheckpointError(f"cannot read {path}: the header is not valid JSON ({exc})") from exc
     if not isinstance(table, dict):

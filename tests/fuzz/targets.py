@@ -51,7 +51,8 @@ def _audit(event, args):
 sys.addaudithook(_audit)
 # Codecs the parsers look up by fixed names (zip member names, protocol-0 strings); imported here so
 # that their first, lazy import does not count against the input that happens to need them.
-for _codec in ("cp437", "raw_unicode_escape", "unicode_escape", "latin_1", "ascii", "utf_8"):
+for _codec in ("cp437", "raw_unicode_escape", "unicode_escape", "latin_1", "ascii", "utf_8", "utf_16_le",
+               "utf_16_be", "utf_32_le", "utf_32_be", "utf_16", "utf_32"):
     codecs.lookup(_codec)
 
 
