@@ -324,7 +324,8 @@ _allow("torch._tensor", "_rebuild_from_type_v2", _rebuild_from_type_v2, _rebuild
 _allow("torch", "Size", torch.Size, _torch_size)
 _allow("torch", "device", torch.device, _torch_device)
 for _name in ("float16", "half", "bfloat16", "float32", "float", "float64", "double", "int64", "long", "int32",
-              "int", "int16", "short", "int8", "uint8", "bool", "complex64", "complex128"):
+              "int", "int16", "short", "int8", "uint8", "uint16", "uint32", "uint64", "bool", "complex64",
+              "complex128"):
     _allow("torch", _name, getattr(torch, _name))
 _allow("collections", "OrderedDict", collections.OrderedDict, _container(collections.OrderedDict, _pairs))
 _allow("collections", "defaultdict", collections.defaultdict, _defaultdict)

@@ -92,6 +92,25 @@ def payload_pickles() -> dict[str, bytes]:
     return out
 
 
+class _Call:
+    """Pickles as a call of `fn(*args)`: reaches the allow-listed callables that plain data does not."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def allowed_calls() -> dict:
+    return {"dict": _Call(dict, [(1, 2)]), "od": _Call(collections.OrderedDict, [("a", 1)]),
+            "dd": _Call(collections.defaultdict, list, {"k": [1]}), "ba": _Call(bytearray, b"xy"),
+            "bytes": _Call(bytes, [1, 2]), "set": _Call(set, [1, (2, "x")]), "fs": _Call(frozenset, ("a",)),
+            "list": _Call(list, (1, 2)), "tuple": _Call(tuple, [1]), "slice": _Call(slice, 1, 5, 2),
+            "range": _Call(range, 1, 9, 3), "complex": _Call(complex, "1+2j"), "dev": torch.device("cpu", 0),
+            "size": torch.Size([2, 3]), "dt": torch.float16}
+
+
 def unpickle_seeds() -> dict[str, bytes]:
     ckpt = adept_checkpoint()
     zip_bytes = torch_bytes(ckpt)
@@ -104,6 +123,13 @@ def unpickle_seeds() -> dict[str, bytes]:
     for proto in range(6):
         seeds[f"plain_protocol{proto}.pkl"] = pickle.dumps(data, protocol=proto)
     seeds.update({f"{k}.pkl": v for k, v in payload_pickles().items()})
+    for proto in (0, 2, 4):
+        seeds[f"calls_protocol{proto}.pkl"] = pickle.dumps(allowed_calls(), protocol=proto)
+    sub = torch.arange(4.0).as_subclass(torch.nn.Buffer) if hasattr(torch.nn, "Buffer") else torch.arange(4.0)
+    seeds["tensor_kinds_zip.pt"] = torch_bytes({"u16": torch.tensor([1, 2, 3], dtype=torch.uint16), "sub": sub,
+                                                "q": torch.nn.Parameter(torch.ones(2), requires_grad=False)})
+    seeds["tensor_kinds_legacy.pt"] = torch_bytes({"u16": torch.tensor([1, 2, 3], dtype=torch.uint16), "dev": torch.device("cpu")},
+                                                  legacy=True)
     return seeds
 
 
