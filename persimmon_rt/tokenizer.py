@@ -411,10 +411,6 @@ class StreamDecoder:
         token_id = self.tokenizer._check_ids([token_id])[0]
         if token_id in self._skip:
             return ""
-        if not self._started and self.tokenizer._sp.is_control(token_id):
-            # Control pieces render as nothing and leave the leading-space strip as it was; holding them
-            # until text appears would make every push re-decode a growing prefix (quadratic time).
-            return ""
         self._pending.append(token_id)
         if self.tokenizer._incomplete_utf8(self._pending):
             return ""
@@ -433,6 +429,12 @@ class StreamDecoder:
         else:
             text = self.tokenizer._sp.decode(self._pending)
             self._started = bool(text)
+            if not text:
+                # Held tokens that rendered nothing hold no bytes (a byte always renders); control pieces
+                # among them change nothing that follows, so they are dropped: held, every push would
+                # re-decode them all (quadratic time). Between byte pieces they do matter, and stay.
+                sp = self.tokenizer._sp
+                self._pending = [i for i in self._pending if not sp.is_control(i)]
         if self._started:
             self._pending = []
         return text
