@@ -8,7 +8,7 @@ model size (1.1 GiB resident in all, measured). Both ways read a cold checkpoint
 
 The header is parsed and checked here (the format is an 8-byte length, a JSON table of dtype, shape and
 byte range per tensor, then the data), so a truncated or inconsistent file is refused before any data
-is read.
+is read. Byte ranges may not overlap, so the tensors allocated never add up to more than the file holds.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def read_header(path: str) -> tuple[int, dict[str, tuple[torch.dtype, list[int],
         if length > min(_MAX_HEADER_BYTES, size - 8):
             raise CheckpointError(f"cannot read {path}: header length {length} does not fit the file ({size} bytes)")
         try:
-            table = json.loads(fh.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            table = json.loads(fh.read(length).decode("utf-8"))  # the format's encoding, not json's guess
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also over-long integers
             raise CheckpointError(f"cannot read {path}: the header is not valid JSON ({exc})") from exc
     if not isinstance(table, dict):
         raise CheckpointError(f"cannot read {path}: the header is not a JSON object")
@@ -52,18 +52,24 @@ def read_header(path: str) -> tuple[int, dict[str, tuple[torch.dtype, list[int],
             continue
         try:
             dtype, shape, (begin, end) = _DTYPES[entry["dtype"]], list(entry["shape"]), entry["data_offsets"]
-            numel = 1
+            numel, extent = 1, 1
             for d in shape:
-                if not isinstance(d, int) or d < 0:
-                    raise ValueError(f"bad dimension {d!r}")
-                numel *= d
-            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_bytes):
-                raise ValueError(f"byte range [{begin}, {end}) outside the {data_bytes} data bytes")
+                if type(d) is not int or d < 0:
+                    raise ValueError(f"bad dimension {str(d)[:40]}")
+                numel, extent = numel * d, extent * max(d, 1)
+            if extent >= 2**62:  # torch's strides are int64, even for a tensor with a zero dimension
+                raise ValueError(f"shape {shape} is too large")
+            if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_bytes):
+                raise ValueError(f"byte range [{str(begin)[:40]}, {str(end)[:40]}) outside the {data_bytes} data bytes")
             if end - begin != numel * dtype.itemsize:
                 raise ValueError(f"{end - begin} bytes for shape {shape} of {entry['dtype']}")
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"cannot read {path}: tensor {name!r} has an invalid entry ({exc})") from exc
+            raise CheckpointError(f"cannot read {path}: tensor {name[:200]!r} has an invalid entry ({exc})") from exc
         entries[name] = (dtype, shape, begin, end)
+    ranges = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items() if end > begin)
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise CheckpointError(f"cannot read {path}: tensors {first[:200]!r} and {second[:200]!r} overlap")
     return data_start, entries
 
 

@@ -452,6 +452,12 @@ class StreamDecoder:
         else:
             text = self.tokenizer._sp.decode(self._pending)
             self._started = bool(text)
+            if not text:
+                # Held tokens that rendered nothing hold no bytes (a byte always renders); control pieces
+                # among them change nothing that follows, so they are dropped: held, every push would
+                # re-decode them all (quadratic time). Between byte pieces they do matter, and stay.
+                sp = self.tokenizer._sp
+                self._pending = [i for i in self._pending if not sp.is_control(i)]
         if self._started:
             self._pending = []
         return text
