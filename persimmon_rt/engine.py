@@ -23,7 +23,7 @@ import torch
 from . import ops
 from .cache import StaticKVCache
 from .config import PersimmonConfig
-from .decode_graphs import GREEDY, SAMPLED, SAMPLED_LOGPROBS, DecodeGraphs, StepVariant, bucket_for
+from .decode_graphs import GREEDY, SAMPLED, SAMPLED_LOGPROBS, DecodeGraphs, bucket_for
 from .forward import Forward
 from .fuyu.config import is_fuyu_dir
 from .loading import Weights, load_weights, weights_from_module

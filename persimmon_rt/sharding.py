@@ -7,6 +7,8 @@ the layout and owns the process group.
 
 from __future__ import annotations
 
+import torch
+
 from .config import PersimmonConfig
 
 REPLICATE = "replicate"          # every rank holds the whole tensor
