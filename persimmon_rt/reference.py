@@ -195,7 +195,11 @@ def decode_linear(
         x = _layer_norm_f32(x, ln_weight, ln_bias, eps).to(x.dtype)
     elif ln_bias is not None:
         raise ValueError("decode_linear: ln_bias needs ln_weight")
-    y = x.float() @ weight.float().t()
+    _linear_epilogue(x.float() @ weight.float().t(), bias, relu2, residual, out)
+
+
+def _linear_epilogue(y: torch.Tensor, bias, relu2: bool, residual, out: torch.Tensor) -> None:
+    """The decode GEMVs' epilogue on the fp32 product y: + bias, relu², + residual, rounded once into out."""
     if bias is not None:
         y = y + bias.float()
     if relu2:
@@ -216,14 +220,7 @@ def decode_linear_int8(
 ) -> None:
     """out = act(scale * (x Wq^T) + bias) + residual: decode_linear over int8 weights with per-row scales,
     the scale applied to the fp32 dot product (once per output), the epilogue in fp32, rounded once."""
-    y = (x.float() @ weight.float().t()) * scale.float()
-    if bias is not None:
-        y = y + bias.float()
-    if relu2:
-        y = torch.relu(y).square()
-    if residual is not None:
-        y = y + residual.float()
-    out.copy_(y.to(out.dtype))
+    _linear_epilogue((x.float() @ weight.float().t()) * scale.float(), bias, relu2, residual, out)
 
 
 def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
