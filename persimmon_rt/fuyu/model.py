@@ -7,7 +7,6 @@ placeholder tokens (`config.image_token_id`) of the text embeddings, in order.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -114,13 +113,6 @@ class FuyuForCausalLM(PersimmonPreTrainedModel):
         return torch.cat((input_ids, new.to(input_ids.device)), dim=1)
 
     # -- loading and saving
-    @classmethod
-    def from_config(cls, config: FuyuConfig, dtype: torch.dtype | None = None, device=None) -> "FuyuForCausalLM":
-        with torch.device(device) if device is not None else contextlib.nullcontext():
-            model = cls(config)
-        model.init_weights()
-        return model.to(dtype) if dtype is not None else model
-
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = "auto", device=None,
                         torch_dtype=None, **unused) -> "FuyuForCausalLM":
