@@ -53,13 +53,25 @@ def random_shard(config: PersimmonConfig, rank: int, world: int, dtype, device) 
 
 
 def all_reduce_latency_us(tp: TensorParallel, width: int, dtype, calls: int = 64) -> dict:
-    """us per all-reduce of one [1, width] row (8 KB at Persimmon's width in fp16), as the decode graph
-    issues them: `calls` back to back in a captured graph; the engine's path and NCCL's."""
+    """us per all-reduce of one [1, width] row (8 KB at Persimmon's width in fp16) with the residual
+    LayerNorm that follows it in the decode step, as the decode graph issues them: `calls` back to back in
+    a captured graph. The engine's path (fused where enabled), NCCL + the LayerNorm kernel, NCCL alone."""
     import torch.distributed as dist
 
+    from persimmon_rt import ops
+
     x = torch.randn(1, width, dtype=dtype, device=tp.device)
-    paths = {"engine": tp.all_reduce_, "nccl": lambda t: dist.all_reduce(t, group=tp.group)}
-    out = {}
+    w, b = torch.ones(width, dtype=dtype, device=tp.device), torch.zeros(width, dtype=dtype, device=tp.device)
+    out, h = torch.empty_like(x), torch.randn_like(x)
+
+    def nccl_layernorm(t):
+        dist.all_reduce(t, group=tp.group)
+        ops.layernorm(t, w, b, out, 1e-5, h, h)
+
+    paths = {"engine": lambda t: tp.all_reduce_layernorm(t, w, b, out, 1e-5, h, h),
+             "nccl + layernorm": nccl_layernorm,
+             "nccl": lambda t: dist.all_reduce(t, group=tp.group)}
+    result = {}
     for name, reduce in paths.items():
         for _ in range(3):
             reduce(x)
@@ -76,9 +88,9 @@ def all_reduce_latency_us(tp: TensorParallel, width: int, dtype, calls: int = 64
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) * 1e3 / calls)
-        out[name] = sorted(times)[len(times) // 2]
+        result[name] = sorted(times)[len(times) // 2]
         del graph
-    return out
+    return result
 
 
 def main() -> None:
@@ -133,7 +145,7 @@ def main() -> None:
         gib = result["weights_gib_per_rank"]
         print(f"TP={world} on {name} ({args.preset}, {dtype}); weights {gib:.2f} GiB per rank")
         if "all_reduce" in result:
-            print(f"  all-reduce: {result['all_reduce']}; one {config.hidden_size}-wide row in a graph: "
+            print(f"  all-reduce: {result['all_reduce']}; one {config.hidden_size}-wide row (+ LayerNorm) in a graph: "
                   + ", ".join(f"{k} {v:.1f} us" for k, v in result["all_reduce_us_8kb"].items()))
         for row in result["decode"]:
             graph = f", captured step {row['graph_step_ms']:.3f} ms" if "graph_step_ms" in row else ""

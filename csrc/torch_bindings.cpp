@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "all_reduce.h"
 #include "attention.h"
 #include "bias_relu2.h"
 #include "decode_linear.h"
@@ -205,6 +206,52 @@ void layernorm_cuda(const Tensor& x, const Tensor& weight, const Tensor& bias, T
   launch_layernorm(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), opt_ptr(residual),
                    residual_out.has_value() ? residual_out->data_ptr() : nullptr, x.numel() / C,
                    static_cast<int>(C), static_cast<float>(eps), activation_dtype(kLn, x, "x"), current_stream());
+}
+
+// ---- all_reduce_layernorm -----------------------------------------------------------------------------
+
+constexpr const char* kAr = "all_reduce_layernorm";
+
+void check_all_reduce_layernorm(const Tensor& partial, const Tensor& buffers, const Tensor& epochs, int64_t rank,
+                                const Tensor& weight, const Tensor& bias, const Tensor& out, const Tensor& residual,
+                                const Tensor& residual_out) {
+  TORCH_CHECK(partial.dim() == 2, kAr, ": partial must have shape [N, C], got ", partial.sizes());
+  const int64_t N = partial.size(0), C = partial.size(1);
+  const at::ScalarType dt = partial.scalar_type();
+  activation_dtype(kAr, partial, "partial");
+  TORCH_CHECK(N >= 1 && N <= kAllReduceMaxRowsHost, kAr, ": partial must have 1 to ", kAllReduceMaxRowsHost,
+              " rows, got ", N);
+  TORCH_CHECK(C % 8 == 0 && C >= 8 && C <= kLayerNormMaxHidden, kAr,
+              ": hidden size C must be a multiple of 8 in [8, ", kLayerNormMaxHidden, "], got ", C);
+  TORCH_CHECK(buffers.dim() == 1 && buffers.size(0) >= 1 && buffers.size(0) <= kAllReduceMaxRanksHost, kAr,
+              ": buffers must have shape [W] with 1 <= W <= ", kAllReduceMaxRanksHost, ", got ", buffers.sizes());
+  TORCH_CHECK(rank >= 0 && rank < buffers.size(0), kAr, ": rank must be in [0, ", buffers.size(0), "), got ", rank);
+  check_shape(kAr, epochs, "epochs", "[64]", {kAllReduceMaxRowsHost});
+  check_shape(kAr, weight, "weight", "[C]", {C});
+  check_shape(kAr, bias, "bias", "[C]", {C});
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&out, "out"}, {&residual, "residual"},
+                                {&residual_out, "residual_out"}})
+    check_shape(kAr, *t, name, "[N, C] (as partial)", {N, C});
+  constexpr unsigned kVector = kContiguous | kAligned16;
+  check_args(kAr, partial,
+             {arg("partial", partial, dt, kVector), arg("buffers", buffers, at::kLong, kContiguous),
+              arg("epochs", epochs, at::kInt, kContiguous), arg("weight", weight, dt, kVector),
+              arg("bias", bias, dt, kVector), arg("out", out, dt, kVector), arg("residual", residual, dt, kVector),
+              arg("residual_out", residual_out, dt, kVector)});
+}
+
+void all_reduce_layernorm_cuda(const Tensor& partial, const Tensor& buffers, Tensor& epochs, int64_t rank,
+                               const Tensor& weight, const Tensor& bias, Tensor& out, double eps,
+                               const Tensor& residual, Tensor& residual_out, double timeout_s) {
+  check_all_reduce_layernorm(partial, buffers, epochs, rank, weight, bias, out, residual, residual_out);
+  TORCH_CHECK(timeout_s > 0, kAr, ": timeout_s must be positive, got ", timeout_s);
+  const c10::cuda::CUDAGuard guard(partial.device());
+  launch_all_reduce_layernorm(partial.data_ptr(), static_cast<void* const*>(buffers.data_ptr()),
+                              static_cast<uint32_t*>(epochs.data_ptr()), weight.data_ptr(), bias.data_ptr(),
+                              out.data_ptr(), residual.data_ptr(), residual_out.data_ptr(), static_cast<int>(rank),
+                              static_cast<int>(buffers.size(0)), partial.size(0), static_cast<int>(partial.size(1)),
+                              static_cast<float>(eps), timeout_s, activation_dtype(kAr, partial, "partial"),
+                              current_stream());
 }
 
 // ---- bias_relu2 ---------------------------------------------------------------------------------------
@@ -464,6 +511,10 @@ TORCH_LIBRARY(persimmon_rt, m) {
       "layernorm(Tensor x, Tensor weight, Tensor bias, Tensor(a!) out, float eps, Tensor? residual=None, "
       "Tensor(b!)? residual_out=None) -> ()");
   m.def("bias_relu2(Tensor x, Tensor bias, Tensor(a!) out) -> ()");
+  // Tensor parallelism: buffers holds each rank's peer-mapped buffer address (int64, on the device).
+  m.def(
+      "all_reduce_layernorm(Tensor partial, Tensor buffers, Tensor(a!) epochs, int rank, Tensor weight, "
+      "Tensor bias, Tensor(b!) out, float eps, Tensor residual, Tensor(c!) residual_out, float timeout_s) -> ()");
   // config: a tile configuration index for sweeps (_C.DECODE_LINEAR_CONFIGS); -1 = the per-shape choice.
   m.def(
       "decode_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor(a!) out, bool relu2, "
@@ -484,6 +535,7 @@ TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
   m.impl("qk_norm_rope_cache", &persimmon_rt::qk_norm_rope_cache_cuda);
   m.impl("layernorm", &persimmon_rt::layernorm_cuda);
   m.impl("bias_relu2", &persimmon_rt::bias_relu2_cuda);
+  m.impl("all_reduce_layernorm", &persimmon_rt::all_reduce_layernorm_cuda);
   m.impl("decode_linear", &persimmon_rt::decode_linear_cuda);
   m.impl("decode_linear_int8", &persimmon_rt::decode_linear_int8_cuda);
   m.impl("dequantize_int8", &persimmon_rt::dequantize_int8_cuda);
@@ -494,8 +546,8 @@ TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
 // Meta (fake-tensor) impls: the ops only write into their arguments, so there is nothing to compute;
 // shape errors surface when the CUDA impl runs.
 TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
-  for (const char* op : {"qk_norm_rope_cache", "layernorm", "bias_relu2", "decode_linear", "decode_linear_int8",
-                         "dequantize_int8", "attention_prefill", "attention_decode"})
+  for (const char* op : {"qk_norm_rope_cache", "layernorm", "bias_relu2", "all_reduce_layernorm", "decode_linear",
+                         "decode_linear_int8", "dequantize_int8", "attention_prefill", "attention_decode"})
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&persimmon_rt::meta_noop>());
 }
 
@@ -510,6 +562,8 @@ TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
 //   DECODE_LINEAR_MAX_ROWS  int, rows (decode batch) the decode GEMV takes
 //   ATTENTION_HEAD_DIMS     tuple of int, head dims the attention kernels are built for
 //   LAYERNORM_MAX_HIDDEN    int, widest row the layernorm op takes
+//   ALL_REDUCE_MAX_ROWS, ALL_REDUCE_MAX_RANKS  int, limits of all_reduce_layernorm
+//   ALL_REDUCE_FLAG_BYTES   int, the flag block at the start of each rank's all-reduce buffer
 //   DECODE_LINEAR_CONFIGS   tuple of str, the GEMV's compiled tile configurations (decode_linear's
 //                           `config` argument indexes it; for benchmark sweeps)
 //   DECODE_LINEAR_INT8_CONFIGS  tuple of str, the same for decode_linear_int8
@@ -552,6 +606,9 @@ bool add_limits(PyObject* m) {
   if (PyModule_AddStringConstant(m, "CUDA_ARCHS", PERSIMMON_RT_CUDA_ARCHS) < 0) return false;
   if (PyModule_AddIntConstant(m, "DECODE_LINEAR_MAX_ROWS", persimmon_rt::kDecodeLinearMaxRows) < 0) return false;
   if (PyModule_AddIntConstant(m, "LAYERNORM_MAX_HIDDEN", persimmon_rt::kLayerNormMaxHidden) < 0) return false;
+  if (PyModule_AddIntConstant(m, "ALL_REDUCE_MAX_ROWS", persimmon_rt::kAllReduceMaxRowsHost) < 0) return false;
+  if (PyModule_AddIntConstant(m, "ALL_REDUCE_MAX_RANKS", persimmon_rt::kAllReduceMaxRanksHost) < 0) return false;
+  if (PyModule_AddIntConstant(m, "ALL_REDUCE_FLAG_BYTES", persimmon_rt::kAllReduceFlagBytesHost) < 0) return false;
   if (!add_names(m, "DECODE_LINEAR_CONFIGS", persimmon_rt::decode_linear_config_names())) return false;
   if (!add_names(m, "DECODE_LINEAR_INT8_CONFIGS", persimmon_rt::decode_linear_int8_config_names())) return false;
   PyObject* dims = head_dims_tuple();

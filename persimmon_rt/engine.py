@@ -88,7 +88,7 @@ class Engine:
         self.graphs = DecodeGraphs(self.forward, self.max_seq_len, use_cuda_graphs, self.tp is not None)
         if self.tp is not None:
             self.tp.register_graph_owner(self)
-            self.tp.enable_fast_all_reduce(self.dtype)
+            self.tp.enable_fast_all_reduce(self.dtype, config.hidden_size)
         self._lock = threading.Lock()
         self.images = None                          # the image front end of a multimodal model (Fuyu)
         # Timings of the last generate call: prefill_s (prompts + first tokens), decode_s over decode_steps.

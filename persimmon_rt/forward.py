@@ -11,7 +11,8 @@ Per layer (T packed tokens; the residual stream h is carried between fused Layer
 Prefill runs it over packed prompt pieces (causal attention over each row's cached prefix); decode over one
 token per row of a `DecodeState` (split-KV attention), then samples, all capturable in a CUDA graph.
 With tensor parallelism (`tp`, tensor_parallel.py) each rank runs it over its heads and MLP columns; `a`
-and `down` are all-reduced in place before their LayerNorm and the logits gathered over the vocabulary.
+and `down` are all-reduced together with the LayerNorm that takes them (one fused kernel at decode), and
+the logits gathered over the vocabulary.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Forward:
         if select is not None:
             down, h = down[select], h[select]
         out = torch.empty_like(h)
-        ops.layernorm(down, w.final_ln_w, w.final_ln_b, out, self.config.layer_norm_eps, h, torch.empty_like(h))
+        self._add_layernorm(down, w.final_ln_w, w.final_ln_b, out, h, torch.empty_like(h))
         logits = self._linear(out, w.lm_head, out_dtype=torch.float32)
         return logits if self.tp is None else self.tp.gather_vocab(logits)
 
@@ -92,22 +93,28 @@ class Forward:
         (decode_linear's ln_weight and residual): measured on the H200 that was slower (4.81 -> 5.68
         ms/token at batch 1: every block recomputes its rows' statistics before streaming weights), so the
         LayerNorm stays a kernel of its own (benchmarks/RESULTS.md)."""
-        c, tp = self.config, self.tp
+        c = self.config
         x = torch.empty_like(h)
         down = None
         for i, lw in enumerate(self.weights.layers):
             if down is None:
                 ops.layernorm(h, lw.ln_in_w, lw.ln_in_b, x, c.layer_norm_eps)
             else:
-                ops.layernorm(down, lw.ln_in_w, lw.ln_in_b, x, c.layer_norm_eps, h, h)
+                self._add_layernorm(down, lw.ln_in_w, lw.ln_in_b, x, h, h)
             attn = self._linear(self._attention_block(x, lw, i, positions, slots, attend), lw.dense_w, lw.dense_b)
-            if tp is not None:
-                tp.all_reduce_(attn)
-            ops.layernorm(attn, lw.ln_post_w, lw.ln_post_b, x, c.layer_norm_eps, h, h)
+            self._add_layernorm(attn, lw.ln_post_w, lw.ln_post_b, x, h, h)
             down = self._linear(self._linear(x, lw.up_w, lw.up_b, relu2=True), lw.down_w, lw.down_b)
-            if tp is not None:
-                tp.all_reduce_(down)
         return down, h
+
+    def _add_layernorm(self, partial, weight, bias, out, residual, residual_out) -> None:
+        """out = LN(residual_out = residual + partial): a projection's output joins the residual stream.
+        Under tensor parallelism `partial` is this rank's share, summed over the ranks first (fused with
+        the LayerNorm for decode-sized batches: fast_all_reduce.py)."""
+        eps = self.config.layer_norm_eps
+        if self.tp is None:
+            ops.layernorm(partial, weight, bias, out, eps, residual, residual_out)
+        else:
+            self.tp.all_reduce_layernorm(partial, weight, bias, out, eps, residual, residual_out)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Rows of the embedding table (dequantized rows of an int8 one)."""

@@ -8,6 +8,7 @@ the same way. Shapes use T = tokens, H = heads, D = head_dim, R = rotary dims, B
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -107,6 +108,24 @@ def layernorm(
         residual_out.copy_(summed)
         x = summed
     out.copy_(_layer_norm_f32(x, weight, bias, eps).to(out.dtype))
+
+
+def all_reduce_layernorm(
+    partials: Sequence[torch.Tensor],  # W x [N, C]  each rank's partial sums, in rank order
+    weight: torch.Tensor,         # [C]
+    bias: torch.Tensor,           # [C]
+    out: torch.Tensor,            # [N, C]  written
+    eps: float,
+    residual: torch.Tensor,       # [N, C]
+    residual_out: torch.Tensor,   # [N, C]  written (may alias residual)
+) -> None:
+    """The tensor-parallel all-reduce fused with the residual LayerNorm: s = round(sum of the partials,
+    in fp32 and rank order), then layernorm(s, residual=residual) as above (r = round(s + residual);
+    residual_out = r; out = LN(r))."""
+    summed = partials[0].float()
+    for p in partials[1:]:
+        summed = summed + p.float()
+    layernorm(summed.to(partials[0].dtype), weight, bias, out, eps, residual, residual_out)
 
 
 def bias_relu2(

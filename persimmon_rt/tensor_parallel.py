@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from . import ops
 from .sharding import FIRST_RANK, REPLICATE, SPLIT_COLUMNS, SPLIT_ROWS, check_tp_config, shard_range, \
     shard_rule, take_shard
 
@@ -48,8 +49,8 @@ TP_CHILD_ENV = "PERSIMMON_RT_TP_CHILD"
 # failed must not leave the others blocked forever.
 TIMEOUT_ENV = "PERSIMMON_RT_TP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
-# "symm_mem" lets small all-reduces on GPUs take the one-shot symmetric-memory kernel where it works
-# (fast_all_reduce.py); the default keeps NCCL, the measured path (benchmarks/RESULTS.md).
+# "nccl" keeps every all-reduce on NCCL; by default the decode's all-reduces take the fused all-reduce +
+# LayerNorm kernel over peer-mapped buffers where it works (fast_all_reduce.py).
 ALL_REDUCE_ENV = "PERSIMMON_RT_TP_ALL_REDUCE"
 
 # ---------------------------------------------------------------------------------------- process group
@@ -132,26 +133,36 @@ class TensorParallel:
             self._owns_process_group = False
 
     # ------------------------------------------------------------------------------------- collectives
-    def enable_fast_all_reduce(self, dtype: torch.dtype) -> str:
-        """With PERSIMMON_RT_TP_ALL_REDUCE=symm_mem, take the one-shot symmetric-memory all-reduce for small
-        messages of `dtype` on GPUs where it works; returns the backend in use (with the reason when it is
-        NCCL). Collective: every rank calls it, outside graph capture."""
+    def enable_fast_all_reduce(self, dtype: torch.dtype, hidden: int) -> str:
+        """On GPUs, let all_reduce_layernorm take the fused kernel for decode-sized messages of `dtype` and
+        width `hidden` where it works (unless PERSIMMON_RT_TP_ALL_REDUCE=nccl); returns the backend in use
+        (with the reason when it is NCCL alone). Collective: every rank calls it, outside graph capture."""
         if self.device.type != "cuda" or self._fast_all_reduce is not None:
             return self.all_reduce_backend
-        if os.environ.get(ALL_REDUCE_ENV, "nccl") != "symm_mem":
+        if os.environ.get(ALL_REDUCE_ENV, "fused") == "nccl":
             return self.all_reduce_backend
-        from .fast_all_reduce import OneShotAllReduce
+        from .fast_all_reduce import FusedAllReduce
 
-        self._fast_all_reduce, why = OneShotAllReduce.try_create(self.group, self.device, self.rank, dtype)
-        self.all_reduce_backend = "symm_mem one-shot (small messages), nccl" if why == "" else f"nccl ({why})"
+        timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        self._fast_all_reduce, why = FusedAllReduce.try_create(self.group, self.device, dtype, hidden, timeout)
+        self.all_reduce_backend = "fused all-reduce + LayerNorm (decode), nccl" if why == "" else f"nccl ({why})"
         return self.all_reduce_backend
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum `t` over the ranks, in place (a row-parallel projection's partial sums). CUDA-graph capturable."""
-        if self._fast_all_reduce is not None and self._fast_all_reduce.fits(t):
-            return self._fast_all_reduce(t)
+        """Sum `t` over the ranks, in place. CUDA-graph capturable."""
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
+
+    def all_reduce_layernorm(self, partial, weight, bias, out, eps, residual, residual_out) -> None:
+        """A row-parallel projection's partial sums [N, C], summed over the ranks, then the residual
+        LayerNorm: out = LN(residual_out = residual + sum) (reference.all_reduce_layernorm). One fused
+        kernel for decode-sized messages where enabled, NCCL + the LayerNorm kernel otherwise.
+        CUDA-graph capturable; `partial` may be overwritten."""
+        if self._fast_all_reduce is not None and self._fast_all_reduce.fits(partial):
+            self._fast_all_reduce(partial, weight, bias, out, eps, residual, residual_out)
+            return
+        self.all_reduce_(partial)
+        ops.layernorm(partial, weight, bias, out, eps, residual, residual_out)
 
     def gather_vocab(self, logits_local: torch.Tensor) -> torch.Tensor:
         """[..., V/N] logits of this rank's vocabulary slice -> [..., V] full logits, in vocabulary order."""

@@ -325,6 +325,11 @@ def _gpu_worker(rank, world, port, out_dir):
                   "eager": eager.generate(prompts, max_new_tokens=32, stop_token_ids=[]).token_ids,
                   "captured": bool(graphs.graphs.graphs),
                   "sampled": graphs.generate(prompts, max_new_tokens=16, temperature=1.0, top_p=0.9).token_ids}
+        result["backend"] = tp.all_reduce_backend
+        tp._fast_all_reduce = None                  # the same run on NCCL + the LayerNorm kernel
+        os.environ[tpm.ALL_REDUCE_ENV] = "nccl"
+        nccl = Engine(model, model.config, max_batch_size=4, max_seq_len=128, tp=tp)
+        result["nccl"] = nccl.generate(prompts, max_new_tokens=32, stop_token_ids=[]).token_ids
         single = Engine(model, model.config, max_batch_size=4, max_seq_len=128)
         result["tp1"] = single.generate(prompts, max_new_tokens=32, stop_token_ids=[]).token_ids
         (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
@@ -336,11 +341,15 @@ def _gpu_worker(rank, world, port, out_dir):
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not ops.HAVE_CUDA_EXT,
                     reason="needs two CUDA GPUs and the built extension")
 def test_tp2_on_two_gpus_captures_nccl_in_the_decode_graph(tmp_path):
-    """NCCL collectives inside the CUDA graph: graph replay gives the eager tokens, every rank agrees, and
-    (fp16, so up to near ties) TP=2 follows TP=1."""
+    """Collectives inside the CUDA graph (the fused all-reduce + LayerNorm kernel, NCCL for the prefill and
+    the vocabulary gather): graph replay gives the eager tokens, every rank agrees, the fused kernel gives
+    exactly NCCL + LayerNorm's tokens (two ranks: the same sum, rounded once), and (fp16, so up to near
+    ties) TP=2 follows TP=1."""
     torch.multiprocessing.spawn(_gpu_worker, args=(2, _free_port(), tmp_path), nprocs=2)
     a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert a["backend"].startswith("fused"), a["backend"]
     assert a["captured"] and a["graphs"] == a["eager"] == b["graphs"] and a["sampled"] == b["sampled"]
+    assert a["nccl"] == a["graphs"] == b["nccl"]
     agree = sum(x == y for ids, ref in zip(a["graphs"], a["tp1"]) for x, y in zip(ids[:8], ref[:8]))
     assert agree >= 20                                     # of 24: fp16 rounding may flip a near tie late
 

@@ -17,6 +17,62 @@ namespace persimmon_rt {
 
 constexpr unsigned kLayerNormPrefetchRows = 256;
 
+// Normalises one row held in registers (CPT 16-byte chunks per thread, chunk c = threadIdx.x + i * THREADS,
+// zeros past the row) and writes it to `out` ([C], may alias the row's source). Every thread of the block
+// calls it (block reductions). Shared by layernorm_kernel and the fused all-reduce + LayerNorm.
+template <typename T, int THREADS, int CPT>
+__device__ __forceinline__ void layernorm_row(const uint4 (&v)[CPT], const T* __restrict__ weight,
+                                              const T* __restrict__ bias, T* out, int hidden, float eps,
+                                              float (&scratch)[2][THREADS / 32]) {
+  const int chunks = hidden / kVec;
+  float sum = 0.f;  // chunks past the row are zeros and add nothing
+#pragma unroll
+  for (int i = 0; i < CPT; ++i) {
+    float a[kVec];
+    unpack8<T>(v[i], a);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) sum += a[e];
+  }
+  const float mean = block_sum<THREADS>(sum, scratch[0]) / hidden;
+
+  float sq = 0.f;
+#pragma unroll
+  for (int i = 0; i < CPT; ++i) {
+    if (threadIdx.x + i * THREADS < chunks) {  // a padding zero's deviation must not count
+      float a[kVec];
+      unpack8<T>(v[i], a);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) sq += (a[e] - mean) * (a[e] - mean);
+    }
+  }
+  const float rstd = rsqrtf(block_sum<THREADS>(sq, scratch[1]) / hidden + eps);
+
+  // Every weight/bias load before the first out store (out may alias x, so the compiler keeps stores
+  // and later loads in order): one round trip instead of CPT.
+  uint4 w[CPT], b[CPT];
+#pragma unroll
+  for (int i = 0; i < CPT; ++i) {
+    const int c = threadIdx.x + i * THREADS;
+    if (c < chunks) {
+      w[i] = load16(weight + c * kVec);
+      b[i] = load16(bias + c * kVec);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < CPT; ++i) {
+    const int c = threadIdx.x + i * THREADS;
+    if (c < chunks) {
+      float a[kVec], fw[kVec], fb[kVec];
+      unpack8<T>(v[i], a);
+      unpack8<T>(w[i], fw);
+      unpack8<T>(b[i], fb);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) a[e] = (a[e] - mean) * rstd * fw[e] + fb[e];
+      store8(out + c * kVec, a);
+    }
+  }
+}
+
 template <typename T, int THREADS, int CPT, bool RESIDUAL>
 __global__ void __launch_bounds__(THREADS) layernorm_kernel(
     const T* x,                      // [N, C]
@@ -77,52 +133,7 @@ __global__ void __launch_bounds__(THREADS) layernorm_kernel(
     }
   }
 
-  float sum = 0.f;  // chunks past the row are zeros and add nothing
-#pragma unroll
-  for (int i = 0; i < CPT; ++i) {
-    float a[kVec];
-    unpack8<T>(v[i], a);
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) sum += a[e];
-  }
-  const float mean = block_sum<THREADS>(sum, scratch[0]) / hidden;
-
-  float sq = 0.f;
-#pragma unroll
-  for (int i = 0; i < CPT; ++i) {
-    if (threadIdx.x + i * THREADS < chunks) {  // a padding zero's deviation must not count
-      float a[kVec];
-      unpack8<T>(v[i], a);
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) sq += (a[e] - mean) * (a[e] - mean);
-    }
-  }
-  const float rstd = rsqrtf(block_sum<THREADS>(sq, scratch[1]) / hidden + eps);
-
-  // Every weight/bias load before the first out store (out may alias x, so the compiler keeps stores
-  // and later loads in order): one round trip instead of CPT.
-  uint4 w[CPT], b[CPT];
-#pragma unroll
-  for (int i = 0; i < CPT; ++i) {
-    const int c = threadIdx.x + i * THREADS;
-    if (c < chunks) {
-      w[i] = load16(weight + c * kVec);
-      b[i] = load16(bias + c * kVec);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < CPT; ++i) {
-    const int c = threadIdx.x + i * THREADS;
-    if (c < chunks) {
-      float a[kVec], fw[kVec], fb[kVec];
-      unpack8<T>(v[i], a);
-      unpack8<T>(w[i], fw);
-      unpack8<T>(b[i], fb);
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) a[e] = (a[e] - mean) * rstd * fw[e] + fb[e];
-      store8(out + row + c * kVec, a);
-    }
-  }
+  layernorm_row<T, THREADS, CPT>(v, weight, bias, out + row, hidden, eps, scratch);
 }
 
 }  // namespace persimmon_rt

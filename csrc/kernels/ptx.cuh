@@ -1,5 +1,6 @@
 // Inline-PTX wrappers shared by the kernels: tensor-core mma.sync, ldmatrix, cp.async, streaming
-// global loads, and the programmatic-dependent-launch controls (griddepcontrol). Torch-free.
+// global loads, cross-GPU signalling, and the programmatic-dependent-launch controls (griddepcontrol).
+// Torch-free.
 // Everything here is sm_80+ except griddepcontrol, which exists from sm_90 on and compiles to nothing
 // below it (a launch without the PDL attribute needs neither instruction).
 #pragma once
@@ -88,6 +89,37 @@ __device__ __forceinline__ uint4 ld_stream_16_l2_256(const void* p) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
+}
+
+// ---- cross-GPU signalling (peer-to-peer memory) -----------------------------------------------------
+
+// Store with release semantics at system scope: this thread's earlier writes, and those it has observed
+// (a block barrier before it makes the whole block's), are visible to whoever acquires the value.
+__device__ __forceinline__ void st_release_sys_u32(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ uint32_t ld_acquire_sys_u32(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// 16-byte global load cached in L2 only: for data another GPU has just written into this one's memory.
+__device__ __forceinline__ uint4 ld_cg_16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+
+// Nanoseconds of the GPU's global timer (for timeouts).
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
 }
 
 // ---- programmatic dependent launch (sm_90+) ------------------------------------------------------
