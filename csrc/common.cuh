@@ -62,17 +62,6 @@ inline bool pdl_enabled() {
   return state == 2;
 }
 
-// Bytes of each weight row's share that a decode GEMV asks L2 to prefetch before it waits for its
-// predecessor (decode_linear.cuh): PERSIMMON_RT_GEMV_PREFETCH (read once; 0 turns it off, for A/B
-// timing), else the whole share.
-inline int gemv_prefetch_bytes() {
-  static const int bytes = [] {
-    const char* v = std::getenv("PERSIMMON_RT_GEMV_PREFETCH");
-    return v != nullptr ? std::atoi(v) : (1 << 30);
-  }();
-  return bytes;
-}
-
 // kernel<<<grid, block, smem, stream>>>(args...), checked. With `pdl` (and a device that has it) the
 // launch carries the programmatic-stream-serialization attribute: its blocks may be scheduled once
 // every block of the previous kernel in the stream has run pdl_launch_dependents() (or exited), and the

@@ -117,7 +117,6 @@ void launch_decode_linear(const void* x, const void* weight, const void* bias, c
   p.ln_weight = ln_weight;
   p.ln_bias = ln_bias;
   p.eps = eps;
-  p.prefetch_bytes = gemv_prefetch_bytes();
   launch_config(config < 0 ? choose_config(M, N, K, ln_weight != nullptr) : config, p, dtype, out_fp32, stream,
                 std::make_index_sequence<kNumConfigs>{});
 }

@@ -56,7 +56,6 @@ struct DecodeLinearParams {
   const void* ln_weight = nullptr;  // [K]  LN prologue (the kernel's LN instance); else unused
   const void* ln_bias = nullptr;    // [K]  or nullptr
   float eps = 0.f;
-  int prefetch_bytes = 0;           // per weight row and warp: how much of its share L2 fetches before the wait
 };
 
 // RT: 16-row tiles per block (each warp covers all of them, reusing its x fragment); MT: 8-row groups
@@ -239,20 +238,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
     }
   };
   // The first step's weights go out before the wait: they are constants, and the predecessor's tail
-  // hides their latency. While the predecessor (a LayerNorm, the attention, an all-reduce: kernels that
-  // leave HBM idle) finishes, L2 fetches more of this warp's share, one bulk request per row, so the
-  // weight stream does not pause between GEMVs.
+  // hides their latency.
   if (c_begin < c_end) load_weights(c_begin);
-  if (p.prefetch_bytes > 0 && q == 0 && c_begin + J < c_end) {
-    const int k_from = (c_begin + J) * kChunk, k_to = min(c_end * kChunk, K);
-    const uint32_t bytes = min(static_cast<uint32_t>((k_to - k_from) * sizeof(T)),
-                               static_cast<uint32_t>(p.prefetch_bytes)) & ~15u;
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        if (w_ok[rt][h] && bytes > 0) prefetch_l2_bulk(w_row[rt][h] + k_from, bytes);
-  }
   pdl_wait();
 
   float ln_mean[MT], ln_rstd[MT];

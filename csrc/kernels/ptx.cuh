@@ -91,14 +91,6 @@ __device__ __forceinline__ uint4 ld_stream_16_l2_256(const void* p) {
   return v;
 }
 
-// Asks L2 to fetch [p, p + bytes) (p and bytes multiples of 16) without waiting for it: one instruction for
-// a whole contiguous range (sm_90+; a no-op below).
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-
 // ---- cross-GPU signalling (peer-to-peer memory) -----------------------------------------------------
 
 // Store with release semantics at system scope: this thread's earlier writes, and those it has observed
