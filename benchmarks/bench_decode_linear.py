@@ -23,7 +23,7 @@ bandwidth. One compact table: pick the fastest config per shape and M into kShap
 (csrc/decode_linear.cu). Run it twice, with PERSIMMON_RT_PDL=0 and without, to see what the
 programmatic dependent launch is worth.
 
-    python benchmarks/bench_decode_linear.py --sweep [--rows 1 8 16]
+    python benchmarks/bench_decode_linear.py --sweep [--rows 1 8 16] [--tp 2]
 """
 
 from __future__ import annotations
@@ -167,9 +167,16 @@ PROLOGUE_SHAPES = {
 }
 
 
-def sweep_shape(name, M, dtype, launches, reps):
-    """{config: seconds per call} for config -1 (default) and every config taking M rows, plus cuBLAS."""
+# Which dim of each shape a tensor-parallel rank holds 1/tp of (sharding.py): column-parallel N, row-parallel K.
+TP_SPLIT = {"qkv": "N", "dense": "K", "up+relu2": "N", "down": "K", "lm_head": "N", "qkv+LN": "N",
+            "dense+res": "K", "up+LN+relu2": "N", "down+res": "K", "lm_head+LN": "N"}
+
+
+def sweep_shape(name, M, dtype, launches, reps, tp=1):
+    """{config: seconds per call} for config -1 (default) and every config taking M rows, plus cuBLAS; the
+    shape one rank of a `tp`-way tensor-parallel group runs."""
     N, K, has_bias, has_res, relu2, fp32_out, ln = {**SWEEP_SHAPES, **PROLOGUE_SHAPES}[name]
+    N, K = (N // tp, K) if TP_SPLIT[name] == "N" else (N, K // tp)
     dev = "cuda"
     w_bytes = N * K * dtype.itemsize
     nbuf = max(2, -(-ROTATE_BYTES // w_bytes))
@@ -205,14 +212,14 @@ def run_sweep(args, dtype):
     copy_bps, _ = copy_bandwidth(args.reps)
     gpu = torch.cuda.get_device_name()
     names = ops.DECODE_LINEAR_CONFIGS
-    print(f"{gpu}, torch {torch.__version__}, {args.dtype}; copy {copy_bps / 1e12:.3f} TB/s; "
+    print(f"{gpu}, torch {torch.__version__}, {args.dtype}, one rank of TP={args.tp}; copy {copy_bps / 1e12:.3f} TB/s; "
           f"configs: " + "; ".join(f"{i}: {n}" for i, n in enumerate(names)))
     header = ("| shape | M | best | best us | best % copy | default us | default % copy | cuBLAS us | "
               + " | ".join(f"c{i} us" for i in range(len(names))) + " |")
     lines = []
     for M in args.rows:
         for name in PROLOGUE_SHAPES if args.prologue else SWEEP_SHAPES:
-            w_bytes, t = sweep_shape(name, M, dtype, args.launches, args.reps)
+            w_bytes, t = sweep_shape(name, M, dtype, args.launches, args.reps, args.tp)
             ours = {k: v for k, v in t.items() if isinstance(k, int) and k >= 0}
             best = min(ours, key=ours.get)
             pct = lambda s: 100 * w_bytes / s / copy_bps  # noqa: E731  (weight bytes only)
@@ -237,6 +244,7 @@ def main():
     parser.add_argument("--launches", type=int, default=16, help="calls per captured graph")
     parser.add_argument("--reps", type=int, default=30, help="graph replays (median taken)")
     parser.add_argument("--sweep", action="store_true", help="time every tile configuration per shape")
+    parser.add_argument("--tp", type=int, default=1, help="sweep the shapes of one rank of TP=N (default 1)")
     parser.add_argument("--prologue", action="store_true",
                         help="sweep the shapes with the LayerNorm prologue / residual epilogue (not the engine's)")
     args = parser.parse_args()
