@@ -191,10 +191,11 @@ def test_graph_replay_with_new_inputs(dtype, kernel):
     """Captured once, then replayed over new contents of the same buffers: other prompts, lengths and
     prefixes (the same token count), as a captured prefill would be reused."""
     expect_kernel(kernel, 64)
-    heads, head_dim, cache_len, max_q = 4, 64, 2100, 400
+    heads, head_dim, cache_len = 4, 64, 2100
     cases = [([300, 129, 40], [700, 129, 2048]), ([100, 329, 40], [1000, 400, 41]), ([1, 1, 467], [2000, 9, 467])]
     buffers = make_case(*cases[0], heads, head_dim, dtype, "cuda", cache_len=cache_len)
     q, k_cache, v_cache, cu, seq_lens = buffers
+    max_q = q.shape[0]   # the bound a captured caller has for any split of its tokens
     out = poisoned_like(q)
     scale = reference.default_scale(head_dim)
     graph = capture_graph(
