@@ -1,5 +1,6 @@
 // Kernel-development harness for the attention kernels: runs template variants (tile shapes, unroll,
-// split counts) on the Persimmon layer shape (64 heads x 64, fp16), checks each against the shipped
+// split counts; for prefill also the Hopper wgmma kernel's warpgroups, key tile, stages and issue turns)
+// on the Persimmon layer shape (64 heads x 64, fp16), checks each against the shipped mma.sync
 // configuration (which tests/test_attention_*.py check against the fp32 reference) before timing it,
 // and prints TFLOP/s (prefill, causal) or TB/s on the KV bytes (decode) beside a device copy.
 // Torch-free; build and run on the GPU machine:
@@ -15,6 +16,7 @@
 #include "common.cuh"
 #include "kernels/attention_decode.cuh"
 #include "kernels/attention_prefill.cuh"
+#include "kernels/attention_prefill_sm90.cuh"
 
 using namespace persimmon_rt;
 using namespace persimmon_rt::attention;
@@ -100,6 +102,22 @@ void prefill_variant(const char* name, int T_len, const T* q, const T* k, const 
               diff);
 }
 
+// The wgmma kernel (sm_90a), batch 1: one sequence of T_len queries over T_len keys.
+template <typename Cfg>
+void prefill_sm90_variant(const char* name, int T_len, const T* q, const T* k, const T* v, const int* cu,
+                          const int* lens, T* out, const T* want) {
+  PRT_CUDA_CHECK(cudaMemset(out, 0xff, size_t(T_len) * H * D * sizeof(T)));  // NaN
+  const PrefillParams p{q, k, v, cu, lens, out, H, T_len, kScaleLog2};
+  auto run = [&] { launch_attention_prefill_sm90<T, Cfg>(p, T_len, 1, T_len, 0); };
+  run();
+  PRT_CUDA_CHECK(cudaDeviceSynchronize());
+  const float diff = max_abs_diff(out, want, size_t(T_len) * H * D);
+  const double flops = 4.0 * T_len * T_len * H * D / 2;
+  const float ms = median_ms(run, 10);
+  std::printf("| prefill %5d | %-34s | %8.3f ms | %6.0f TFLOP/s | diff %.1e |\n", T_len, name, ms, flops / ms / 1e9,
+              diff);
+}
+
 void bench_prefill(int T_len) {
   const size_t n = size_t(T_len) * H * D;
   T* q = random_buffer(n, 1);
@@ -118,6 +136,24 @@ void bench_prefill(int T_len) {
   prefill_variant<PrefillTile<64, 1, 8, 64>>("warp 16 rows, 8 warps, N64", T_len, q, k, v, cu, lens, out, want);
   prefill_variant<PrefillTile<64, 2, 4, 32>>("warp 2x16 rows, 4 warps, N32", T_len, q, k, v, cu, lens, out, want);
   prefill_variant<PrefillTile<64, 1, 4, 128>>("warp 16 rows, 4 warps, N128", T_len, q, k, v, cu, lens, out, want);
+  // wgmma: consumer warpgroups (64 rows each), key tile, K/V stages, issue turns. The first is the one
+  // csrc/attention.cu ships (PrefillSm90Tile).
+  prefill_sm90_variant<PrefillSm90Config<2, 128, 3, true>>("wgmma 2 WG, N128, 3 stages, turns", T_len, q, k, v, cu,
+                                                            lens, out, want);
+  prefill_sm90_variant<PrefillSm90Config<2, 128, 3, false>>("wgmma 2 WG, N128, 3 stages", T_len, q, k, v, cu, lens,
+                                                             out, want);
+  prefill_sm90_variant<PrefillSm90Config<2, 128, 2, true>>("wgmma 2 WG, N128, 2 stages, turns", T_len, q, k, v, cu,
+                                                            lens, out, want);
+  prefill_sm90_variant<PrefillSm90Config<2, 64, 2, true>>("wgmma 2 WG, N64, 2 stages, turns", T_len, q, k, v, cu,
+                                                           lens, out, want);
+  prefill_sm90_variant<PrefillSm90Config<3, 128, 2, true>>("wgmma 3 WG, N128, 2 stages, turns", T_len, q, k, v, cu,
+                                                            lens, out, want);
+  prefill_sm90_variant<PrefillSm90Config<3, 128, 2, false>>("wgmma 3 WG, N128, 2 stages", T_len, q, k, v, cu, lens,
+                                                             out, want);
+  prefill_sm90_variant<PrefillSm90Config<1, 128, 2, false, 2>>("wgmma 1 WG, N128, 2 blocks/SM", T_len, q, k, v, cu,
+                                                                lens, out, want);
+  prefill_sm90_variant<PrefillSm90Config<2, 64, 2, true, 2>>("wgmma 2 WG, N64, turns, 2 blocks/SM", T_len, q, k, v,
+                                                              cu, lens, out, want);
   for (void* p : {(void*)q, (void*)k, (void*)v, (void*)out, (void*)want, (void*)cu, (void*)lens}) cudaFree(p);
 }
 
@@ -232,12 +268,13 @@ double copy_bandwidth() {
 // Usage: attention_variants [prefill|decode] (both by default).
 int main(int argc, char** argv) {
   const std::string only = argc > 1 ? argv[1] : "";
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row reaches a redirected log at once (a run may be cut short)
   cudaDeviceProp prop;
   PRT_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const double copy = copy_bandwidth();
   std::printf("# attention variants — %s, %d SMs, copy %.2f TB/s\n", prop.name, prop.multiProcessorCount, copy);
   if (only != "decode")
-    for (int t : {2048, 8192, 16384}) bench_prefill(t);
+    for (int t : {2048, 4096, 8192, 16384}) bench_prefill(t);
   if (only != "prefill") {
     bench_decode(1, 2048, copy, prop.multiProcessorCount);
     bench_decode(1, 16384, copy, prop.multiProcessorCount);

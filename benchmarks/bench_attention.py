@@ -1,19 +1,22 @@
 """Attention kernels against SDPA's flash (FA2) and cuDNN backends, in the same process on the same card.
 
-Prefill: causal, batch 1, 64 heads x 64, fp16; TFLOP/s with FLOPs = 4 * T^2 * H * D / 2.
+Prefill: causal, batch 1, 64 heads x 64, fp16; TFLOP/s with FLOPs = 4 * T^2 * H * D / 2. Both of our
+prefill kernels run, each asked for through PERSIMMON_RT_PREFILL_ATTENTION: wgmma (Hopper; shown as n/a
+where the build or the GPU lacks it) and mma_sync.
 Decode: one query per sequence, 64 heads x 64, fp16; TB/s on the K and V bytes read
 (2 * B * L * H * D * 2), beside a device-to-device copy measured in the same run (bytes read + written).
 Decode inputs rotate through enough cache copies that L2 (50 MB on an H100) cannot serve them, and each
 candidate runs as a CUDA graph of back-to-back calls, so launch gaps are those of a captured decode step.
 Times are medians of CUDA-event timings.
 
-    python benchmarks/bench_attention.py [--dtype float16|bfloat16]
+    python benchmarks/bench_attention.py [--dtype float16|bfloat16] [--only prefill|decode]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +40,23 @@ def sdpa(backend, q, k, v, causal):
 ALTERNATIVES = {"SDPA flash": SDPBackend.FLASH_ATTENTION, "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION}
 
 
+PREFILL_KERNELS = ("wgmma", "mma_sync")
+KERNEL_ENV = "PERSIMMON_RT_PREFILL_ATTENTION"
+
+
+def prefill_kernel_available(name: str) -> bool:
+    os.environ[KERNEL_ENV] = name
+    return ops.attention_prefill_kernel_name(HEAD_DIM) == name
+
+
 def bench_prefill(dtype, gpu: str) -> None:
+    previous = os.environ.get(KERNEL_ENV)
+    kernels = [k for k in PREFILL_KERNELS if prefill_kernel_available(k)]
     print(f"\n## prefill attention, causal, batch 1, {HEADS} heads x {HEAD_DIM}, {dtype} — {gpu}\n")
-    print("| tokens | ours ms | ours TFLOP/s | SDPA flash TFLOP/s | SDPA cuDNN TFLOP/s | ours / flash | ours / cuDNN "
-          "| max |ours - flash| |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("TFLOP/s; ratios are ours / SDPA cuDNN; max |ours - SDPA flash| on the same inputs.\n")
+    print("| tokens | wgmma ms | wgmma | mma_sync | SDPA flash | SDPA cuDNN | wgmma / cuDNN | mma_sync / cuDNN "
+          "| max diff wgmma | max diff mma_sync |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for T in (2048, 4096, 8192, 16384):
         q = torch.randn(T, HEADS, HEAD_DIM, device="cuda", dtype=dtype)
         k = torch.randn(1, T, HEADS, HEAD_DIM, device="cuda", dtype=dtype)
@@ -55,21 +70,34 @@ def bench_prefill(dtype, gpu: str) -> None:
         def ours():
             torch.ops.persimmon_rt.attention_prefill(q, k, v, cu, lens, T, out, SCALE)
 
-        tflops = {"ours": flops / median_ms(ours, reps) / 1e9}
-        ms_ours = flops / tflops["ours"] / 1e9
-        diff = float("nan")
+        tflops = {name: float("nan") for name in (*PREFILL_KERNELS, *ALTERNATIVES)}
+        diffs = {name: float("nan") for name in PREFILL_KERNELS}
+        flash = None
         for name, backend in ALTERNATIVES.items():
             try:
                 alt = sdpa(backend, q[None], k, v, True)
                 if name == "SDPA flash":
-                    diff = (out.float() - alt.transpose(1, 2)[0].float()).abs().max().item()
+                    flash = alt.transpose(1, 2)[0].float()
                 tflops[name] = flops / median_ms(lambda: sdpa(backend, q[None], k, v, True), reps) / 1e9
             except RuntimeError as err:   # backend unavailable for this shape / build
                 print(f"<!-- {name} failed: {str(err).splitlines()[0]} -->")
-                tflops[name] = float("nan")
-        fl, cd = tflops["SDPA flash"], tflops["SDPA cuDNN"]
-        print(f"| {T} | {ms_ours:.3f} | {tflops['ours']:.0f} | {fl:.0f} | {cd:.0f} | {tflops['ours'] / fl:.2f} "
-              f"| {tflops['ours'] / cd:.2f} | {diff:.1e} |")
+        for name in kernels:   # the launcher reads the variable at every call
+            os.environ[KERNEL_ENV] = name
+            out.fill_(float("nan"))
+            ours()
+            if flash is not None:
+                diffs[name] = (out.float() - flash).abs().max().item()
+            tflops[name] = flops / median_ms(ours, reps) / 1e9
+        cd = tflops["SDPA cuDNN"]
+        print(f"| {T} | {flops / tflops['wgmma'] / 1e9:.3f} | {tflops['wgmma']:.0f} | {tflops['mma_sync']:.0f} "
+              f"| {tflops['SDPA flash']:.0f} | {cd:.0f} | {tflops['wgmma'] / cd:.2f} | {tflops['mma_sync'] / cd:.2f} "
+              f"| {diffs['wgmma']:.1e} | {diffs['mma_sync']:.1e} |")
+    if "wgmma" not in kernels:
+        print("\n(wgmma: n/a here; it needs an sm_90a build on a compute capability 9.0 GPU)")
+    if previous is None:
+        os.environ.pop(KERNEL_ENV, None)
+    else:
+        os.environ[KERNEL_ENV] = previous
 
 
 def bench_decode(dtype, gpu: str, copy: float) -> None:

@@ -3,6 +3,8 @@
 #include "attention.h"
 
 #include <algorithm>
+#include <climits>
+#include <cstdlib>
 #include <iterator>
 #include <string>
 #include <type_traits>
@@ -11,12 +13,20 @@
 #include "common.cuh"
 #include "kernels/attention_decode.cuh"
 #include "kernels/attention_prefill.cuh"
+#include "kernels/attention_prefill_sm90.cuh"
+
+// The architectures this build compiles device code for ("80,90a"); the build passes it to every
+// compiler. Compile checks without it build no sm_90a dispatch.
+#ifndef PERSIMMON_RT_CUDA_ARCHS
+#define PERSIMMON_RT_CUDA_ARCHS ""
+#endif
 
 namespace persimmon_rt {
 namespace {
 
 using attention::DecodeParams;
 using attention::PrefillParams;
+using attention::PrefillSm90Config;
 using attention::PrefillTile;
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -69,6 +79,56 @@ void prefill(const PrefillParams& p, int batch, int max_q_len, cudaStream_t stre
   const dim3 grid(p.num_heads, static_cast<unsigned>(q_tiles), batch);
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
   PRT_CUDA_CHECK(cudaGetLastError());
+}
+
+// The Hopper prefill kernel (head_dim 64; attention_prefill_sm90.cuh): 2 consumer warpgroups (128 queries
+// a block), 128-key tiles, 3-slot K and V rings (one block per SM either way, so the third slot's 32 KB
+// cost nothing and give the single producer thread a tile of slack), issue turns between the consumers.
+// Not yet measured: benchmarks/attention_variants.cu times it against its neighbours.
+using PrefillSm90Tile = PrefillSm90Config<2, 128, 3, true>;
+
+enum class PrefillKernel { kMmaSync, kWgmma };
+
+// The prefill kernel when PERSIMMON_RT_PREFILL_ATTENTION is unset. The wgmma kernel stays opt-in until it
+// has passed tests/test_attention_prefill.py on a Hopper GPU.
+constexpr PrefillKernel kPrefillKernelDefault = PrefillKernel::kMmaSync;
+
+// Whether the comma-separated `list` names `arch`.
+constexpr bool arch_list_has(const char* list, const char* arch) {
+  for (const char* p = list; *p != '\0';) {
+    const char* a = arch;
+    while (*a != '\0' && *p == *a) ++a, ++p;
+    if (*a == '\0' && (*p == ',' || *p == '\0')) return true;
+    while (*p != '\0' && *p != ',') ++p;
+    if (*p == ',') ++p;
+  }
+  return false;
+}
+
+static_assert(arch_list_has("80,90a", "90a") && arch_list_has("90a", "90a") && !arch_list_has("80,90", "90a") &&
+                  !arch_list_has("90a0", "90a") && !arch_list_has("", "90a"),
+              "arch_list_has matches whole entries");
+
+// wgmma and setmaxnreg exist only in sm_90a code, which runs on compute capability 9.0 only.
+constexpr bool kBuiltForSm90a = arch_list_has(PERSIMMON_RT_CUDA_ARCHS, "90a");
+
+// PERSIMMON_RT_PREFILL_ATTENTION=wgmma|mma_sync, read at every launch so that one process can time or test
+// both kernels; anything else is an error rather than a silent default.
+PrefillKernel requested_prefill_kernel() {
+  const char* value = std::getenv("PERSIMMON_RT_PREFILL_ATTENTION");
+  if (value == nullptr || *value == '\0') return kPrefillKernelDefault;
+  const std::string v(value);
+  if (v == "wgmma") return PrefillKernel::kWgmma;
+  if (v == "mma_sync") return PrefillKernel::kMmaSync;
+  throw std::runtime_error("PERSIMMON_RT_PREFILL_ATTENTION must be wgmma or mma_sync, got '" + v + "'");
+}
+
+// The kernel attention_prefill runs for head_dim on the current device: wgmma where requested and
+// available (an sm_90a build on a 9.0 device, head_dim 64), mma.sync otherwise.
+PrefillKernel prefill_kernel(int head_dim) {
+  const bool wgmma_fits = kBuiltForSm90a && head_dim == PrefillSm90Tile::kHeadDim && device_compute_capability() == 90;
+  return requested_prefill_kernel() == PrefillKernel::kWgmma && wgmma_fits ? PrefillKernel::kWgmma
+                                                                           : PrefillKernel::kMmaSync;
 }
 
 // Decode: each thread keeps kDecodeUnroll 16-byte K and V loads in flight, in at most 64 registers.
@@ -125,12 +185,26 @@ void launch_attention_prefill(const void* q, const void* k_cache, const void* v_
               kGridLimitMessage + ", max_q_len >= 0");
   if (num_tokens == 0 || batch == 0 || max_q_len == 0) return;
   const PrefillParams p{q, k_cache, v_cache, cu_seqlens_q, seq_lens, out, num_heads, cache_len, scale * kLog2e};
+  // The wgmma kernel addresses cache rows (B * S of them, plus a key tile past the end) by int32 TMA
+  // coordinates.
+  const int64_t cache_rows = int64_t(batch) * cache_len;
+  if (prefill_kernel(head_dim) == PrefillKernel::kWgmma && cache_rows >= 1 && cache_rows <= INT32_MAX - 256) {
+    dispatch_dtype(dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      attention::launch_attention_prefill_sm90<T, PrefillSm90Tile>(p, num_tokens, batch, max_q_len, stream);
+    });
+    return;
+  }
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_head_dim("attention_prefill", head_dim, [&](auto d) {
       prefill<T, typename PrefillTileFor<decltype(d)::value>::type>(p, batch, max_q_len, stream);
     });
   });
+}
+
+const char* attention_prefill_kernel_name(int head_dim) {
+  return prefill_kernel(head_dim) == PrefillKernel::kWgmma ? "wgmma" : "mma_sync";
 }
 
 size_t attention_decode_workspace_bytes(int batch, int cache_len, int num_heads, int head_dim) {

@@ -38,28 +38,32 @@ namespace persimmon_rt {
 
 constexpr int kMaxGridDimYZ = 65535;  // gridDim.y and gridDim.z limit (gridDim.x goes to 2^31 - 1)
 
+// Compute capability of the current device as major * 10 + minor (90 for Hopper), cached per device:
+// launchers ask on every launch.
+inline int device_compute_capability() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};  // 0: not asked yet
+  int device = 0;
+  PRT_CUDA_CHECK(cudaGetDevice(&device));
+  int cc = device < kMaxDevices ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (cc == 0) {
+    int major = 0, minor = 0;
+    PRT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    PRT_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    cc = 10 * major + minor;
+    if (device < kMaxDevices) cached[device].store(cc, std::memory_order_relaxed);
+  }
+  return cc;
+}
+
 // Whether launches on the current device use programmatic dependent launch: compute capability 9.0+,
-// unless the environment sets PERSIMMON_RT_PDL=0 (for A/B timing; read once). Cached per device: the
-// launch helper asks on every launch.
+// unless the environment sets PERSIMMON_RT_PDL=0 (for A/B timing; read once).
 inline bool pdl_enabled() {
   static const bool env_off = [] {
     const char* v = std::getenv("PERSIMMON_RT_PDL");
     return v != nullptr && std::string(v) == "0";
   }();
-  if (env_off) return false;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
-  int device = 0;
-  PRT_CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= kMaxDevices) return false;
-  int state = cached[device].load(std::memory_order_relaxed);
-  if (state == 0) {
-    int major = 0;
-    PRT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    state = major >= 9 ? 2 : 1;
-    cached[device].store(state, std::memory_order_relaxed);
-  }
-  return state == 2;
+  return !env_off && device_compute_capability() >= 90;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), checked. With `pdl` (and a device that has it) the

@@ -7,6 +7,7 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <exception>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -567,6 +568,9 @@ TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
 //   DECODE_LINEAR_CONFIGS   tuple of str, the GEMV's compiled tile configurations (decode_linear's
 //                           `config` argument indexes it; for benchmark sweeps)
 //   DECODE_LINEAR_INT8_CONFIGS  tuple of str, the same for decode_linear_int8
+// and one function:
+//   attention_prefill_kernel_name(head_dim) -> str, the kernel attention_prefill runs for head_dim on the
+//                           current device ("wgmma" or "mma_sync"; attention.h says how it is chosen)
 namespace {
 
 PyObject* head_dims_tuple() {
@@ -620,11 +624,28 @@ bool add_limits(PyObject* m) {
   return true;
 }
 
+PyObject* attention_prefill_kernel_name(PyObject*, PyObject* head_dim) {
+  const long d = PyLong_AsLong(head_dim);
+  if (d == -1 && PyErr_Occurred()) return nullptr;
+  try {
+    return PyUnicode_FromString(persimmon_rt::attention_prefill_kernel_name(static_cast<int>(d)));
+  } catch (const std::exception& e) {  // no C++ exception may cross into Python's C API
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"attention_prefill_kernel_name", attention_prefill_kernel_name, METH_O,
+     "attention_prefill_kernel_name(head_dim) -> 'wgmma' or 'mma_sync': the kernel attention_prefill runs for "
+     "head_dim on the current device (PERSIMMON_RT_PREFILL_ATTENTION=wgmma|mma_sync asks, read at every call)"},
+    {nullptr, nullptr, 0, nullptr}};
+
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "persimmon_rt CUDA ops (torch.ops.persimmon_rt)", -1,
-                               nullptr, nullptr, nullptr, nullptr, nullptr};
+                               methods, nullptr, nullptr, nullptr, nullptr};
   PyObject* m = PyModule_Create(&module);
   if (m != nullptr && !add_limits(m)) {
     Py_DECREF(m);

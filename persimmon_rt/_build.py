@@ -111,13 +111,16 @@ def cuda_archs(env=os.environ, default: str = DEFAULT_ARCHS) -> list[str]:
 
 def compile_flags(archs: list[str], debug: bool, shell_quote: bool) -> dict[str, list[str]]:
     """Host and device flags. `shell_quote`: whether the flags reach the shell unquoted (torch's JIT loader);
-    its setuptools builder quotes them itself. The architecture list becomes a string literal macro."""
+    its setuptools builder quotes them itself. The architecture list becomes a string literal macro, for the
+    extension's CUDA_ARCHS and for the launchers' choice of kernels."""
     opt = ["-O0", "-g"] if debug else ["-O3"]
     macro = f'-DPERSIMMON_RT_CUDA_ARCHS="{",".join(archs)}"'
+    macro = shlex.quote(macro) if shell_quote else macro
     return {
         # No -std for the host: torch picks the C++ standard its headers need (C++20 from 2.10).
-        "cxx": opt + [shlex.quote(macro) if shell_quote else macro],
-        "nvcc": opt + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        "cxx": opt + [macro],
+        # The launchers read the list too: sm_90a kernels run only where the build has them.
+        "nvcc": opt + [macro] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         + ["-std=c++17", "-lineinfo", "--use_fast_math", "--expt-relaxed-constexpr",
            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"] + (["-G"] if debug else []),

@@ -17,6 +17,9 @@ path by them instead of restating them:
 - ``DECODE_LINEAR_INT8_CONFIGS``: the same for the int8 GEMV (``decode_linear_int8``).
 - ``kernels_support(head_dim)``: whether the CUDA kernels cover a model of that head dim (the attention
   ops are the only ones with a head-dim list).
+- ``attention_prefill_kernel_name(head_dim)``: which kernel ``attention_prefill`` runs for that head dim on
+  the current GPU, ``"wgmma"`` (Hopper) or ``"mma_sync"``; ``PERSIMMON_RT_PREFILL_ATTENTION=wgmma|mma_sync``
+  asks for one (read at every call).
 
 Without the extension the tuples are empty and the row / width limits 0: no shape goes to a CUDA kernel
 (every op then runs its reference, on whatever device its tensors are).
@@ -38,7 +41,7 @@ HAVE_CUDA_EXT = _C is not None
 
 _LIMITS = ("CUDA_ARCHS", "DECODE_LINEAR_MAX_ROWS", "ATTENTION_HEAD_DIMS", "LAYERNORM_MAX_HIDDEN",
            "DECODE_LINEAR_CONFIGS", "DECODE_LINEAR_INT8_CONFIGS", "ALL_REDUCE_MAX_ROWS", "ALL_REDUCE_MAX_RANKS",
-           "ALL_REDUCE_FLAG_BYTES")
+           "ALL_REDUCE_FLAG_BYTES", "attention_prefill_kernel_name")
 if HAVE_CUDA_EXT and not all(hasattr(_C, name) for name in _LIMITS):
     # A build older than its sources: its ops' schemas may differ too, so running it would fail later
     # and less clearly.
@@ -69,6 +72,12 @@ def kernels_support(head_dim: int) -> bool:
     """True when the extension is built and its attention kernels cover `head_dim` (the only model
     dimension with a fixed list; the other ops take any multiple of 8)."""
     return head_dim in ATTENTION_HEAD_DIMS
+
+
+def attention_prefill_kernel_name(head_dim: int) -> str | None:
+    """The kernel attention_prefill runs for `head_dim` on the current GPU ("wgmma" or "mma_sync"), as
+    PERSIMMON_RT_PREFILL_ATTENTION now asks; None without the extension."""
+    return _C.attention_prefill_kernel_name(head_dim) if HAVE_CUDA_EXT else None
 
 
 def use_cuda_kernels(t: torch.Tensor) -> bool:

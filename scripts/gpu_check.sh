@@ -7,6 +7,9 @@
 #   compile   the end-to-end benchmark against transformers with a static cache + torch.compile (b=1, ctx 128)
 #   sanitize  compute-sanitizer memcheck / racecheck / synccheck over an end-to-end generation, and
 #             synccheck + memcheck over the small-shape op tests
+#   prefill   the prefill attention kernels: a first small wgmma case (a hang shows here, under a timeout),
+#             tests/test_attention_prefill.py on both kernels, memcheck over small wgmma cases, the engine
+#             tests with the wgmma kernel, the variants harness and bench_attention.py --only prefill
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-logs}"
@@ -55,6 +58,24 @@ for mode in "$@"; do
           > "$out/sanitize_ops_$tool.log" 2>&1
         echo "sanitize_ops $tool: exit $?"; tail -3 "$out/sanitize_ops_$tool.log"
       done ;;
+    prefill)
+      export PERSIMMON_RT_PREFILL_ATTENTION=wgmma
+      timeout 120 "${pytest[@]}" -x tests/test_attention_prefill.py -k "test_single_sequence and wgmma-83-hd64-fp16" \
+        > "$out/prefill_smoke.log" 2>&1; echo "smoke: exit $?"; tail -3 "$out/prefill_smoke.log"
+      timeout 900 "${pytest[@]}" tests/test_attention_prefill.py tests/test_ops_limits.py \
+        > "$out/prefill_tests.log" 2>&1; echo "tests: exit $?"; tail -8 "$out/prefill_tests.log"
+      timeout 400 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/test_attention_prefill.py \
+        -k "wgmma and (packed_sequences or chunked_prefill or without_padding or 83-hd64)" \
+        > "$out/prefill_memcheck.log" 2>&1; echo "memcheck: exit $?"; tail -3 "$out/prefill_memcheck.log"
+      timeout 600 "${pytest[@]}" tests/test_engine.py tests/test_demo_model.py > "$out/prefill_engine.log" 2>&1
+      echo "engine tests (wgmma): exit $?"; tail -3 "$out/prefill_engine.log"
+      unset PERSIMMON_RT_PREFILL_ATTENTION
+      nvcc -std=c++17 -O3 --use_fast_math -gencode=arch=compute_90a,code=sm_90a -Icsrc \
+        benchmarks/attention_variants.cu -o "$out/attention_variants" \
+        && timeout 300 "$out/attention_variants" prefill > "$out/prefill_variants.log" 2>&1
+      cat "$out/prefill_variants.log"
+      timeout 300 python3 benchmarks/bench_attention.py --only prefill > "$out/prefill_bench.log" 2>&1
+      cat "$out/prefill_bench.log" ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
   echo "$mode: $(( $(date +%s) - start )) s"

@@ -59,6 +59,7 @@ def test_flags_match_what_the_extension_expects():
     flags = _build.compile_flags(["80", "90a"], debug=False, shell_quote=True)
     assert flags["cxx"] == ["-O3", "'-DPERSIMMON_RT_CUDA_ARCHS=\"80,90a\"'"]
     assert "-gencode=arch=compute_90a,code=sm_90a" in flags["nvcc"] and "-G" not in flags["nvcc"]
+    assert "'-DPERSIMMON_RT_CUDA_ARCHS=\"80,90a\"'" in flags["nvcc"]   # the launchers pick kernels by it
     assert _build.compile_flags(["90a"], debug=True, shell_quote=False)["cxx"] == \
         ["-O0", "-g", '-DPERSIMMON_RT_CUDA_ARCHS="90a"']
     assert _build.cuda_archs({"PERSIMMON_RT_CUDA_ARCH": "80,90a"}) == ["80", "90a"] and _build.cuda_archs({}) == ["90a"]

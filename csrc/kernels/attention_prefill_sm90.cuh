@@ -1,0 +1,413 @@
+// Causal flash attention of packed new tokens over their sequence's KV cache on Hopper (sm_90a): the op
+// of attention_prefill.cuh (semantics: persimmon_rt/reference.py::attention_prefill) on warpgroup MMA
+// fed by the bulk tensor copy engine. head_dim 64.
+//
+// One block owns BLOCK_M = 64 * CONSUMERS consecutive queries of one (sequence, head), in warpgroups:
+// - warpgroup 0, the producer: one thread copies the block's Q tile once, then the K and V tiles of
+//   BLOCK_N keys into a ring of STAGES shared-memory slots (cp.async.bulk.tensor, 128-byte swizzle).
+//   Each slot has a "full" mbarrier (completed by the copy's bytes) and an "empty" one (one arrival per
+//   consumer warp once its tensor-core reads of the slot are done); K and V have separate rings, so the
+//   scores of a tile can start before its values land.
+// - warpgroups 1..CONSUMERS, the consumers: 64 query rows each. S = Q K^T is one wgmma m64nBLOCK_Nk16 per
+//   16 of head_dim, both operands in shared memory; the online softmax (base 2, running max and sum in
+//   fp32) runs on the accumulators in registers; P, rounded to T, is the register A operand of
+//   O += P V (wgmma m64n64k16, V MN-major in shared memory). The S of tile t is issued together with
+//   the P V of tile t - 1, so a warpgroup's softmax of tile t overlaps its P V on the tensor cores; with
+//   PINGPONG the consumers also take turns issuing (named barriers), so that one's softmax overlaps the
+//   others' products rather than coinciding with them.
+// The producer gives most of its registers to the consumers (setmaxnreg).
+#pragma once
+
+#include <cstdint>
+
+#include "attention_common.cuh"
+#include "attention_prefill.cuh"  // PrefillParams
+#include "ptx_sm90.cuh"
+
+namespace persimmon_rt {
+namespace attention {
+
+template <int CONSUMERS, int BLOCK_N, int STAGES, bool PINGPONG, int BLOCKS_PER_SM = 1>
+struct PrefillSm90Config {
+  static constexpr int kHeadDim = 64;  // one 128-byte swizzle row per key / query
+  static constexpr int kRowBytes = kHeadDim * 2;
+  static constexpr int kConsumers = CONSUMERS;
+  static constexpr int kBlockM = 64 * CONSUMERS;
+  static constexpr int kBlockN = BLOCK_N;
+  static constexpr int kStages = STAGES;
+  static constexpr bool kPingpong = PINGPONG && CONSUMERS > 1;
+  static constexpr int kThreads = 128 * (CONSUMERS + 1);
+  // Two blocks per SM overlap one's prologue and epilogue with the other's work, at half the registers.
+  static constexpr int kBlocksPerSm = BLOCKS_PER_SM;
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegsFit = (65536 / kBlocksPerSm - 128 * kProducerRegs) / (128 * CONSUMERS) / 8 * 8;
+  static constexpr int kConsumerRegs = kConsumerRegsFit < 240 ? kConsumerRegsFit : 240;
+  // Shared memory, byte offsets from a 1024-aligned base: Q, the K ring, the V ring, then the mbarriers
+  // (Q full; K full, V full, K empty, V empty per stage).
+  static constexpr int kTileBytes = kBlockN * kRowBytes;
+  static constexpr int kQOffset = 0;
+  static constexpr int kKOffset = kBlockM * kRowBytes;
+  static constexpr int kVOffset = kKOffset + STAGES * kTileBytes;
+  static constexpr int kBarrierOffset = kVOffset + STAGES * kTileBytes;
+  static constexpr int kSmemBytes = 1024 + kBarrierOffset + 8 * (1 + 4 * STAGES);  // + alignment slack
+  // Named barriers: 1..CONSUMERS the issue turns, then one for the consumers together.
+  static constexpr int kTurnBarrier = 1;
+  static constexpr int kConsumerBarrier = 1 + CONSUMERS;
+
+  static_assert(BLOCK_N == 64 || BLOCK_N == 128, "S tiles are wgmma m64n64 or m64n128 (ptx_sm90.cuh)");
+  static_assert(STAGES >= 2, "the producer fills one slot while the consumers read another");
+  static_assert(kBlockM <= 256 && kBlockN <= 256, "a TMA box has at most 256 rows");
+  static_assert(kConsumerBarrier <= 15, "named barrier ids end at 15");
+  static_assert(kConsumerRegs >= 96, "registers for the S, P and O fragments");
+  static_assert(kSmemBytes <= 227 * 1024 / kBlocksPerSm, "shared memory of kBlocksPerSm blocks per SM");
+};
+
+// The Q, K and V tensor maps are built on the host per launch (they hold the global addresses) and passed
+// by value as a __grid_constant__ parameter, where the copy engine reads them.
+struct PrefillSm90Params {
+  CUtensorMap q_map;  // q as [T, H * D], boxes of [kBlockM, 64]
+  CUtensorMap k_map;  // k_cache as [B * S, H * D], boxes of [kBlockN, 64]
+  CUtensorMap v_map;  // v_cache likewise
+  PrefillParams p;
+};
+
+// What one block works on; every field is the same in all its threads.
+struct PrefillSm90Block {
+  int head, seq;
+  int m0;       // first query of the block within its sequence
+  int q_begin;  // the sequence's first query in q / out
+  int rows;     // queries of the block (<= kBlockM)
+  int pos0;     // position of the block's first query
+  int kv_len;   // keys of the sequence
+  int n_tiles;  // key tiles the block reads: keys [0, pos0 + rows)
+};
+
+template <typename Cfg>
+struct PrefillSm90Smem {
+  unsigned char* base;  // 1024-byte aligned
+  __device__ uint64_t* bars() const { return reinterpret_cast<uint64_t*>(base + Cfg::kBarrierOffset); }
+  __device__ uint64_t* q_full() const { return bars(); }
+  __device__ uint64_t* k_full(int s) const { return bars() + 1 + s; }
+  __device__ uint64_t* v_full(int s) const { return bars() + 1 + Cfg::kStages + s; }
+  __device__ uint64_t* k_empty(int s) const { return bars() + 1 + 2 * Cfg::kStages + s; }
+  __device__ uint64_t* v_empty(int s) const { return bars() + 1 + 3 * Cfg::kStages + s; }
+  __device__ unsigned char* q() const { return base + Cfg::kQOffset; }
+  __device__ unsigned char* k(int s) const { return base + Cfg::kKOffset + s * Cfg::kTileBytes; }
+  __device__ unsigned char* v(int s) const { return base + Cfg::kVOffset + s * Cfg::kTileBytes; }
+};
+
+// The producer thread: Q once, then K and V tile by tile as the consumers free the slots.
+template <typename Cfg>
+__device__ __forceinline__ void prefill_sm90_produce(const PrefillSm90Params& prm, const PrefillSm90Block& b,
+                                                     const PrefillSm90Smem<Cfg>& sm) {
+  using namespace sm90;
+  prefetch_tensor_map(&prm.q_map);
+  prefetch_tensor_map(&prm.k_map);
+  prefetch_tensor_map(&prm.v_map);
+  const int col = b.head * Cfg::kHeadDim;
+  mbar_arrive_expect_tx(sm.q_full(), Cfg::kBlockM * Cfg::kRowBytes);
+  tma_load_2d(sm.q(), &prm.q_map, col, b.q_begin + b.m0, sm.q_full());
+  const int key_row0 = b.seq * prm.p.cache_len;  // the launcher checks B * S fits an int
+  for (int t = 0; t < b.n_tiles; ++t) {
+    const int s = t % Cfg::kStages;
+    const uint32_t empty_parity = ((t / Cfg::kStages) & 1) ^ 1;
+    const int row = key_row0 + t * Cfg::kBlockN;
+    mbar_wait(sm.k_empty(s), empty_parity);
+    mbar_arrive_expect_tx(sm.k_full(s), Cfg::kTileBytes);
+    tma_load_2d(sm.k(s), &prm.k_map, col, row, sm.k_full(s));
+    mbar_wait(sm.v_empty(s), empty_parity);
+    mbar_arrive_expect_tx(sm.v_full(s), Cfg::kTileBytes);
+    tma_load_2d(sm.v(s), &prm.v_map, col, row, sm.v_full(s));
+  }
+}
+
+// Online softmax of one S tile held as the m64nNk16 accumulator fragment (ptx_sm90.cuh): this thread's
+// rows are `pos` and `pos + 8` (positions), its columns key0 + 8i + {0, 1}. Scores of keys after a row's
+// position become -inf first when `masked` (tiles that cross the diagonal). On return s holds
+// exp2(s * scale_log2 - max) against the updated running max, l the rescaled running sum of this
+// thread's columns, alpha the factor by which the output so far must be scaled.
+template <int NS>
+__device__ __forceinline__ void prefill_sm90_softmax(float (&s)[NS], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                                     bool masked, int key0, int pos, float scale_log2) {
+  if (masked) {
+#pragma unroll
+    for (int i = 0; i < NS / 4; ++i)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (key0 + 8 * i + e > pos + 8 * r) s[4 * i + 2 * r + e] = -INFINITY;  // select: garbage NaN goes too
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < NS / 4; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share the row
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float new_max = fmaxf(m[r], mx * scale_log2);
+    // A row with no visible key yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+    const float ref = new_max == -INFINITY ? 0.f : new_max;
+    alpha[r] = exp2f(m[r] - ref);
+    m[r] = new_max;
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < NS / 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[4 * i + 2 * r + e];
+        x = exp2f(fmaf(x, scale_log2, -ref));
+        sum += x;
+      }
+    l[r] = l[r] * alpha[r] + sum;
+  }
+}
+
+// S = Q K^T for one key tile: head_dim / 16 k steps, each 32 bytes further along both operands' rows.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void prefill_sm90_scores(float (&s)[Cfg::kBlockN / 2], uint32_t q_addr, uint32_t k_addr) {
+#pragma unroll
+  for (int j = 0; j < Cfg::kHeadDim / 16; ++j)
+    sm90::WgmmaSS<T, Cfg::kBlockN>::run(s, sm90::sw128_desc(q_addr + 32 * j), sm90::sw128_desc(k_addr + 32 * j),
+                                         j > 0);
+}
+
+// O += P V for one key tile: BLOCK_N / 16 k steps of 16 keys, each 16 rows (2048 bytes) further into V.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void prefill_sm90_values(float (&o)[Cfg::kHeadDim / 2],
+                                                    const uint32_t (&pa)[Cfg::kBlockN / 16][4], uint32_t v_addr) {
+#pragma unroll
+  for (int kk = 0; kk < Cfg::kBlockN / 16; ++kk)
+    sm90::WgmmaRS<T, Cfg::kHeadDim>::run(o, pa[kk], sm90::sw128_desc(v_addr + kk * 16 * Cfg::kRowBytes), 1);
+}
+
+// The S accumulators of keys 16kk..16kk+15 (chunks 2kk, 2kk+1), rounded to T, are the register A
+// fragment of the P V step over those keys (the two fragment layouts in ptx_sm90.cuh line up).
+template <typename T, int NS>
+__device__ __forceinline__ void prefill_sm90_pack_p(uint32_t (&pa)[NS / 8][4], const float (&s)[NS]) {
+#pragma unroll
+  for (int kk = 0; kk < NS / 8; ++kk)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) pa[kk][j] = pack2<T>(s[8 * kk + 2 * j], s[8 * kk + 2 * j + 1]);
+}
+
+// Issue turns of the consumer warpgroups (PINGPONG): warpgroup c waits for turn barrier c, issues, then
+// opens barrier c + 1 (mod CONSUMERS). Warpgroup 0 skips its first wait and the last warpgroup its last
+// opening, so every barrier sees as many arrivals as waits. Each warpgroup takes n_tiles + 1 turns.
+template <typename Cfg>
+__device__ __forceinline__ void prefill_sm90_turn_wait(int c, bool first) {
+  if constexpr (Cfg::kPingpong)
+    if (!(c == 0 && first)) sm90::named_barrier_sync<Cfg::kTurnBarrier, Cfg::kConsumers>(c, 256);
+}
+
+template <typename Cfg>
+__device__ __forceinline__ void prefill_sm90_turn_done(int c, bool last) {
+  if constexpr (Cfg::kPingpong)
+    if (!(c == Cfg::kConsumers - 1 && last))
+      sm90::named_barrier_arrive<Cfg::kTurnBarrier, Cfg::kConsumers>((c + 1) % Cfg::kConsumers, 256);
+}
+
+// Rows of the last V tile at or past the sequence's end hold whatever the cache holds there (NaN in the
+// tests); their P is 0, but 0 * NaN is NaN, so the consumers zero them in shared memory before the last
+// P V. Only the block holding the sequence's last query can see such keys.
+template <typename Cfg>
+__device__ __forceinline__ void prefill_sm90_zero_tail(const PrefillSm90Block& b, unsigned char* v_tile, int c) {
+  const int first_bad = b.kv_len - (b.n_tiles - 1) * Cfg::kBlockN;  // >= 1: the tile holds key pos0 + rows - 1
+  if (first_bad >= Cfg::kBlockN) return;                             // the same in every consumer thread
+  constexpr int kChunksPerRow = Cfg::kRowBytes / 16;
+  for (int i = first_bad * kChunksPerRow + c * 128 + int(threadIdx.x % 128); i < Cfg::kBlockN * kChunksPerRow;
+       i += 128 * Cfg::kConsumers)
+    *reinterpret_cast<uint4*>(v_tile + 16 * i) = make_uint4(0, 0, 0, 0);  // whole rows: the swizzle stays inside
+  sm90::fence_proxy_async_smem();
+  sm90::named_barrier_sync<Cfg::kConsumerBarrier>(128 * Cfg::kConsumers);
+}
+
+// O / l, rounded to T, for this thread's two rows (those inside the block's queries).
+template <typename T, typename Cfg>
+__device__ __forceinline__ void prefill_sm90_store(const PrefillParams& p, const PrefillSm90Block& b,
+                                                   const float (&o)[Cfg::kHeadDim / 2], const float (&l)[2], int row) {
+  const int lane = threadIdx.x % 32;
+  const int64_t tok_stride = int64_t(p.num_heads) * Cfg::kHeadDim;
+  T* g_o = static_cast<T*>(p.out) + (b.q_begin + b.m0) * tok_stride + b.head * Cfg::kHeadDim + 2 * (lane % 4);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = l[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;  // sum == 0 only for rows that see no key (invalid input)
+    if (row + 8 * r < b.rows) {
+      T* dst = g_o + (row + 8 * r) * tok_stride;
+#pragma unroll
+      for (int i = 0; i < Cfg::kHeadDim / 8; ++i)
+        *reinterpret_cast<uint32_t*>(dst + 8 * i) = pack2<T>(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+    }
+  }
+}
+
+// Consumer warpgroup c: rows 64c..64c+63 of the block.
+// Tile t's turn issues S_t = Q K_t^T and then O += P_{t-1} V_{t-1}; the softmax of S_t runs while P V
+// does. Only the next turn waits for that P V, then rescales O and packs P_t (still in s as fp32): the
+// wait stays after the softmax this way, where the compiler keeps it (a wait placed between the two in
+// the same basic block is scheduled ahead of the softmax, which then no longer overlaps anything).
+template <typename T, typename Cfg>
+__device__ __forceinline__ void prefill_sm90_consume(const PrefillSm90Params& prm, const PrefillSm90Block& b,
+                                                     const PrefillSm90Smem<Cfg>& sm, int c) {
+  using namespace sm90;
+  constexpr int BN = Cfg::kBlockN;
+  constexpr int ST = Cfg::kStages;
+  const int tid = threadIdx.x % 128;
+  const int lane = tid % 32;
+  const int row = 64 * c + 16 * (tid / 32) + lane / 4;  // this thread's first row in the block; second + 8
+  const int pos = b.pos0 + row;
+  const int wg_pos0 = b.pos0 + 64 * c;
+  const int n_full = wg_pos0 + 1 > 0 ? (wg_pos0 + 1) / BN : 0;  // tiles visible to every row: no mask
+  const int col0 = 2 * (lane % 4);
+  const uint32_t q_addr = smem_addr(sm.q() + 64 * c * Cfg::kRowBytes);
+  const float scale_log2 = prm.p.scale_log2;
+
+  float s[BN / 2];
+  uint32_t pa[BN / 16][4];
+  float o[Cfg::kHeadDim / 2];
+#pragma unroll
+  for (int i = 0; i < Cfg::kHeadDim / 2; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY};
+  float l[2] = {0.f, 0.f};
+  float alpha[2];
+
+  // Before issuing P_{t-1} V_{t-1}: P V of t - 2 is done (its V slot is free), O is rescaled to the
+  // running max of t - 1, and P_{t-1} is packed (its registers were P V t - 2's operand).
+  auto finish_previous = [&](int t) {
+    wgmma_wait<0>();
+    reg_fence(o);
+    reg_fence(pa);
+    if (t >= 2 && lane == 0) mbar_arrive(sm.v_empty((t - 2) % ST));
+#pragma unroll
+    for (int i = 0; i < Cfg::kHeadDim / 2; ++i) o[i] *= alpha[(i / 2) % 2];  // o[4j + 2r + e]: row r
+    prefill_sm90_pack_p<T>(pa, s);
+  };
+
+  mbar_wait(sm.q_full(), 0);
+  if (b.n_tiles > 0) {  // the same in the whole block, so the turns stay matched
+    mbar_wait(sm.k_full(0), 0);
+    prefill_sm90_turn_wait<Cfg>(c, true);
+    reg_fence(s);
+    wgmma_fence();
+    prefill_sm90_scores<T, Cfg>(s, q_addr, smem_addr(sm.k(0)));
+    wgmma_commit();
+    prefill_sm90_turn_done<Cfg>(c, false);
+    wgmma_wait<0>();
+    reg_fence(s);
+    if (lane == 0) mbar_arrive(sm.k_empty(0));
+    prefill_sm90_softmax(s, m, l, alpha, 0 >= n_full, col0, pos, scale_log2);  // alpha 0: o stays 0
+
+    for (int t = 1; t < b.n_tiles; ++t) {
+      const int ks = t % ST;
+      const int vs = (t - 1) % ST;
+      mbar_wait(sm.k_full(ks), (t / ST) & 1);
+      mbar_wait(sm.v_full(vs), ((t - 1) / ST) & 1);
+      finish_previous(t);
+      prefill_sm90_turn_wait<Cfg>(c, false);
+      reg_fence(s);
+      reg_fence(o);
+      reg_fence(pa);
+      wgmma_fence();
+      prefill_sm90_scores<T, Cfg>(s, q_addr, smem_addr(sm.k(ks)));
+      wgmma_commit();
+      prefill_sm90_values<T, Cfg>(o, pa, smem_addr(sm.v(vs)));
+      wgmma_commit();
+      prefill_sm90_turn_done<Cfg>(c, false);
+      wgmma_wait<1>();  // the scores, the older group
+      reg_fence(s);
+      if (lane == 0) mbar_arrive(sm.k_empty(ks));
+      prefill_sm90_softmax(s, m, l, alpha, t >= n_full, t * BN + col0, pos, scale_log2);
+    }
+
+    // The values of the last tile.
+    const int t = b.n_tiles;
+    const int vs = (t - 1) % ST;
+    mbar_wait(sm.v_full(vs), ((t - 1) / ST) & 1);
+    finish_previous(t);
+    prefill_sm90_zero_tail<Cfg>(b, sm.v(vs), c);  // before the turn: it waits for every consumer
+    prefill_sm90_turn_wait<Cfg>(c, false);
+    reg_fence(o);
+    reg_fence(pa);
+    wgmma_fence();
+    prefill_sm90_values<T, Cfg>(o, pa, smem_addr(sm.v(vs)));
+    wgmma_commit();
+    prefill_sm90_turn_done<Cfg>(c, true);
+    wgmma_wait<0>();
+    reg_fence(o);
+  }
+  prefill_sm90_store<T, Cfg>(prm.p, b, o, l, row);
+}
+
+// Grid: (H, ceil(max_q_len / kBlockM), B), blockIdx.y counting down the query tiles so that all heads'
+// longest tiles (most keys) start first, as in attention_prefill_kernel.
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
+    attention_prefill_sm90_kernel(const __grid_constant__ PrefillSm90Params prm) {
+#ifdef PRT_SM90A
+  const PrefillParams& p = prm.p;
+  PrefillSm90Block b;
+  b.head = blockIdx.x;
+  b.seq = blockIdx.z;
+  b.m0 = (gridDim.y - 1 - blockIdx.y) * Cfg::kBlockM;
+  b.q_begin = p.cu_seqlens_q[b.seq];
+  const int n_q = p.cu_seqlens_q[b.seq + 1] - b.q_begin;
+  if (b.m0 >= n_q) return;  // the whole block: nothing below has started
+  b.kv_len = p.seq_lens[b.seq];
+  b.rows = min(Cfg::kBlockM, n_q - b.m0);
+  b.pos0 = b.kv_len - n_q + b.m0;
+  const int kv_end = b.pos0 + b.rows;
+  b.n_tiles = kv_end > 0 ? (kv_end + Cfg::kBlockN - 1) / Cfg::kBlockN : 0;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const PrefillSm90Smem<Cfg> sm{smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023)};
+  if (threadIdx.x == 0) {
+    sm90::mbar_init(sm.q_full(), 1);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      sm90::mbar_init(sm.k_full(s), 1);
+      sm90::mbar_init(sm.v_full(s), 1);
+      sm90::mbar_init(sm.k_empty(s), 4 * Cfg::kConsumers);  // one arrival per consumer warp
+      sm90::mbar_init(sm.v_empty(s), 4 * Cfg::kConsumers);
+    }
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    sm90::setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (threadIdx.x == 0) prefill_sm90_produce<Cfg>(prm, b, sm);
+  } else {
+    sm90::setmaxnreg_inc<Cfg::kConsumerRegs>();
+    prefill_sm90_consume<T, Cfg>(prm, b, sm, warpgroup - 1);
+  }
+#endif
+}
+
+// Builds the tensor maps and launches. Preconditions (the caller checks): head_dim 64, num_tokens >= 1,
+// batch * cache_len in [1, INT32_MAX], tensors 16-byte aligned; a device and a build with sm_90a.
+template <typename T, typename Cfg>
+void launch_attention_prefill_sm90(const PrefillParams& p, int num_tokens, int batch, int max_q_len,
+                                   cudaStream_t stream) {
+  const int64_t q_tiles = ceil_div(max_q_len, Cfg::kBlockM);
+  PRT_REQUIRE(q_tiles <= kMaxGridDimYZ, "max_q_len must be <= " + std::to_string(int64_t{kMaxGridDimYZ} * Cfg::kBlockM) +
+                                            " (query tiles of " + std::to_string(Cfg::kBlockM) + " rows on grid y)");
+  const uint64_t width = uint64_t(p.num_heads) * Cfg::kHeadDim;  // elements per token (q) or position (cache)
+  const uint64_t cache_rows = uint64_t(batch) * p.cache_len;
+  constexpr CUtensorMapDataType dtype = tensor_map_dtype<T>();
+  PrefillSm90Params prm;
+  prm.q_map = make_tensor_map_sw128(p.q, num_tokens, width, width, Cfg::kBlockM, dtype);
+  prm.k_map = make_tensor_map_sw128(p.k_cache, cache_rows, width, width, Cfg::kBlockN, dtype);
+  prm.v_map = make_tensor_map_sw128(p.v_cache, cache_rows, width, width, Cfg::kBlockN, dtype);
+  prm.p = p;
+  const auto kernel = attention_prefill_sm90_kernel<T, Cfg>;
+  PRT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  const dim3 grid(p.num_heads, static_cast<unsigned>(q_tiles), batch);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(prm);
+  PRT_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace attention
+}  // namespace persimmon_rt
