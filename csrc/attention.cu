@@ -84,14 +84,15 @@ void prefill(const PrefillParams& p, int batch, int max_q_len, cudaStream_t stre
 // The Hopper prefill kernel (head_dim 64; attention_prefill_sm90.cuh): 2 consumer warpgroups (128 queries
 // a block), 128-key tiles, 3-slot K and V rings (one block per SM either way, so the third slot's 32 KB
 // cost nothing and give the single producer thread a tile of slack), issue turns between the consumers.
-// Not yet measured: benchmarks/attention_variants.cu times it against its neighbours.
+// benchmarks/attention_variants.cu times it against its neighbours.
 using PrefillSm90Tile = PrefillSm90Config<2, 128, 3, true>;
 
 enum class PrefillKernel { kMmaSync, kWgmma };
 
-// The prefill kernel when PERSIMMON_RT_PREFILL_ATTENTION is unset. The wgmma kernel stays opt-in until it
-// has passed tests/test_attention_prefill.py on a Hopper GPU.
-constexpr PrefillKernel kPrefillKernelDefault = PrefillKernel::kMmaSync;
+// The prefill kernel when PERSIMMON_RT_PREFILL_ATTENTION is unset (where the build and GPU have it): the
+// wgmma kernel passed tests/test_attention_prefill.py and memcheck on the H200 and is faster than mma.sync
+// at every length (benchmarks/RESULTS.md, run H).
+constexpr PrefillKernel kPrefillKernelDefault = PrefillKernel::kWgmma;
 
 // Whether the comma-separated `list` names `arch`.
 constexpr bool arch_list_has(const char* list, const char* arch) {

@@ -51,6 +51,9 @@ constexpr ShapeRule kShapeRules[] = {
     {16384, 4096, false, 0, 0, 6},   // MLP up: c6 37.6 us against 46.2 at 16 rows
     {4096, 16384, false, 2, 1, 7},   // MLP down: c2 32.6 / c1 32.5 us against 42.6 (1 / 8 rows)
     {262144, 4096, false, 5, 0, 6},  // lm_head: c5 472 us against 497 at one row; c6 558 against 609 at 16
+    // One rank of TP=2 (--sweep --tp 2, run H); its QKV, dense and lm_head keep the defaults (within 1 %).
+    {8192, 4096, false, 4, 4, 5},    // MLP up: c4 16.8 / 17.6 us against 18.5 / 19.1 (1 / 8 rows)
+    {4096, 8192, false, 1, 1, 5},    // MLP down: c1 16.8 / 17.4 us against 21.4 / 21.5
 };
 
 int choose_config(int M, int N, int K, bool ln) {
