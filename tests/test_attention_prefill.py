@@ -212,7 +212,8 @@ def test_graph_replay_with_new_inputs(dtype, kernel):
 @requires_cuda
 def test_kernel_choice(monkeypatch):
     """The environment picks the kernel where both exist; the wgmma kernel exists on Hopper (an sm_90a
-    build on a 9.0 GPU) for head_dim 64 only, and anything but the two names is an error."""
+    build on a 9.0 GPU) for head_dim 64 only and is the default there; anything but the two names is an
+    error."""
     hopper = torch.cuda.get_device_capability() == (9, 0) and "90a" in ops.CUDA_ARCHS
     monkeypatch.setenv(KERNEL_ENV, "wgmma")
     assert ops.attention_prefill_kernel_name(64) == ("wgmma" if hopper else "mma_sync")
@@ -220,7 +221,7 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "mma_sync")
     assert ops.attention_prefill_kernel_name(64) == "mma_sync"
     monkeypatch.delenv(KERNEL_ENV)
-    assert ops.attention_prefill_kernel_name(64) in ("wgmma", "mma_sync")
+    assert ops.attention_prefill_kernel_name(64) == ("wgmma" if hopper else "mma_sync")    # the default
     monkeypatch.setenv(KERNEL_ENV, "fast")
     with pytest.raises(RuntimeError, match=KERNEL_ENV):
         ops.attention_prefill_kernel_name(64)
