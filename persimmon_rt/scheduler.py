@@ -13,6 +13,9 @@ Each call of `Scheduler.step()` is one step boundary:
 
 Results are processed in launch order, each against the rows it was launched with: a row that finished,
 or was reused by a newer request, while later steps were already queued simply has those tokens dropped.
+The one wait for the GPU is process's, on the oldest result: what admit, join and retire send to the device
+goes through pinned memory without blocking (transfer.py), so a prefill chunk queues behind the steps
+already running instead of waiting for them to finish.
 Dynamic rotary scaling needs every step's lengths before launching it, so it runs with nothing queued ahead.
 """
 
@@ -28,6 +31,7 @@ from .decode_graphs import GREEDY, SAMPLED, SAMPLED_LOGPROBS, DecodeGraphs, Step
 from .forward import Forward
 from .sampling import MAX_LOGPROBS, sample, token_logprobs
 from .stopping import StopTracker
+from .transfer import upload, upload_split
 
 # Decode steps kept queued ahead of the host. With none, the GPU idled between steps for the host to wake
 # from the previous step's event and launch the next (0.07-0.1 ms a step, measured on an H100).
@@ -182,19 +186,21 @@ class Scheduler:
     def _join(self, joining: list[_Row], logits: torch.Tensor) -> None:
         """Sample the first token of each row whose prompt is in the cache, and let it into the step."""
         dev, reqs = self.forward.device, [h.request for h in joining]
-        temperature = torch.tensor([[r.temperature] for r in reqs], device=dev)
-        top_k = torch.tensor([r.top_k for r in reqs], dtype=torch.long, device=dev)
-        top_p = torch.tensor([[r.top_p] for r in reqs], device=dev)
-        first = sample(logits, temperature, top_k, top_p, greedy=all(r.temperature == 0 for r in reqs))
+        temperature, top_p = upload_split([[r.temperature for r in reqs], [r.top_p for r in reqs]], torch.float32, dev)
+        top_k = upload([r.top_k for r in reqs], torch.long, dev)
+        first = sample(logits, temperature[:, None], top_k, top_p[:, None],
+                       greedy=all(r.temperature == 0 for r in reqs))
         lp = token_logprobs(logits, first) if any(r.logprobs is not None for r in reqs) else None
         members = {h.row: (h, i) for i, h in enumerate(joining)}
         self.queued.append(self._to_host(members, False, first, lp))
-        entering = [h for h in joining if h.steps_left > 0]
+        entering = [i for i, h in enumerate(joining) if h.steps_left > 0]
         if entering:
-            self.state.join([h.row for h in entering], first[[joining.index(h) for h in entering]],
-                            [len(h.request) for h in entering], [h.request.temperature for h in entering],
-                            [h.request.top_k for h in entering], [h.request.top_p for h in entering])
-            self.on_device.update(h.row for h in entering)
+            tokens = first if len(entering) == len(joining) else first[upload(entering, torch.long, dev)]
+            rows = [joining[i] for i in entering]
+            self.state.join([h.row for h in rows], tokens, [len(h.request) for h in rows],
+                            [h.request.temperature for h in rows], [h.request.top_k for h in rows],
+                            [h.request.top_p for h in rows])
+            self.on_device.update(h.row for h in rows)
 
     # ------------------------------------------------------------------------------------------ launch
     def _launch(self) -> None:
