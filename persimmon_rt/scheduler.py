@@ -40,7 +40,9 @@ PIPELINE_DEPTH = 2
 
 @dataclass(eq=False)
 class Request:
-    """One sequence to generate. `prompt` is token ids [L] (int64) or input embeddings [L, hidden]."""
+    """One sequence to generate. `prompt` is token ids [L] (int64) or input embeddings [L, hidden]; with
+    `patches` (a multimodal model's image patches [P, patch_dim], host) token ids whose P image placeholders
+    the patches fill, embedded by the scheduler's `embed_patches` when the request takes a row."""
     prompt: torch.Tensor
     max_new_tokens: int
     temperature: float = 0.0
@@ -53,6 +55,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""                        # released so far (ends before any stop)
     finish_reason: str | None = None      # "stop", "length" or "cancelled" once finished
+    patches: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompt.shape[0]
@@ -71,8 +74,9 @@ class TokenEvent:
 class _Row:
     """A request while it holds a row."""
 
-    def __init__(self, request: Request, row: int, tracker: StopTracker):
+    def __init__(self, request: Request, row: int, tracker: StopTracker, prompt: torch.Tensor):
         self.request, self.row, self.tracker = request, row, tracker
+        self.prompt = prompt              # what is prefilled (the request's, or its embeddings); None once done
         self.prefilled = 0                # prompt tokens in the cache so far
         self.steps_left = request.max_new_tokens - 1      # decode steps it may still be launched in
 
@@ -90,8 +94,9 @@ class _Queued:
 class Scheduler:
     def __init__(self, forward: Forward, graphs: DecodeGraphs, rows: int, tokenizer=None,
                  prefill_chunk_tokens: int = 8192, prefill_budget: int | None = None,
-                 depth: int = PIPELINE_DEPTH):
+                 depth: int = PIPELINE_DEPTH, embed_patches=None):
         self.forward, self.graphs, self.tokenizer = forward, graphs, tokenizer
+        self.embed_patches = embed_patches        # (ids, patches) -> [L, hidden] on the device; None: text only
         self.state = graphs.state(rows)
         self.rows = [None] * rows                 # row -> _Row holding it
         self.waiting: collections.deque[Request] = collections.deque()
@@ -107,6 +112,8 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ requests
     def submit(self, request: Request) -> None:
         """Queue a request (checked by the caller: prompt + max_new_tokens fits a cache row)."""
+        if request.patches is not None and self.embed_patches is None:
+            raise ValueError("this scheduler has no image front end for a request with image patches")
         self._trackers[request] = StopTracker(self.tokenizer, request.stop_ids, request.stop_strings)
         self.waiting.append(request)
 
@@ -157,7 +164,9 @@ class Scheduler:
         for r, holder in enumerate(self.rows):
             if holder is None and self.waiting:
                 request = self.waiting.popleft()
-                self.rows[r] = _Row(request, r, self._trackers.pop(request))
+                prompt = request.prompt if request.patches is None else self.embed_patches(request.prompt,
+                                                                                           request.patches)
+                self.rows[r] = _Row(request, r, self._trackers.pop(request), prompt)
         filling = [h for h in self.rows if h is not None and h.prefilled < len(h.request)]
         if not filling:
             return
@@ -172,10 +181,11 @@ class Scheduler:
                 if take > 0:
                     pieces.append((h, take))
                     room -= take
-            logits = self.forward.prefill([(h.row, h.request.prompt, h.prefilled, take) for h, take in pieces])
+            logits = self.forward.prefill([(h.row, h.prompt, h.prefilled, take) for h, take in pieces])
             for (h, take), row_logits in zip(pieces, logits):
                 h.prefilled += take
                 if h.prefilled == len(h.request):
+                    h.prompt = None                   # embeddings of an image prompt are not needed any more
                     done.append(h)
                     done_logits.append(row_logits)
             budget = None if budget is None else budget - sum(take for _, take in pieces)

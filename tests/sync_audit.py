@@ -5,6 +5,7 @@ which, with its tensors on a GPU, would make the host wait for the device.
     data put onto a device       torch.tensor / as_tensor / asarray with device= (a pageable copy, then a wait)
     a blocking transfer          .to(<device>) or .cuda() without non_blocking=True
     a Python list as an index    x[[...]]: the list becomes a host tensor that is copied over first
+    a boolean mask as an index   x[mask]: the number of selected elements is read back
 
 Only calls made directly by the modules in AUDITED count (ops and reference run the kernels' stand-ins on
 the CPU; the GPU runs kernels there). scheduler.py reads its results' host copies after the one wait it
@@ -33,10 +34,13 @@ FROM_DATA = {torch.tensor, torch.as_tensor, torch.asarray}
 INDEXING = {T.__getitem__, T.__setitem__, T.index_put_, T.index_put}
 
 
-def _has_list(index) -> bool:
-    if isinstance(index, list):
-        return True
-    return isinstance(index, tuple) and any(isinstance(i, list) for i in index)
+def _index_kind(index) -> str | None:
+    for i in index if isinstance(index, tuple) else (index,):
+        if isinstance(i, list):
+            return "indexes with a Python list"
+        if torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8):
+            return "indexes with a boolean mask"
+    return None
 
 
 def _blocking_transfer(func, args, kwargs) -> bool:
@@ -84,6 +88,6 @@ class HostWaits(TorchFunctionMode):
             return "puts host data onto a device"
         if _blocking_transfer(func, args, kwargs):
             return "blocking transfer"
-        if func in INDEXING and len(args) > 1 and _has_list(args[1]):
-            return "indexes with a Python list"
+        if func in INDEXING and len(args) > 1:
+            return _index_kind(args[1])
         return None
