@@ -80,11 +80,11 @@ def bench_engine(model, ids, patches, new_tokens: int) -> dict:
     engine.capture([1])
 
     def first_token():
-        embeds = front._embed_one(ids, patches, engine.forward.embed)
+        embeds = front.embed(ids, torch.from_numpy(patches), engine.forward.embed)
         engine.generate(None, inputs_embeds=[embeds], max_new_tokens=1, stop_token_ids=[])
 
     ttft = timed(first_token)
-    embeds = front._embed_one(ids, patches, engine.forward.embed)
+    embeds = front.embed(ids, torch.from_numpy(patches), engine.forward.embed)
     engine.generate(None, inputs_embeds=[embeds], max_new_tokens=new_tokens + 1, stop_token_ids=[])
     stats = engine.last_stats
     return {"ttft_ms": ttft * 1e3, "decode_ms_per_token": stats["decode_s"] * 1e3 / max(stats["decode_steps"], 1)}

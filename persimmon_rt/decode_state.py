@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from .sampling import MAX_LOGPROBS
+from .transfer import upload, upload_split
 
 
 class DecodeState:
@@ -45,21 +46,22 @@ class DecodeState:
     def join(self, rows: Sequence[int], tokens: torch.Tensor, positions: Sequence[int],
              temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float]) -> None:
         """Rows enter the step from the next launch: row rows[i] feeds tokens[i] (a device tensor, so the
-        first token sampled after a prefill needs no host round trip) at positions[i], its prompt length."""
-        index = torch.tensor(list(rows), device=self.device)
-        pos = torch.tensor(list(positions), dtype=torch.long, device=self.device)
-        self.tokens.index_copy_(0, index, tokens.to(self.device, torch.long))
+        first token sampled after a prefill needs no host round trip) at positions[i], its prompt length.
+        Nothing here waits for the GPU (transfer.py)."""
+        index, pos, top_k = upload_split([list(rows), list(positions), list(top_k)], torch.long, self.device)
+        temperature, top_p = upload_split([list(temperature), list(top_p)], torch.float32, self.device)
+        self.tokens.index_copy_(0, index, upload(tokens, torch.long, self.device))
         self.positions.index_copy_(0, index, pos)
         self.slots.index_copy_(0, index, index * self.max_seq_len + pos)
         self.seq_lens.index_copy_(0, index, (pos + 1).to(torch.int32))
         self.active.index_fill_(0, index, 1)
-        self.temperature.index_copy_(0, index, torch.tensor(list(temperature), device=self.device)[:, None])
-        self.top_k.index_copy_(0, index, torch.tensor(list(top_k), dtype=torch.long, device=self.device))
-        self.top_p.index_copy_(0, index, torch.tensor(list(top_p), device=self.device)[:, None])
+        self.temperature.index_copy_(0, index, temperature[:, None])
+        self.top_k.index_copy_(0, index, top_k)
+        self.top_p.index_copy_(0, index, top_p[:, None])
 
     def retire(self, rows: Sequence[int]) -> None:
         """Rows leave from the next launch: idle (see above)."""
-        index = torch.tensor(list(rows), device=self.device)
+        index = upload(list(rows), torch.long, self.device)
         self.active.index_fill_(0, index, 0)
         self.seq_lens.index_fill_(0, index, 0)
         self.slots.index_copy_(0, index, self._idle_slots(index))

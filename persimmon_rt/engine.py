@@ -218,7 +218,13 @@ class Engine:
         self.graphs.state(rows).clear()
         for variant in (GREEDY, SAMPLED, SAMPLED_LOGPROBS):
             self.graphs.capture(rows, variant)
-        return Scheduler(self.forward, self.graphs, rows, self.tokenizer, self.prefill_chunk_tokens, prefill_budget)
+        return self._scheduler(rows, prefill_budget)
+
+    def _scheduler(self, rows: int, prefill_budget: int | None = None) -> Scheduler:
+        embed_patches = None if self.images is None else \
+            (lambda ids, patches: self.images.embed(ids, patches, self.forward.embed))
+        return Scheduler(self.forward, self.graphs, rows, self.tokenizer, self.prefill_chunk_tokens, prefill_budget,
+                         embed_patches=embed_patches)
 
     @property
     def lock(self) -> threading.Lock:
@@ -252,14 +258,13 @@ class Engine:
         likely alternatives to the stream events. Returns a GenerationResult, or with stream=True an
         iterator of StreamEvent as tokens are produced. Prompts beyond max_batch_size wait for a free row.
         """
+        patches = None
         if images is not None:
-            if self.images is None:
-                raise ValueError("this is a text-only Persimmon model; images need a Fuyu model directory")
             if inputs_embeds is not None:
                 raise ValueError("give images with text prompts, not with inputs_embeds")
-            prompts, inputs_embeds = None, self.images.embed_prompts(prompts, images, self.forward.embed)
+            prompts, patches = self._image_prompts(prompts, images)
         requests = self._requests(prompts, inputs_embeds, max_new_tokens, temperature, top_k, top_p,
-                                  stop_token_ids, stop_strings, logprobs)
+                                  stop_token_ids, stop_strings, logprobs, patches)
         events = self._events(requests, seed)
         if stream:
             return events
@@ -268,18 +273,37 @@ class Engine:
         texts = [r.text for r in requests] if self.tokenizer is not None else None
         return GenerationResult(texts, [r.output_ids for r in requests], [r.finish_reason for r in requests])
 
+    def _image_prompts(self, prompts, images) -> tuple[list[list[int]], list]:
+        """Token ids and patches of each (text prompt, image) pair, through the processor."""
+        self._need_images()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} images: give one image per prompt")
+        pairs = [self.images.prompt(p, im) for p, im in zip(prompts, images)]
+        return [ids for ids, _ in pairs], [patches for _, patches in pairs]
+
+    def _need_images(self) -> None:
+        if self.images is None:
+            raise ValueError("this is a text-only Persimmon model; images need a Fuyu model directory")
+
     def _requests(self, prompts, inputs_embeds, max_new_tokens, temperature, top_k, top_p, stop_token_ids,
-                  stop_strings, logprobs) -> list[Request]:
+                  stop_strings, logprobs, patches=None) -> list[Request]:
+        prompts = self._normalise_prompts(prompts, inputs_embeds)
+        patches = patches or [None] * len(prompts)
         return [self.request(p, max_new_tokens, temperature, top_k, top_p, stop_token_ids, stop_strings, logprobs,
-                             tag=i)
-                for i, p in enumerate(self._normalise_prompts(prompts, inputs_embeds))]
+                             tag=i, patches=patches[i])
+                for i, p in enumerate(prompts)]
 
     def request(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                 top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None,
-                stop_strings: Sequence[str] | None = None, logprobs: int | None = None, tag=None) -> Request:
+                stop_strings: Sequence[str] | None = None, logprobs: int | None = None, tag=None,
+                patches: torch.Tensor | None = None) -> Request:
         """A checked Request for a scheduler: `prompt` is a string, token ids, or an embeddings tensor
-        [len, hidden]. Raises ValueError naming the problem (a prompt that does not fit, bad sampling values,
-        an out-of-range token id, an empty stop string)."""
+        [len, hidden]; a multimodal model (Fuyu) also takes token ids with the image `patches` that fill their
+        placeholders (`engine.images.prompt(text, image)` makes both). Raises ValueError naming the problem
+        (a prompt that does not fit, bad sampling values, an out-of-range token id, an empty stop string,
+        patches that do not fit the placeholders)."""
         validate_sampling(temperature, top_k, top_p)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -292,8 +316,14 @@ class Engine:
         if len(prompt) + max_new_tokens > self.max_seq_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"engine's max_seq_len ({self.max_seq_len})")
+        if patches is not None:
+            self._need_images()
+            if prompt.is_floating_point():
+                raise ValueError("image patches go with token ids, not with input embeddings")
+            patches = torch.as_tensor(patches)
+            self.images.check(prompt, patches)
         return Request(prompt, max_new_tokens, temperature, top_k or 0, top_p, self._stop_ids(stop_token_ids),
-                       list(stop_strings or []), logprobs, tag=tag)
+                       list(stop_strings or []), logprobs, tag=tag, patches=patches)
 
     def _events(self, requests: list[Request], seed: int | None) -> Iterator[StreamEvent]:
         greedy = requests[0].temperature == 0
@@ -310,7 +340,7 @@ class Engine:
             self.graphs.capture(rows, variant)
             if seed is not None:
                 torch.manual_seed(seed)
-            scheduler = Scheduler(self.forward, self.graphs, rows, self.tokenizer, self.prefill_chunk_tokens)
+            scheduler = self._scheduler(rows)
             for r in requests:
                 scheduler.submit(r)
             yield from self._drive(scheduler)

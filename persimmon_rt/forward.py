@@ -32,6 +32,7 @@ from .loading import Weights
 from .quantization import QuantizedWeight
 from .reference import rope_inv_freq
 from .sampling import sample, token_logprobs
+from .transfer import upload, upload_split
 
 
 REFERENCE_DECODE_ROWS = 16
@@ -146,23 +147,25 @@ class Forward:
     def prefill(self, pieces: Sequence[tuple[int, torch.Tensor, int, int]]) -> torch.Tensor:
         """One packed forward over prompt pieces (cache row, prompt, start, count), rows distinct: writes
         their K/V into the cache and returns fp32 logits [len(pieces), V] of each piece's last token.
-        A prompt is token ids [L] or input embeddings [L, hidden]."""
+        A prompt is token ids [L] or input embeddings [L, hidden]. Its index tensors are built on the host and
+        copied without waiting for the GPU (transfer.py), so the decode steps queued before it keep running
+        while it is launched."""
         dev, S, rows = self.device, self.cache.k[0].shape[1], self.cache.k[0].shape[0]
-        counts = [0] * rows
-        seq_lens = torch.zeros(rows, dtype=torch.int32)
-        positions, slots, parts = [], [], []
-        for row, prompt, start, take in sorted(pieces, key=lambda p: p[0]):
-            counts[row] = take
-            seq_lens[row] = start + take
+        order = sorted(range(len(pieces)), key=lambda i: pieces[i][0])     # packed by cache row
+        counts, seq_lens, last = [0] * rows, [0] * rows, [0] * len(pieces)
+        positions, slots, parts, packed = [], [], [], 0
+        for i in order:
+            row, prompt, start, take = pieces[i]
+            counts[row], seq_lens[row] = take, start + take
             positions.append(torch.arange(start, start + take))
             slots.append(positions[-1] + row * S)
             parts.append(prompt[start:start + take])
+            packed += take
+            last[i] = packed - 1                                         # in the caller's order
+        cu, seq_lens = upload_split([[0, *itertools.accumulate(counts)], seq_lens], torch.int32, dev)
         embeds = any(p.is_floating_point() for p in parts)
-        if embeds:        # token pieces beside embedding pieces go through the embedding table here
-            parts = [p.to(dev, self.weights.embed.dtype) if p.is_floating_point()
-                     else self.embed(p.to(dev)) for p in parts]
-        cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32).to(dev)
-        seq_lens = seq_lens.to(dev)
+        index = [torch.cat(positions), torch.cat(slots), last] + ([] if embeds else [torch.cat(parts)])
+        positions, slots, last, *tokens = upload_split(index, torch.long, dev)
         max_q = max(take for _, _, _, take in pieces)
 
         def attend(q, layer):
@@ -170,13 +173,11 @@ class Forward:
             ops.attention_prefill(q, self.cache.k[layer], self.cache.v[layer], cu, seq_lens, max_q, out, self.scale)
             return out
 
-        order = sorted(range(len(pieces)), key=lambda i: pieces[i][0])
-        ends = torch.tensor(list(itertools.accumulate(pieces[i][3] for i in order)), device=dev) - 1
-        last = torch.empty_like(ends)
-        last[torch.tensor(order, device=dev)] = ends              # back to the caller's order
-        packed = torch.cat(parts)
-        return self.logits(None if embeds else packed.to(dev), torch.cat(positions).to(dev),
-                           torch.cat(slots).to(dev), attend, select=last, inputs_embeds=packed if embeds else None)
+        # Token pieces beside embedding pieces go through the embedding table here.
+        inputs_embeds = torch.cat([upload(p, self.weights.embed.dtype, dev) if p.is_floating_point()
+                                   else self.embed(upload(p, torch.long, dev)) for p in parts]) if embeds else None
+        return self.logits(tokens[0] if tokens else None, positions, slots, attend, select=last,
+                           inputs_embeds=inputs_embeds)
 
     # --------------------------------------------------------------------------------------------- decode
     def decode(self, state: DecodeState, greedy: bool, logprobs: bool = False) -> None:

@@ -13,6 +13,9 @@ Each call of `Scheduler.step()` is one step boundary:
 
 Results are processed in launch order, each against the rows it was launched with: a row that finished,
 or was reused by a newer request, while later steps were already queued simply has those tokens dropped.
+The one wait for the GPU is process's, on the oldest result: what admit, join and retire send to the device
+goes through pinned memory without blocking (transfer.py), so a prefill chunk queues behind the steps
+already running instead of waiting for them to finish.
 Dynamic rotary scaling needs every step's lengths before launching it, so it runs with nothing queued ahead.
 """
 
@@ -28,6 +31,7 @@ from .decode_graphs import GREEDY, SAMPLED, SAMPLED_LOGPROBS, DecodeGraphs, Step
 from .forward import Forward
 from .sampling import MAX_LOGPROBS, sample, token_logprobs
 from .stopping import StopTracker
+from .transfer import upload, upload_split
 
 # Decode steps kept queued ahead of the host. With none, the GPU idled between steps for the host to wake
 # from the previous step's event and launch the next (0.07-0.1 ms a step, measured on an H100).
@@ -36,7 +40,9 @@ PIPELINE_DEPTH = 2
 
 @dataclass(eq=False)
 class Request:
-    """One sequence to generate. `prompt` is token ids [L] (int64) or input embeddings [L, hidden]."""
+    """One sequence to generate. `prompt` is token ids [L] (int64) or input embeddings [L, hidden]; with
+    `patches` (a multimodal model's image patches [P, patch_dim], host) token ids whose P image placeholders
+    the patches fill, embedded by the scheduler's `embed_patches` when the request takes a row."""
     prompt: torch.Tensor
     max_new_tokens: int
     temperature: float = 0.0
@@ -49,6 +55,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""                        # released so far (ends before any stop)
     finish_reason: str | None = None      # "stop", "length" or "cancelled" once finished
+    patches: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompt.shape[0]
@@ -67,8 +74,9 @@ class TokenEvent:
 class _Row:
     """A request while it holds a row."""
 
-    def __init__(self, request: Request, row: int, tracker: StopTracker):
+    def __init__(self, request: Request, row: int, tracker: StopTracker, prompt: torch.Tensor):
         self.request, self.row, self.tracker = request, row, tracker
+        self.prompt = prompt              # what is prefilled (the request's, or its embeddings); None once done
         self.prefilled = 0                # prompt tokens in the cache so far
         self.steps_left = request.max_new_tokens - 1      # decode steps it may still be launched in
 
@@ -86,8 +94,9 @@ class _Queued:
 class Scheduler:
     def __init__(self, forward: Forward, graphs: DecodeGraphs, rows: int, tokenizer=None,
                  prefill_chunk_tokens: int = 8192, prefill_budget: int | None = None,
-                 depth: int = PIPELINE_DEPTH):
+                 depth: int = PIPELINE_DEPTH, embed_patches=None):
         self.forward, self.graphs, self.tokenizer = forward, graphs, tokenizer
+        self.embed_patches = embed_patches        # (ids, patches) -> [L, hidden] on the device; None: text only
         self.state = graphs.state(rows)
         self.rows = [None] * rows                 # row -> _Row holding it
         self.waiting: collections.deque[Request] = collections.deque()
@@ -103,6 +112,8 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ requests
     def submit(self, request: Request) -> None:
         """Queue a request (checked by the caller: prompt + max_new_tokens fits a cache row)."""
+        if request.patches is not None and self.embed_patches is None:
+            raise ValueError("this scheduler has no image front end for a request with image patches")
         self._trackers[request] = StopTracker(self.tokenizer, request.stop_ids, request.stop_strings)
         self.waiting.append(request)
 
@@ -153,7 +164,9 @@ class Scheduler:
         for r, holder in enumerate(self.rows):
             if holder is None and self.waiting:
                 request = self.waiting.popleft()
-                self.rows[r] = _Row(request, r, self._trackers.pop(request))
+                prompt = request.prompt if request.patches is None else self.embed_patches(request.prompt,
+                                                                                           request.patches)
+                self.rows[r] = _Row(request, r, self._trackers.pop(request), prompt)
         filling = [h for h in self.rows if h is not None and h.prefilled < len(h.request)]
         if not filling:
             return
@@ -168,10 +181,11 @@ class Scheduler:
                 if take > 0:
                     pieces.append((h, take))
                     room -= take
-            logits = self.forward.prefill([(h.row, h.request.prompt, h.prefilled, take) for h, take in pieces])
+            logits = self.forward.prefill([(h.row, h.prompt, h.prefilled, take) for h, take in pieces])
             for (h, take), row_logits in zip(pieces, logits):
                 h.prefilled += take
                 if h.prefilled == len(h.request):
+                    h.prompt = None                   # embeddings of an image prompt are not needed any more
                     done.append(h)
                     done_logits.append(row_logits)
             budget = None if budget is None else budget - sum(take for _, take in pieces)
@@ -182,19 +196,21 @@ class Scheduler:
     def _join(self, joining: list[_Row], logits: torch.Tensor) -> None:
         """Sample the first token of each row whose prompt is in the cache, and let it into the step."""
         dev, reqs = self.forward.device, [h.request for h in joining]
-        temperature = torch.tensor([[r.temperature] for r in reqs], device=dev)
-        top_k = torch.tensor([r.top_k for r in reqs], dtype=torch.long, device=dev)
-        top_p = torch.tensor([[r.top_p] for r in reqs], device=dev)
-        first = sample(logits, temperature, top_k, top_p, greedy=all(r.temperature == 0 for r in reqs))
+        temperature, top_p = upload_split([[r.temperature for r in reqs], [r.top_p for r in reqs]], torch.float32, dev)
+        top_k = upload([r.top_k for r in reqs], torch.long, dev)
+        first = sample(logits, temperature[:, None], top_k, top_p[:, None],
+                       greedy=all(r.temperature == 0 for r in reqs))
         lp = token_logprobs(logits, first) if any(r.logprobs is not None for r in reqs) else None
         members = {h.row: (h, i) for i, h in enumerate(joining)}
         self.queued.append(self._to_host(members, False, first, lp))
-        entering = [h for h in joining if h.steps_left > 0]
+        entering = [i for i, h in enumerate(joining) if h.steps_left > 0]
         if entering:
-            self.state.join([h.row for h in entering], first[[joining.index(h) for h in entering]],
-                            [len(h.request) for h in entering], [h.request.temperature for h in entering],
-                            [h.request.top_k for h in entering], [h.request.top_p for h in entering])
-            self.on_device.update(h.row for h in entering)
+            tokens = first if len(entering) == len(joining) else first[upload(entering, torch.long, dev)]
+            rows = [joining[i] for i in entering]
+            self.state.join([h.row for h in rows], tokens, [len(h.request) for h in rows],
+                            [h.request.temperature for h in rows], [h.request.top_k for h in rows],
+                            [h.request.top_p for h in rows])
+            self.on_device.update(h.row for h in rows)
 
     # ------------------------------------------------------------------------------------------ launch
     def _launch(self) -> None:

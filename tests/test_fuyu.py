@@ -44,6 +44,19 @@ def test_processor_matches_transformers(model_dir, size):
     assert torch.equal(ours["image_patches"], theirs["image_patches"].float())
 
 
+def test_encoded_bytes_decode_to_the_same_pixels(model_dir):
+    import io
+
+    from PIL import Image
+
+    from persimmon_rt.fuyu.image import load_image
+
+    array = random_image(37, 51, seed=4)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    assert np.array_equal(load_image(buf.getvalue()), array)
+
+
 def test_processor_pil_and_paths(model_dir, tmp_path):
     from PIL import Image
 
@@ -102,6 +115,33 @@ def test_engine_greedy_matches_module(model_dir):
     assert result.texts is not None and len(result.texts) == 2
 
 
+def test_an_image_request_joins_a_running_decode_without_host_waits(model_dir):
+    """The scheduler embeds an image request when it takes a row and prefills it in pieces between decode
+    steps; nothing there would make the host wait for a GPU (sync_audit.py), and both rows produce what
+    they produce alone."""
+    from sync_audit import HostWaits
+
+    from persimmon_rt.engine import Engine
+
+    engine = Engine.from_pretrained(model_dir, dtype=torch.float32, device="cpu", max_batch_size=2, max_seq_len=64)
+    image = random_image(90, 120, seed=8)
+    alone = {"image": engine.generate([PROMPTS[0]], images=[image], max_new_tokens=6).token_ids[0],
+             "text": engine.generate([PROMPTS[2]], max_new_tokens=12).token_ids[0]}
+    ids, patches = engine.images.prompt(PROMPTS[0], image)
+    requests = {"text": engine.request(PROMPTS[2], 12), "image": engine.request(ids, 6, patches=patches)}
+    with engine.lock, HostWaits() as audit:
+        scheduler = engine.scheduler(prefill_budget=5)
+        scheduler.submit(requests["text"])
+        joined = False
+        while scheduler.busy() or not joined:
+            if scheduler.decode_steps >= 3 and not joined:
+                scheduler.submit(requests["image"])
+                joined = True
+            scheduler.step()
+    assert audit.calls == []
+    assert {k: r.output_ids for k, r in requests.items()} == alone
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_unreadable_image(model_dir, tmp_path):
     from persimmon_rt.fuyu.image import ImageError
@@ -110,7 +150,8 @@ def test_unreadable_image(model_dir, tmp_path):
     bad.write_bytes(b"not an image at all")
     processor = FuyuProcessor.from_pretrained(model_dir)
     for image, words in ((str(bad), "cannot read image"), (str(tmp_path / "missing.png"), "no image file"),
-                         (np.zeros((0, 10, 3), np.uint8), "zero size"), (np.zeros((4, 4, 3), np.float32), "uint8")):
+                         (np.zeros((0, 10, 3), np.uint8), "zero size"), (np.zeros((4, 4, 3), np.float32), "uint8"),
+                         (b"not an image", r"cannot read image data \(12 bytes\)"), (b"", "empty")):
         with pytest.raises(ImageError, match=words) as info:
             processor(text="x", images=image)
         assert "\n" not in str(info.value)
@@ -131,6 +172,21 @@ def test_text_only_engine_refuses_images():
     engine = Engine.from_pretrained(demo, device="cpu", max_seq_len=32)
     with pytest.raises(ValueError, match="text-only"):
         engine.generate(["ROMEO:"], images=[random_image(10, 10)], max_new_tokens=2)
+    with pytest.raises(ValueError, match="text-only"):
+        engine.request([1, 2, 3], 2, patches=torch.zeros(1, 2700))
+
+
+def test_patches_that_do_not_fit_the_placeholders_are_refused(model_dir):
+    from persimmon_rt.engine import Engine
+
+    engine = Engine.from_pretrained(model_dir, dtype=torch.float32, device="cpu", max_seq_len=64)
+    ids, patches = engine.images.prompt("x", random_image(60, 60))
+    for bad in (patches[:-1], patches[:, :-1], patches[None]):
+        with pytest.raises(ValueError, match=r"image patches must be \[4 placeholders, 2700\]"):
+            engine.request(ids, 2, patches=bad)
+    embeds = engine.forward.embed(torch.tensor(ids))
+    with pytest.raises(ValueError, match="not with input embeddings"):
+        engine.request(embeds, 2, patches=patches)
 
 
 # ------------------------------------------------------------------------------------------------ command line

@@ -1,6 +1,7 @@
 """Continuous batching: rows join a running decode at step boundaries (prefilled in one piece or in chunks
 between decode steps), leave when finished or cancelled, and each request produces exactly what it
-produces alone. Also the stop rule and log-probabilities. CPU (reference path); the same on a GPU."""
+produces alone; prefill stays within its budget per boundary, and nothing on the step path makes the host
+wait for the device. Also the stop rule and log-probabilities. CPU (reference path); the same on a GPU."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from persimmon_rt.demo import demo_model_path
 from persimmon_rt.engine import Engine
 
 from model_utils import random_model, tiny_config
+from sync_audit import HostWaits
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and prt.ops.HAVE_CUDA_EXT else [])
 
@@ -79,6 +81,82 @@ def test_more_requests_than_rows_wait_for_free_rows_and_cancelled_ones_free_thei
     assert doomed.finish_reason == "cancelled" and len(doomed.output_ids) < 30
     for r, p, n in zip(requests, prompts, budgets):
         assert r.output_ids == alone(engine, p, n), r.tag
+
+
+def test_prefill_per_boundary_stays_within_the_budget_while_rows_decode(monkeypatch):
+    torch.manual_seed(2)
+    model = lively_model()
+    engine = Engine(model, model.config, max_batch_size=4, max_seq_len=64)
+    scheduler = engine.scheduler(prefill_budget=4)
+    prefill, prefilled = engine.forward.prefill, []
+
+    def counting(pieces):
+        prefilled[-1] += sum(take for _, _, _, take in pieces)
+        return prefill(pieces)
+
+    monkeypatch.setattr(engine.forward, "prefill", counting)
+    first = engine.request(torch.randint(1, 97, (6,)).tolist(), 30, stop_token_ids=[], tag="first")
+    late = [engine.request(torch.randint(1, 97, (n,)).tolist(), 4, stop_token_ids=[], tag=n) for n in (9, 7, 5)]
+    scheduler.submit(first)
+    per_boundary = []                     # (first was decoding, prompt tokens prefilled) per step
+    while scheduler.busy():
+        if scheduler.decode_steps == 3:
+            for r in late:
+                scheduler.submit(r)
+        decoding = bool(first.output_ids) and first.finish_reason is None
+        prefilled.append(0)
+        scheduler.step()
+        per_boundary.append((decoding, prefilled[-1]))
+    assert sum(n for _, n in per_boundary) == 6 + 9 + 7 + 5
+    while_decoding = [n for decoding, n in per_boundary if decoding and n]
+    assert max(while_decoding) == 4 and sum(while_decoding) == 9 + 7 + 5
+    assert all(r.finish_reason == "length" for r in [first] + late)
+
+
+@pytest.mark.parametrize("budget", [None, 3])
+def test_the_step_path_makes_no_call_that_waits_for_the_device(budget):
+    """CPU audit (sync_audit.py): what would stall the two-steps-ahead pipeline on a GPU."""
+    torch.manual_seed(3)
+    model = lively_model()
+    engine = Engine(model, model.config, max_batch_size=4, max_seq_len=64)
+    scheduler = engine.scheduler(prefill_budget=budget)
+    first = engine.request(torch.randint(1, 97, (5,)).tolist(), 20, stop_token_ids=[], tag="first")
+    late = engine.request(torch.randint(1, 97, (11,)).tolist(), 6, stop_token_ids=[], tag="late")
+    one = engine.request(torch.randint(1, 97, (4,)).tolist(), 1, stop_token_ids=[], tag="one")   # never decodes
+    gone = engine.request(torch.randint(1, 97, (3,)).tolist(), 20, stop_token_ids=[], tag="gone")
+    embeds = engine.forward.embed(torch.randint(1, 97, (7,)))
+    with HostWaits() as audit:
+        run(scheduler, {0: [first], 4: [late, one, gone]})
+        engine.forward.prefill([(2, embeds, 0, 7), (0, torch.randint(1, 97, (3,)), 0, 3)])   # embeddings + ids
+    assert audit.calls == []
+    with HostWaits() as audit:          # the audit sees what it should (the code the fix replaced)
+        exec(compile("torch.tensor([1], device='cpu'); torch.zeros(2).to('cpu'); torch.ones(3)[[0, 2]];"
+                     "bool(torch.ones(1)); x = torch.ones(3); x[x > 0] = 0", prt.forward.__file__, "exec"),
+             {"torch": torch})
+    assert [" ".join(c.split()[1:4]) for c in audit.calls] == [
+        "puts host data", "blocking transfer (to)", "indexes with a", "reads a value", "indexes with a"]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and prt.ops.HAVE_CUDA_EXT), reason="needs a CUDA GPU and the "
+                    "extension: torch.cuda.set_sync_debug_mode has nothing to watch on the CPU")
+def test_rows_join_and_leave_a_running_decode_without_a_synchronising_call_gpu():
+    torch.manual_seed(4)
+    model = lively_model("cuda")
+    engine = Engine(model, model.config, max_batch_size=4, max_seq_len=64)
+    prompts = {"first": torch.randint(1, 97, (5,)).tolist(), "late": torch.randint(1, 97, (11,)).tolist()}
+    expected = {"first": alone(engine, prompts["first"], 24), "late": alone(engine, prompts["late"], 10)}
+    scheduler = engine.scheduler(prefill_budget=3)
+    run(scheduler, {0: [engine.request(prompts["late"], 3, stop_token_ids=[])]})     # lazy initialisation
+    requests = {"first": engine.request(prompts["first"], 24, stop_token_ids=[], temperature=0.0, tag="first"),
+                "late": engine.request(prompts["late"], 10, stop_token_ids=[], logprobs=2, tag="late")}
+    embeds = engine.forward.embed(torch.tensor([5, 6], device="cuda"))
+    torch.cuda.set_sync_debug_mode("error")     # a synchronising call raises (the results' event wait is not one)
+    try:
+        run(scheduler, {0: [requests["first"]], 6: [requests["late"]]})
+        engine.forward.prefill([(3, embeds, 0, 2), (2, torch.tensor([7, 8, 9]), 0, 3)])   # CPU ids beside embeddings
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert {tag: r.output_ids for tag, r in requests.items()} == expected
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ def chat(**fields):
     return {"model": MODEL, "messages": [{"role": "user", "content": "Hail!"}], **fields}
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 BAD = [  # (route, body, status, the param named, words in the message)
     ("/v1/completions", "{not json", 400, None, "not valid JSON"),
     ("/v1/completions", "[1, 2]", 400, None, "must be a JSON object"),
@@ -70,6 +71,14 @@ BAD = [  # (route, body, status, the param named, words in the message)
     ("/v1/chat/completions", chat(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content",
      "must be a string"),
     ("/v1/chat/completions", chat(logprobs=3), 400, "logprobs", "must be a boolean"),
+    ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "text", "text": "Hail!"}, IMAGE]}]),
+     400, "messages[0].content[1]", "text-only"),
+    ("/v1/chat/completions", chat(messages=[{"role": "assistant", "content": [IMAGE]}]), 400, "messages[0].content[0]",
+     "only allowed in user messages"),
+    ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]), 400,
+     "messages[0].content[0]", "'messages[0].content[0].text' must be a string"),
+    ("/v1/chat/completions", chat(messages=[{"role": "user", "content": ["Hail!"]}]), 400, "messages[0].content[0]",
+     "must be a content part"),
     ("/v1/chat/completions", chat(top_logprobs=2), 400, "top_logprobs", "needs 'logprobs'"),
     ("/v1/chat/completions", chat(max_completion_tokens=MAX_SEQ_LEN), 400, "messages", "maximum context length"),
 ]

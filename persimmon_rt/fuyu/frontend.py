@@ -1,9 +1,10 @@
 """The image front end of the engine, and loading a Fuyu directory for it.
 
-Images and prompts go through the processor (transformers' FuyuProcessor token layout); the token ids are
-embedded with the engine's own table, the patches projected by `vision_embed_tokens` into the placeholder
-positions, and the engine gets the result as `inputs_embeds`: the prefill runs the fused kernels over the
-patch embeddings like any prompt, and decoding (text tokens only) runs in the same captured graphs.
+An image and a prompt go through the processor (transformers' FuyuProcessor token layout) on the host:
+token ids, and one patch per image placeholder (`prompt`). A request carrying patches is embedded when it
+takes a scheduler row (`embed`): the token ids with the engine's own table, the patches projected by
+`vision_embed_tokens` into the placeholder positions. The prefill runs the fused kernels over these
+embeddings like any prompt, and decoding (text tokens only) runs in the same captured graphs.
 `Engine.from_pretrained` on a Fuyu directory calls `load_fuyu` and keeps the front end as `engine.images`.
 """
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from ..loading import Weights, normalise_names
 from ..quantized_sources import materializer, resolve_scheme
+from ..transfer import upload
 from ..weights import CheckpointError, open_checkpoint
 from .config import FuyuConfig
 from .names import decoder_sources, vision_names
@@ -24,31 +26,43 @@ from .tokenizer import load_tokenizer
 
 
 class ImageFrontEnd:
-    """Turns (prompt, image) pairs into [len, hidden] input embeddings."""
+    """Turns (prompt, image) pairs into token ids with image patches (host), and those into [len, hidden]
+    input embeddings (device)."""
 
     def __init__(self, config: FuyuConfig, vision_w: torch.Tensor, vision_b: torch.Tensor,
                  processor: FuyuProcessor | None):
         self.config, self.vision_w, self.vision_b, self.processor = config, vision_w, vision_b, processor
 
-    @torch.no_grad()
-    def embed_prompts(self, prompts, images, embed) -> list[torch.Tensor]:
-        """`embed(tokens)` gives rows of the decoder's embedding table (the engine's Forward.embed)."""
+    def prompt(self, text: str, image=None) -> tuple[list[int], torch.Tensor | None]:
+        """Token ids (the processor's layout) and the image's patches [P, patch_dim] float32 (host), one per
+        image placeholder; CPU work only. `image`: a path, encoded bytes, a PIL image or an array."""
         if self.processor is None:
             raise ValueError("image prompts need the model's tokenizer (tokenizer.json) for the processor")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts but {len(images)} images: give one image per prompt")
-        return [self._embed_one(*self.processor.sample_ids(p, im), embed) for p, im in zip(prompts, images)]
+        ids, patches = self.processor.sample_ids(text, image)
+        return ids, None if patches is None else torch.from_numpy(patches)
 
-    def _embed_one(self, ids: list[int], patches, embed) -> torch.Tensor:
-        tokens = torch.tensor(ids, dtype=torch.long, device=self.vision_w.device)
-        embeds = embed(tokens).to(self.vision_w.dtype)
-        if patches is not None:
-            # The projection runs in the model dtype, as in transformers (nn.Linear on dtype weights).
-            x = torch.from_numpy(patches).to(self.vision_w.device, self.vision_w.dtype)
-            embeds[tokens == self.config.image_token_id] = F.linear(x, self.vision_w, self.vision_b)
-        return embeds
+    def check(self, ids: torch.Tensor, patches: torch.Tensor) -> None:
+        """Raises ValueError unless `patches` fit the image placeholders of `ids` (token ids [L])."""
+        placeholders = int((ids == self.config.image_token_id).sum())
+        if patches.dim() != 2 or patches.shape[1] != self.config.patch_dim or patches.shape[0] != placeholders:
+            raise ValueError(f"image patches must be [{placeholders} placeholders, {self.config.patch_dim}], got "
+                             f"{tuple(patches.shape)}")
+
+    @torch.no_grad()
+    def embed(self, ids, patches: torch.Tensor | None, embed) -> torch.Tensor:
+        """[L, hidden] input embeddings on the model's device: rows of the decoder's table (`embed(tokens)`,
+        the engine's Forward.embed) with the projected patches in the placeholders' places, in order. Queued
+        without waiting for the GPU (nothing is read back), so it may run between decode steps."""
+        device, dtype = self.vision_w.device, self.vision_w.dtype
+        tokens = upload(ids, torch.long, device)
+        embeds = embed(tokens).to(dtype)
+        if patches is None:
+            return embeds
+        # The projection runs in the model dtype, as in transformers (nn.Linear on dtype weights).
+        projected = F.linear(upload(patches, torch.float32, device).to(dtype), self.vision_w, self.vision_b)
+        image = tokens == self.config.image_token_id
+        which = (image.cumsum(0) - 1).clamp_min(0)            # placeholder i takes patch i
+        return torch.where(image[:, None], projected[which], embeds)
 
 
 def load_fuyu(path: str, dtype, device, quantize=None) -> tuple[FuyuConfig, Weights, ImageFrontEnd]:

@@ -7,6 +7,7 @@ processor resizes with Pillow: using the same resampler keeps our pixels identic
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -28,9 +29,12 @@ def _pil():
 
 
 def load_image(image) -> np.ndarray:
-    """An RGB uint8 array [H, W, 3] from a path, a PIL image or an array ([H, W], [H, W, 3|4], uint8)."""
+    """An RGB uint8 array [H, W, 3] from a path, an encoded image's bytes (PNG, JPEG, ...), a PIL image or an
+    array ([H, W], [H, W, 3|4], uint8)."""
     if isinstance(image, (str, os.PathLike)):
         image = _open(os.fspath(image))
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        image = _decode(bytes(image))
     if hasattr(image, "convert") and hasattr(image, "size"):          # a PIL image
         if image.size[0] == 0 or image.size[1] == 0:
             raise ImageError(f"image has zero size {image.size[0]}x{image.size[1]}")
@@ -48,15 +52,26 @@ def load_image(image) -> np.ndarray:
 
 
 def _open(path: str):
-    Image = _pil()
     if not os.path.isfile(path):
         raise ImageError(f"no image file at {path}")
+    return _read(path, path)
+
+
+def _decode(data: bytes):
+    if not data:
+        raise ImageError("image data is empty (0 bytes)")
+    return _read(io.BytesIO(data), f"data ({len(data)} bytes)")
+
+
+def _read(source, name: str):
+    Image = _pil()
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             return img.copy()
     except Exception as exc:          # Pillow raises several types for broken files
-        raise ImageError(f"cannot read image {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        detail = str(exc).replace(repr(source), "").strip().splitlines()      # no "<_io.BytesIO object at 0x..>"
+        raise ImageError(f"cannot read image {name}: {type(exc).__name__}: {detail[0] if detail else ''}") from None
 
 
 def fitted_size(height: int, width: int, canvas=CANVAS) -> tuple[int, int]:

@@ -33,6 +33,10 @@ class JsonTokenizer:
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def convert_ids_to_tokens(self, token_id: int) -> str:
+        """The vocabulary piece of one id (the server's log-probabilities spell tokens with it)."""
+        return self._tok.id_to_token(int(token_id))
+
     def stream_decoder(self, skip_special_tokens: bool = False) -> "_StreamDecoder":
         return _StreamDecoder(self, skip_special_tokens)
 

@@ -3,8 +3,9 @@
     from persimmon_rt.serving import create_app, make_server
     make_server(create_app(engine, model_name="persimmon-8b-chat"), port=8000).run()
 
-app.py holds the routes, protocol.py checks request bodies, openai_format.py writes responses, worker.py
-is the scheduler thread that owns the engine, metrics.py the Prometheus metrics, server.py runs uvicorn.
+app.py holds the routes, protocol.py checks request bodies, prompts.py turns them into the engine's requests
+(images included), openai_format.py writes responses, worker.py is the scheduler thread that owns the
+engine, metrics.py the Prometheus metrics, server.py runs uvicorn.
 Only app.py and server.py need the HTTP stack, so worker.py can be used (benchmarks/bench_serve.py) where
 it is not installed.
 """

@@ -1,7 +1,8 @@
 """The HTTP application: OpenAI-compatible routes over one scheduler thread (worker.py).
 
     POST /v1/completions        prompt: a string, strings, token ids, or lists of token ids
-    POST /v1/chat/completions   messages rendered as `human: ...\\n\\nadept:` (the chat model's format)
+    POST /v1/chat/completions   messages rendered as `human: ...\\n\\nadept:` (the chat model's format);
+                                a Fuyu model: one user message, its text and at most one base64 image
     GET  /v1/models, /health, /metrics
 """
 
@@ -21,10 +22,9 @@ from starlette.routing import Route
 
 from .metrics import CONTENT_TYPE, Metrics
 from .openai_format import Choice, Formatter, usage
-from .protocol import CHAT_TURN_END, APIError, Completion, bad, parse_chat, parse_completion
+from .prompts import build_requests
+from .protocol import APIError, bad, parse_chat, parse_completion
 from .worker import QueueFull, StepFailed, Stream, Unavailable, Worker
-
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16       # the OpenAI completions API's default
 
 
 class ServeState:
@@ -149,7 +149,8 @@ async def _complete(request: Request, chat: bool) -> Response:
     if parsed.model != state.model_name:
         raise APIError(404, f"the model '{parsed.model}' does not exist; this server serves '{state.model_name}'",
                        param="model", code="model_not_found")
-    stream = Stream(_requests(state, parsed), asyncio.get_running_loop(), arrived)
+    requests = await asyncio.to_thread(build_requests, state.engine, parsed, state.max_queue, state.model_name)
+    stream = Stream(requests, asyncio.get_running_loop(), arrived)
     _submit(state, stream)
     formatter = Formatter(chat, state.model_name, state.engine.tokenizer, parsed.sampling.logprobs is not None)
     if parsed.sampling.stream:
@@ -179,36 +180,6 @@ async def _read_json(request: Request):
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad(None, f"the request body is not valid JSON: {exc}") from None
-
-
-def _requests(state: ServeState, parsed: Completion) -> list:
-    """One scheduler request per prompt and choice (choice index = prompt index * n + j)."""
-    engine, s = state.engine, parsed.sampling
-    try:
-        if parsed.chat:
-            prompts = [engine.tokenizer.apply_chat_template(parsed.messages, tokenize=True)]
-        else:
-            prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in parsed.prompts]
-    except (ValueError, TypeError) as exc:        # UnicodeError included (a lone surrogate, say)
-        raise bad("messages" if parsed.chat else "prompt", f"cannot tokenize the prompt: {exc}") from None
-    if len(prompts) * s.n > state.max_queue:
-        raise bad("n", f"{len(prompts)} prompt(s) x n={s.n} is more sequences than the server queues at once "
-                       f"({state.max_queue})")
-    stops = s.stop + [CHAT_TURN_END] * parsed.chat
-    requests = []
-    for ids in prompts:
-        max_tokens = s.max_tokens or (engine.max_seq_len - len(ids) if parsed.chat else COMPLETIONS_DEFAULT_MAX_TOKENS)
-        if len(ids) + max(max_tokens, 1) > engine.max_seq_len:
-            raise bad("messages" if parsed.chat else "prompt",
-                      f"this model's maximum context length is {engine.max_seq_len} tokens, but the prompt has "
-                      f"{len(ids)} tokens and max_tokens is {max_tokens}", code="context_length_exceeded")
-        for _ in range(s.n):
-            try:
-                requests.append(engine.request(ids, max_tokens, s.temperature, s.top_k, s.top_p,
-                                               stop_strings=stops, logprobs=s.logprobs))
-            except ValueError as exc:
-                raise bad("messages" if parsed.chat else "prompt", str(exc)) from None
-    return requests
 
 
 def _submit(state: ServeState, stream: Stream) -> None:

@@ -3,11 +3,16 @@
 Known fields are checked for type and range and a bad one is named in a 400; fields of the API this server
 does not implement are refused when set to anything but their neutral value (a penalty of 0, `echo` false,
 ...), so a client never silently gets something other than what it asked for; bookkeeping fields (`user`,
-`metadata`, ...) are accepted and ignored; any other field is refused as OpenAI refuses it.
+`metadata`, ...) are accepted and ignored; any other field is refused as OpenAI refuses it. Chat content
+parts are text and images; an image comes as a base64 data URL (`image_bytes`), since the server fetches
+nothing from the network.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from dataclasses import dataclass, field
 
 from ..sampling import MAX_LOGPROBS
@@ -50,6 +55,13 @@ class Sampling:
 
 
 @dataclass
+class ImagePart:
+    """A chat message's image content part, as given: decode it with `image_bytes`."""
+    param: str                          # where it is in the body, for errors: messages[i].content[j]
+    url: str
+
+
+@dataclass
 class Completion:
     """A checked /v1/completions or /v1/chat/completions body."""
     model: str
@@ -57,6 +69,7 @@ class Completion:
     prompts: list = field(default_factory=list)       # completions: strings or token-id lists
     messages: list[dict] | None = None                # chat: user/assistant turns, system text folded in
     chat: bool = False
+    images: list[ImagePart] = field(default_factory=list)      # chat: image parts of the messages, in order
 
 
 def _kind(value) -> str:
@@ -207,23 +220,73 @@ def parse_chat(body) -> Completion:
     if top is not None and not want:
         raise bad("top_logprobs", "'top_logprobs' needs 'logprobs' set to true")
     sampling = _sampling(body, (top or 0) if want else None, ("max_tokens", "max_completion_tokens"))
-    return Completion(model, sampling, messages=_messages(body.get("messages")), chat=True)
+    images: list[ImagePart] = []
+    messages = _messages(body.get("messages"), images)
+    return Completion(model, sampling, messages=messages, chat=True, images=images)
 
 
-def _content(message: dict, i: int) -> str:
+def _content(message: dict, i: int, images: list[ImagePart]) -> str:
+    """A message's text; its image parts (user messages only) are appended to `images`."""
     content = message.get("content")
     if content is None and message.get("role") == "assistant":
         return ""
-    if isinstance(content, list):       # content parts: text only
-        if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            return "".join(p["text"] for p in content)
-        raise bad(f"messages[{i}].content", "only text content parts are supported")
+    if isinstance(content, list):
+        return "".join(_part(part, f"messages[{i}].content[{j}]", message.get("role"), images)
+                       for j, part in enumerate(content))
     if not isinstance(content, str):
         raise bad(f"messages[{i}].content", f"'messages[{i}].content' must be a string, got {_kind(content)}")
     return content
 
 
-def _messages(messages) -> list[dict]:
+def _part(part, where: str, role, images: list[ImagePart]) -> str:
+    """A content part's text ("" for an image part, which goes to `images`)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else None
+        if not isinstance(url, str):
+            raise bad(where, f"'{where}.image_url' must be an object with a string 'url'")
+        if role != "user":
+            raise bad(where, f"image parts are only allowed in user messages, not in a {role!r} message")
+        images.append(ImagePart(where, url))
+        return ""
+    if kind == "text":
+        raise bad(where, f"'{where}.text' must be a string")
+    if kind is None:
+        raise bad(where, f"'{where}' must be a content part: an object with a 'type' ('text' or 'image_url')")
+    raise bad(where, f"unsupported content part type {kind!r}: this server takes 'text' and 'image_url' parts")
+
+
+_DATA_URL = re.compile(r"data:(?P<media>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)", re.DOTALL)
+
+
+def image_bytes(part: ImagePart) -> bytes:
+    """The encoded image of a base64 data URL (data:image/png;base64,...). Anything else is a 400: the
+    server fetches no URLs."""
+    url = part.url.strip()
+    where = f"{part.param}.image_url.url"
+    if url.lower().startswith(("http://", "https://")):
+        raise bad(where, "image URLs are not fetched: this server makes no network requests; send the image "
+                         "inline as a base64 data URL (data:image/png;base64,...)")
+    match = _DATA_URL.fullmatch(url)
+    if match is None:
+        raise bad(where, "the image must be a base64 data URL (data:image/png;base64,...)")
+    if not match["media"].lower().startswith("image/"):
+        raise bad(where, f"the data URL's media type must be image/..., got {match['media'] or 'none'!r}")
+    if ";base64" not in match["params"].lower():
+        raise bad(where, "only base64 data URLs are supported (data:image/png;base64,...)")
+    try:
+        data = base64.b64decode(match["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(where, "the data URL's payload is not valid base64") from None
+    if not data:
+        raise bad(where, "the image is empty (0 bytes)")
+    return data
+
+
+def _messages(messages, images: list[ImagePart]) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty array" if messages is not None
                   else "'messages' is required")
@@ -231,7 +294,7 @@ def _messages(messages) -> list[dict]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise bad(f"messages[{i}]", f"'messages[{i}]' must be an object, got {_kind(message)}")
-        role, content = message.get("role"), _content(message, i)
+        role, content = message.get("role"), _content(message, i, images)
         if role in ("system", "developer"):
             system.append(content.strip())
         elif role in ("user", "assistant"):
