@@ -243,7 +243,7 @@ void check_all_reduce_layernorm(const Tensor& partial, const Tensor& buffers, co
 
 void all_reduce_layernorm_cuda(const Tensor& partial, const Tensor& buffers, Tensor& epochs, int64_t rank,
                                const Tensor& weight, const Tensor& bias, Tensor& out, double eps,
-                               const Tensor& residual, Tensor& residual_out, double timeout_s) {
+                               const Tensor& residual, Tensor& residual_out, double timeout_s, bool lamport) {
   check_all_reduce_layernorm(partial, buffers, epochs, rank, weight, bias, out, residual, residual_out);
   TORCH_CHECK(timeout_s > 0, kAr, ": timeout_s must be positive, got ", timeout_s);
   const c10::cuda::CUDAGuard guard(partial.device());
@@ -251,7 +251,7 @@ void all_reduce_layernorm_cuda(const Tensor& partial, const Tensor& buffers, Ten
                               static_cast<uint32_t*>(epochs.data_ptr()), weight.data_ptr(), bias.data_ptr(),
                               out.data_ptr(), residual.data_ptr(), residual_out.data_ptr(), static_cast<int>(rank),
                               static_cast<int>(buffers.size(0)), partial.size(0), static_cast<int>(partial.size(1)),
-                              static_cast<float>(eps), timeout_s, activation_dtype(kAr, partial, "partial"),
+                              static_cast<float>(eps), timeout_s, lamport, activation_dtype(kAr, partial, "partial"),
                               current_stream());
 }
 
@@ -515,7 +515,8 @@ TORCH_LIBRARY(persimmon_rt, m) {
   // Tensor parallelism: buffers holds each rank's peer-mapped buffer address (int64, on the device).
   m.def(
       "all_reduce_layernorm(Tensor partial, Tensor buffers, Tensor(a!) epochs, int rank, Tensor weight, "
-      "Tensor bias, Tensor(b!) out, float eps, Tensor residual, Tensor(c!) residual_out, float timeout_s) -> ()");
+      "Tensor bias, Tensor(b!) out, float eps, Tensor residual, Tensor(c!) residual_out, float timeout_s, "
+      "bool lamport=False) -> ()");
   // config: a tile configuration index for sweeps (_C.DECODE_LINEAR_CONFIGS); -1 = the per-shape choice.
   m.def(
       "decode_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor(a!) out, bool relu2, "
@@ -565,6 +566,7 @@ TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
 //   LAYERNORM_MAX_HIDDEN    int, widest row the layernorm op takes
 //   ALL_REDUCE_MAX_ROWS, ALL_REDUCE_MAX_RANKS  int, limits of all_reduce_layernorm
 //   ALL_REDUCE_FLAG_BYTES   int, the flag block at the start of each rank's all-reduce buffer
+//   ALL_REDUCE_SLOTS        int, the data slots that rotate after it
 //   DECODE_LINEAR_CONFIGS   tuple of str, the GEMV's compiled tile configurations (decode_linear's
 //                           `config` argument indexes it; for benchmark sweeps)
 //   DECODE_LINEAR_INT8_CONFIGS  tuple of str, the same for decode_linear_int8
@@ -613,6 +615,7 @@ bool add_limits(PyObject* m) {
   if (PyModule_AddIntConstant(m, "ALL_REDUCE_MAX_ROWS", persimmon_rt::kAllReduceMaxRowsHost) < 0) return false;
   if (PyModule_AddIntConstant(m, "ALL_REDUCE_MAX_RANKS", persimmon_rt::kAllReduceMaxRanksHost) < 0) return false;
   if (PyModule_AddIntConstant(m, "ALL_REDUCE_FLAG_BYTES", persimmon_rt::kAllReduceFlagBytesHost) < 0) return false;
+  if (PyModule_AddIntConstant(m, "ALL_REDUCE_SLOTS", persimmon_rt::kAllReduceSlotsHost) < 0) return false;
   if (!add_names(m, "DECODE_LINEAR_CONFIGS", persimmon_rt::decode_linear_config_names())) return false;
   if (!add_names(m, "DECODE_LINEAR_INT8_CONFIGS", persimmon_rt::decode_linear_int8_config_names())) return false;
   PyObject* dims = head_dims_tuple();

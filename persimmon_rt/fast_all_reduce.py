@@ -6,17 +6,20 @@ hidden 4096, fp16): pure latency, and each is followed by a residual add + Layer
 kernel. `all_reduce_layernorm` (csrc/kernels/all_reduce_layernorm.cuh) does both in one kernel: each rank
 pushes its partial rows into every peer's buffer over NVLink, raises a flag there, waits for the peers'
 flags in its own memory, then sums in rank order (every rank gets the same bits), adds the residual and
-normalises.
+normalises. Two ways to know a peer's row has arrived (the protocol, chosen per reducer): "flags" (a flag
+raised with a release store after the row, waited on with acquire loads) and "lamport" (the row is its own
+flag: unused slots hold a sentinel that no pushed element equals, and the receiver polls until none is
+left; no release, so no round trip over the link).
 
 Each rank owns one buffer that every rank maps: PyTorch's symmetric memory (`torch.distributed.
 _symmetric_memory`) allocates it and exchanges the peers' addresses; the kernel needs nothing else from it
 (no multicast: NVLink multicast stays off). Layout of each buffer:
 
-    [ flags: uint32 [ALL_REDUCE_MAX_ROWS][ALL_REDUCE_MAX_RANKS] | data: [2][W][ALL_REDUCE_MAX_ROWS][hidden] ]
+    [ flags: uint32 [ALL_REDUCE_MAX_ROWS][ALL_REDUCE_MAX_RANKS] | data: [ALL_REDUCE_SLOTS][W][ALL_REDUCE_MAX_ROWS][hidden] ]
 
 Set up once per engine, outside graph capture, for one dtype and hidden size; if anything fails (an old
 torch, no peer access) or a probe disagrees with NCCL + LayerNorm, `try_create` returns None with the
-reason and NCCL stays in use. PERSIMMON_RT_TP_ALL_REDUCE=nccl keeps NCCL regardless.
+reason and NCCL stays in use.
 """
 
 from __future__ import annotations
@@ -27,8 +30,15 @@ import torch.distributed as dist
 from . import ops
 
 
+PROTOCOLS = ("flags", "lamport")
+SENTINEL = -32768        # int16 view of 0x8000: -0.0 in fp16 and bf16, the "not yet written" mark
+
+
 class FusedAllReduce:
-    def __init__(self, group, device: torch.device, dtype: torch.dtype, hidden: int, timeout_s: float):
+    def __init__(self, group, device: torch.device, dtype: torch.dtype, hidden: int, timeout_s: float,
+                 protocol: str = "flags"):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"all-reduce protocol must be one of {PROTOCOLS}, got {protocol!r}")
         import torch.distributed._symmetric_memory as symm_mem
 
         group = group or dist.group.WORLD
@@ -38,15 +48,17 @@ class FusedAllReduce:
         if self.world > ops.ALL_REDUCE_MAX_RANKS:
             raise ValueError(f"{self.world} ranks; the fused all-reduce takes at most {ops.ALL_REDUCE_MAX_RANKS}")
         self.dtype, self.hidden, self.timeout_s = dtype, int(hidden), float(timeout_s)
+        self.protocol, self._lamport = protocol, protocol == "lamport"
         element = torch.empty((), dtype=dtype).element_size()
-        nbytes = ops.ALL_REDUCE_FLAG_BYTES + 2 * self.world * ops.ALL_REDUCE_MAX_ROWS * self.hidden * element
-        self._buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+        data = ops.ALL_REDUCE_SLOTS * self.world * ops.ALL_REDUCE_MAX_ROWS * self.hidden * element
+        self._buffer = symm_mem.empty(ops.ALL_REDUCE_FLAG_BYTES + data, dtype=torch.uint8, device=device)
         self._handle = symm_mem.rendezvous(self._buffer, group.group_name)
-        self._buffer.zero_()
+        self._buffer[:ops.ALL_REDUCE_FLAG_BYTES].zero_()
+        self._buffer[ops.ALL_REDUCE_FLAG_BYTES:].view(torch.int16).fill_(SENTINEL)
         self.buffers = torch.tensor(list(self._handle.buffer_ptrs), dtype=torch.int64, device=device)
         self.epochs = torch.zeros(ops.ALL_REDUCE_MAX_ROWS, dtype=torch.int32, device=device)
         torch.cuda.synchronize(device)
-        dist.barrier(group=group)      # every buffer is zeroed before any rank raises a flag in it
+        dist.barrier(group=group)      # every buffer is initialised before any rank writes into it
 
     def fits(self, partial: torch.Tensor) -> bool:
         return (partial.dtype == self.dtype and partial.is_cuda and partial.dim() == 2
@@ -57,14 +69,14 @@ class FusedAllReduce:
         """reference.all_reduce_layernorm over every rank's `partial`. Capturable; every rank calls it
         with the same shapes in the same order."""
         ops.all_reduce_layernorm(partial, self.buffers, self.epochs, self.rank, weight, bias, out, eps, residual,
-                                 residual_out, self.timeout_s)
+                                 residual_out, self.timeout_s, self._lamport)
 
     @classmethod
-    def try_create(cls, group, device: torch.device, dtype: torch.dtype, hidden: int,
-                   timeout_s: float) -> tuple["FusedAllReduce | None", str]:
+    def try_create(cls, group, device: torch.device, dtype: torch.dtype, hidden: int, timeout_s: float,
+                   protocol: str = "flags") -> tuple["FusedAllReduce | None", str]:
         """(the reducer, "") when it works here, else (None, why not). Every rank must call it together."""
         try:
-            reducer = cls(group, device, dtype, hidden, timeout_s)
+            reducer = cls(group, device, dtype, hidden, timeout_s, protocol)
             ok = reducer._agrees_with_nccl(group, device)
         except Exception as exc:  # noqa: BLE001 - any failure means: keep NCCL, and say why
             reducer, ok, why = None, False, f"{type(exc).__name__}: {exc}".splitlines()[0]

@@ -11,8 +11,8 @@ path by them instead of restating them:
   batches go to cuBLAS.
 - ``ATTENTION_HEAD_DIMS``: tuple of the head dims the attention kernels are built for, e.g. ``(64, 128)``.
 - ``LAYERNORM_MAX_HIDDEN``: widest row ``layernorm`` takes on the GPU.
-- ``ALL_REDUCE_MAX_ROWS``, ``ALL_REDUCE_MAX_RANKS``, ``ALL_REDUCE_FLAG_BYTES``: the fused tensor-parallel
-  all-reduce's limits and buffer layout (fast_all_reduce.py).
+- ``ALL_REDUCE_MAX_ROWS``, ``ALL_REDUCE_MAX_RANKS``, ``ALL_REDUCE_FLAG_BYTES``, ``ALL_REDUCE_SLOTS``: the
+  fused tensor-parallel all-reduce's limits and buffer layout (fast_all_reduce.py).
 - ``DECODE_LINEAR_CONFIGS``: names of the GEMV's compiled tile configurations (benchmark sweeps only).
 - ``DECODE_LINEAR_INT8_CONFIGS``: the same for the int8 GEMV (``decode_linear_int8``).
 - ``kernels_support(head_dim)``: whether the CUDA kernels cover a model of that head dim (the attention
@@ -41,7 +41,7 @@ HAVE_CUDA_EXT = _C is not None
 
 _LIMITS = ("CUDA_ARCHS", "DECODE_LINEAR_MAX_ROWS", "ATTENTION_HEAD_DIMS", "LAYERNORM_MAX_HIDDEN",
            "DECODE_LINEAR_CONFIGS", "DECODE_LINEAR_INT8_CONFIGS", "ALL_REDUCE_MAX_ROWS", "ALL_REDUCE_MAX_RANKS",
-           "ALL_REDUCE_FLAG_BYTES", "attention_prefill_kernel_name")
+           "ALL_REDUCE_FLAG_BYTES", "ALL_REDUCE_SLOTS", "attention_prefill_kernel_name")
 if HAVE_CUDA_EXT and not all(hasattr(_C, name) for name in _LIMITS):
     # A build older than its sources: its ops' schemas may differ too, so running it would fail later
     # and less clearly.
@@ -61,6 +61,7 @@ LAYERNORM_MAX_HIDDEN: int = int(_C.LAYERNORM_MAX_HIDDEN) if HAVE_CUDA_EXT else 0
 ALL_REDUCE_MAX_ROWS: int = int(_C.ALL_REDUCE_MAX_ROWS) if HAVE_CUDA_EXT else 0
 ALL_REDUCE_MAX_RANKS: int = int(_C.ALL_REDUCE_MAX_RANKS) if HAVE_CUDA_EXT else 0
 ALL_REDUCE_FLAG_BYTES: int = int(_C.ALL_REDUCE_FLAG_BYTES) if HAVE_CUDA_EXT else 0
+ALL_REDUCE_SLOTS: int = int(_C.ALL_REDUCE_SLOTS) if HAVE_CUDA_EXT else 0
 # The GEMV's compiled tile configurations, for benchmark sweeps (torch.ops.persimmon_rt.decode_linear's
 # `config` argument); the op picks per shape by itself.
 DECODE_LINEAR_CONFIGS: tuple[str, ...] = tuple(_C.DECODE_LINEAR_CONFIGS) if HAVE_CUDA_EXT else ()
@@ -108,11 +109,11 @@ def layernorm(x, weight, bias, out, eps, residual=None, residual_out=None):
 
 
 def all_reduce_layernorm(partial, buffers, epochs, rank, weight, bias, out, eps, residual, residual_out,
-                         timeout_s):
+                         timeout_s, lamport=False):
     """GPU only (a collective over peer-mapped buffers: fast_all_reduce.py); its semantics over every rank's
     partial are reference.all_reduce_layernorm."""
     torch.ops.persimmon_rt.all_reduce_layernorm(partial, buffers, epochs, rank, weight, bias, out, eps, residual,
-                                                residual_out, timeout_s)
+                                                residual_out, timeout_s, lamport)
 
 
 def bias_relu2(x, bias, out):

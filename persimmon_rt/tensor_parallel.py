@@ -49,9 +49,11 @@ TP_CHILD_ENV = "PERSIMMON_RT_TP_CHILD"
 # failed must not leave the others blocked forever.
 TIMEOUT_ENV = "PERSIMMON_RT_TP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
-# "nccl" keeps every all-reduce on NCCL; by default the decode's all-reduces take the fused all-reduce +
-# LayerNorm kernel over peer-mapped buffers where it works (fast_all_reduce.py).
+# The decode's all-reduces take the fused all-reduce + LayerNorm kernel over peer-mapped buffers where it
+# works (fast_all_reduce.py), with the protocol named here ("flags", the default, or "lamport"); "nccl"
+# keeps every all-reduce on NCCL.
 ALL_REDUCE_ENV = "PERSIMMON_RT_TP_ALL_REDUCE"
+DEFAULT_ALL_REDUCE = "flags"
 
 # ---------------------------------------------------------------------------------------- process group
 class TensorParallel:
@@ -135,17 +137,23 @@ class TensorParallel:
     # ------------------------------------------------------------------------------------- collectives
     def enable_fast_all_reduce(self, dtype: torch.dtype, hidden: int) -> str:
         """On GPUs, let all_reduce_layernorm take the fused kernel for decode-sized messages of `dtype` and
-        width `hidden` where it works (unless PERSIMMON_RT_TP_ALL_REDUCE=nccl); returns the backend in use
-        (with the reason when it is NCCL alone). Collective: every rank calls it, outside graph capture."""
+        width `hidden` where it works (PERSIMMON_RT_TP_ALL_REDUCE: its protocol, or nccl to keep NCCL);
+        returns the backend in use (with the reason when it is NCCL alone). Collective: every rank calls it,
+        outside graph capture."""
         if self.device.type != "cuda" or self._fast_all_reduce is not None:
             return self.all_reduce_backend
-        if os.environ.get(ALL_REDUCE_ENV, "fused") == "nccl":
+        choice = os.environ.get(ALL_REDUCE_ENV) or DEFAULT_ALL_REDUCE
+        if choice == "nccl":
             return self.all_reduce_backend
-        from .fast_all_reduce import FusedAllReduce
+        from .fast_all_reduce import PROTOCOLS, FusedAllReduce
 
+        if choice not in PROTOCOLS:
+            raise ValueError(f"{ALL_REDUCE_ENV} must be nccl, {' or '.join(PROTOCOLS)}, got {choice!r}")
         timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-        self._fast_all_reduce, why = FusedAllReduce.try_create(self.group, self.device, dtype, hidden, timeout)
-        self.all_reduce_backend = "fused all-reduce + LayerNorm (decode), nccl" if why == "" else f"nccl ({why})"
+        self._fast_all_reduce, why = FusedAllReduce.try_create(self.group, self.device, dtype, hidden, timeout,
+                                                               choice)
+        self.all_reduce_backend = (f"fused all-reduce + LayerNorm ({choice}) for decode, nccl" if why == ""
+                                   else f"nccl ({why})")
         return self.all_reduce_backend
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:

@@ -7,23 +7,29 @@
 // Made for decode, where the message is a few rows of 4096 (8 KB a row in fp16) and pure latency. Every
 // rank owns one buffer that every other rank can write (peer-to-peer over NVLink; the host maps them):
 //
-//   buffer = [ flags: uint32 [kAllReduceMaxRows][kAllReduceMaxRanks] | data: [2][W][kAllReduceMaxRows][C] of T ]
+//   buffer = [ flags: uint32 [kAllReduceMaxRows][kAllReduceMaxRanks] | data: [3][W][kAllReduceMaxRows][C] of T ]
 //
 // (slots sized for the most rows, so where row b of rank r lands does not depend on a call's row count:
-// calls of different batch sizes never overlap one another's slots).
+// calls of different batch sizes never overlap one another's slots). One block per row. Block b of rank
+// r pushes its partial row into slot (epoch % 3, r, b) of every peer's buffer: the data travels once, one
+// way. How the receiver knows it has arrived is the protocol:
 //
-// One block per row. Block b of rank r pushes its partial row into slot (parity, r, b) of every peer's
-// buffer, then raises its flag in every peer's flags[b][r] to the call's epoch (a release store after a
-// block barrier: the row's stores are visible before the flag). It waits until its own flags[b][p] show
-// the epoch for every peer p (acquire), then reads the W partial rows from its own memory. Pushing makes
-// the data travel once, one way; a rank never waits on a round trip over the link.
+// - FLAGS: after a block barrier, a release store raises flags[b][r] in every peer's buffer to the call's
+//   epoch; the block waits (acquire) until its own flags[b][p] show the epoch for every peer p, then reads
+//   the rows. The release waits for the row's stores to be acknowledged: a round trip over the link.
+// - LAMPORT: the data is its own flag. Every element of an unused slot holds a sentinel (-0.0, 0x8000 in
+//   fp16 and bf16) and pushed rows never do (a -0.0 is sent as +0.0, and the sender sums its own row the
+//   same way, so every rank adds the same values); the block polls the slot until no element is the
+//   sentinel, then writes the sentinel back. Elements are checked one by one, so a 16-byte store that
+//   lands in pieces is still read whole. No release, no round trip.
 //
 // Epochs are per-block counters in this rank's memory (`epochs`, bumped by the block at the end): they
 // live on the device, so the kernel can be captured in CUDA graphs and replayed any number of times, mixed
 // with eager calls, as long as every rank makes the same sequence of calls (which tensor parallelism
-// already requires of its collectives). Two data slots alternate by epoch parity: a rank writes slot p of
-// call k + 2 only after passing call k + 1's wait, which every peer joins after finishing call k (stream
-// order: the kernels between wait for each other), so nothing it overwrites is still being read.
+// already requires of its collectives). Three data slots rotate by epoch: a peer writes slot s of call
+// k + 3 only after it has received this rank's call k + 2, which this rank sends after finishing call k
+// (stream order: the kernels between wait for each other), so nothing written is still being read, and a
+// Lamport slot has its sentinels back before it is written again.
 //
 // A peer that never arrives (it crashed) would leave the block spinning: after `timeout_ns` the kernel
 // traps, the launch fails with an error, and the rank exits instead of hanging.
@@ -40,9 +46,30 @@ namespace persimmon_rt {
 constexpr int kAllReduceMaxRanks = 8;
 constexpr int kAllReduceMaxRows = 64;
 constexpr int64_t kAllReduceFlagBytes = int64_t{kAllReduceMaxRows} * kAllReduceMaxRanks * sizeof(uint32_t);
+constexpr int kAllReduceSlots = 3;
+constexpr uint16_t kAllReduceSentinel = 0x8000;  // -0.0 in fp16 and bf16
+
+// 16-byte vector of 8 halves: -0.0 replaced by +0.0 (never the sentinel); whether any element is it.
+__device__ __forceinline__ uint4 without_sentinel(uint4 v) {
+  uint32_t* w = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if ((w[i] & 0xffffu) == kAllReduceSentinel) w[i] &= 0xffff0000u;
+    if ((w[i] >> 16) == kAllReduceSentinel) w[i] &= 0x0000ffffu;
+  }
+  return v;
+}
+
+__device__ __forceinline__ bool has_sentinel(uint4 v) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(&v);
+  bool any = false;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) any |= (w[i] & 0xffffu) == kAllReduceSentinel || (w[i] >> 16) == kAllReduceSentinel;
+  return any;
+}
 
 
-template <typename T, int THREADS, int CPT>
+template <typename T, int THREADS, int CPT, bool LAMPORT>
 __global__ void __launch_bounds__(THREADS) all_reduce_layernorm_kernel(
     const T* partial,              // [N, C]  this rank's partial sums
     char* const* peers,            // [W] each rank's buffer (layout above) as mapped here; a device array
@@ -69,35 +96,37 @@ __global__ void __launch_bounds__(THREADS) all_reduce_layernorm_kernel(
     const int c = threadIdx.x + i * THREADS;
     own[i] = make_uint4(0, 0, 0, 0);
     if (c < chunks) own[i] = load16(partial + row + c * kVec);
+    if constexpr (LAMPORT) own[i] = without_sentinel(own[i]);
   }
   __syncthreads();
   const uint32_t epoch = epoch_shared;
-  const int64_t parity_elems = static_cast<int64_t>(world) * slot_elems;
-  auto data = [&](int owner) {  // slot (parity, rank, b) in `owner`'s buffer
-    return reinterpret_cast<T*>(peers[owner] + kAllReduceFlagBytes) + (epoch & 1) * parity_elems +
-           rank * slot_elems + row;
+  const int64_t slot_base = static_cast<int64_t>(epoch % kAllReduceSlots) * world * slot_elems;
+  auto data = [&](int owner, int src) {  // slot (epoch % 3, src, b) in `owner`'s buffer
+    return reinterpret_cast<T*>(peers[owner] + kAllReduceFlagBytes) + slot_base + src * slot_elems + row;
   };
   for (int p = 0; p < world; ++p) {
     if (p == rank) continue;
-    T* dst = data(p);
+    T* dst = data(p, rank);
 #pragma unroll
     for (int i = 0; i < CPT; ++i) {
       const int c = threadIdx.x + i * THREADS;
       if (c < chunks) store16(dst + c * kVec, own[i]);
     }
   }
-  __syncthreads();  // every thread's row stores precede the flags (the release below is cumulative)
-  auto flag = [&](int owner, int src) {
-    return reinterpret_cast<uint32_t*>(peers[owner]) + b * kAllReduceMaxRanks + src;
-  };
-  const int p = threadIdx.x;
-  if (p < world && p != rank) {
-    st_release_sys_u32(flag(p, rank), epoch);
-    const uint64_t start = globaltimer_ns();
-    while (static_cast<int32_t>(ld_acquire_sys_u32(flag(rank, p)) - epoch) < 0)
-      if (globaltimer_ns() - start > timeout_ns) __trap();  // a peer never came: fail, do not hang
+  const uint64_t start = globaltimer_ns();
+  if constexpr (!LAMPORT) {
+    __syncthreads();  // every thread's row stores precede the flags (the release below is cumulative)
+    auto flag = [&](int owner, int src) {
+      return reinterpret_cast<uint32_t*>(peers[owner]) + b * kAllReduceMaxRanks + src;
+    };
+    const int p = threadIdx.x;
+    if (p < world && p != rank) {
+      st_release_sys_u32(flag(p, rank), epoch);
+      while (static_cast<int32_t>(ld_acquire_sys_u32(flag(rank, p)) - epoch) < 0)
+        if (globaltimer_ns() - start > timeout_ns) __trap();  // a peer never came: fail, do not hang
+    }
+    __syncthreads();  // the acquires above order every thread's reads below
   }
-  __syncthreads();  // the acquires above order every thread's reads below
 
   float acc[CPT][kVec] = {};
   for (int q = 0; q < world; ++q) {  // rank order, so every rank rounds the same sum
@@ -106,9 +135,15 @@ __global__ void __launch_bounds__(THREADS) all_reduce_layernorm_kernel(
       const int c = threadIdx.x + i * THREADS;
       uint4 raw = own[i];
       if (q != rank && c < chunks) {
-        const T* src = reinterpret_cast<const T*>(peers[rank] + kAllReduceFlagBytes) +
-                       (epoch & 1) * parity_elems + q * slot_elems + row;
-        raw = ld_cg_16(src + c * kVec);  // written by a peer: read from L2, never a stale L1 line
+        T* src = data(rank, q) + c * kVec;
+        if constexpr (LAMPORT) {
+          while (has_sentinel(raw = ld_volatile_16(src)))
+            if (globaltimer_ns() - start > timeout_ns) __trap();
+          const uint32_t s16 = kAllReduceSentinel * 0x10001u;
+          store16(src, make_uint4(s16, s16, s16, s16));  // the slot is free again
+        } else {
+          raw = ld_cg_16(src);  // written by a peer: read from L2, never a stale L1 line
+        }
       }
       float f[kVec];
       unpack8<T>(raw, f);

@@ -115,6 +115,16 @@ __device__ __forceinline__ uint4 ld_cg_16(const void* p) {
   return v;
 }
 
+// 16-byte volatile global load: every call reads memory again (for polling data another GPU writes).
+__device__ __forceinline__ uint4 ld_volatile_16(const void* p) {
+  uint4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+
 // Nanoseconds of the GPU's global timer (for timeouts).
 __device__ __forceinline__ uint64_t globaltimer_ns() {
   uint64_t t;
