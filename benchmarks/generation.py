@@ -355,8 +355,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode_case(args, model, config, weights, batch: int, context: int, bandwidth, dtype, backends) -> dict:
-    """One decode row: capture, ms per step, tokens/s, and against the bandwidth floor."""
+def decode_case(args, model, config, weights, batch: int, context: int, bandwidth, dtype, backends,
+                fused_attention: bool = True) -> dict:
+    """One decode row: capture, ms per step, tokens/s, and against the bandwidth floor. fused_attention=False:
+    the step runs qk_norm_rope_cache + attention_decode instead of qkv_attention_decode (A/B timing)."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -365,6 +367,7 @@ def decode_case(args, model, config, weights, batch: int, context: int, bandwidt
     max_seq_len = context + args.new_tokens + 8
     engine = Engine.from_transformers(model, max_batch_size=batch, max_seq_len=max_seq_len) if backends else \
         Engine(model, config, max_batch_size=batch, max_seq_len=max_seq_len, weights=weights)
+    engine.forward.fuse_decode_attention &= fused_attention
     engine.capture([batch])
     numbers = {"capture_s": time.perf_counter() - t, **measure_decode(engine, batch, context, args.new_tokens)}
     numbers["tokens_per_s"] = 1e3 * batch / numbers["ms_per_step"]
@@ -420,6 +423,11 @@ def run(args: argparse.Namespace) -> dict:
                 record(system, f"decode b={batch} ctx={context}",
                        **decode_case(args, model, config, weights, batch, context, bandwidth, dtype, backends))
                 _free()
+                if args.unfused_decode_attention:
+                    record(f"{system}, unfused attention", f"decode b={batch} ctx={context}",
+                           **decode_case(args, model, config, weights, batch, context, bandwidth, dtype, backends,
+                                         fused_attention=False))
+                    _free()
     for tokens in args.prefill:
         if tokens + 8 > config.max_position_embeddings:
             continue
@@ -527,6 +535,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     parser.add_argument("--transformers", default=d["transformers"],
                         help="also time transformers on the same weights: attention backends (eager, sdpa) "
                              "and/or 'compile' (sdpa + static cache, compiled by generate)")
+    parser.add_argument("--unfused-decode-attention", action="store_true",
+                        help="also time each decode case with qk_norm_rope_cache + attention_decode in place of the "
+                             "fused qkv_attention_decode (same weights, same process)")
     parser.add_argument("--profile", action="store_true",
                         help="per-kernel breakdown of the captured decode step (each batch size, first context) and of "
                              "each prefill")

@@ -160,20 +160,47 @@ DecodeShape decode_shape(int batch, int cache_len, int num_heads) {
   return splits >= 2 ? DecodeShape{256, splits / 2} : DecodeShape{128, 1};
 }
 
-template <typename T, int D, int THREADS>
-void decode(const DecodeParams& p, int batch, cudaStream_t stream) {
+// The split kernel (attention_decode's, or qkv_attention_decode's for QkvDecodeParams), then the
+// combine where there are several splits.
+template <typename T, int D, int THREADS, typename Params>
+void decode(const Params& params, const DecodeParams& p, int batch, cudaStream_t stream) {
   constexpr int kMinBlocks = 65536 / (THREADS * kDecodeRegsPerThread);
-  launch_kernel(attention::attention_decode_split_kernel<T, D, THREADS, kDecodeUnroll, kMinBlocks>,
-                dim3(p.num_splits, p.num_heads, batch), dim3(THREADS), 0, stream, /*pdl=*/true, p);
+  const dim3 grid(p.num_splits, p.num_heads, batch);
+  if constexpr (std::is_same_v<Params, attention::QkvDecodeParams>)
+    launch_kernel(attention::qkv_attention_decode_split_kernel<T, D, THREADS, kDecodeUnroll, kMinBlocks>, grid,
+                  dim3(THREADS), 0, stream, /*pdl=*/true, params);
+  else
+    launch_kernel(attention::attention_decode_split_kernel<T, D, THREADS, kDecodeUnroll, kMinBlocks>, grid,
+                  dim3(THREADS), 0, stream, /*pdl=*/true, params);
   if (p.num_splits > 1)
     launch_kernel(attention::attention_decode_combine_kernel<T, D>, dim3(p.num_heads, batch), dim3(D), 0, stream,
                   /*pdl=*/true, p);
 }
 
-template <typename T, int D>
-void decode_threads(const DecodeParams& p, int threads, int batch, cudaStream_t stream) {
-  if (threads == 256) decode<T, D, 256>(p, batch, stream);
-  else decode<T, D, 128>(p, batch, stream);
+template <typename Params>
+void decode_dispatch(const char* op, const Params& params, const DecodeParams& p, int threads, int batch,
+                     int head_dim, DType dtype, cudaStream_t stream) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_head_dim(op, head_dim, [&](auto d) {
+      constexpr int D = decltype(d)::value;
+      if (threads == 256) decode<T, D, 256>(params, p, batch, stream);
+      else decode<T, D, 128>(params, p, batch, stream);
+    });
+  });
+}
+
+// The split-KV parameters of one decode launch (the shape alone decides the splits: CUDA-graph safe).
+DecodeParams decode_params(const void* q, const void* k_cache, const void* v_cache, const int32_t* seq_lens,
+                           void* out, void* workspace, int batch, int cache_len, int num_heads, int head_dim,
+                           float scale, int splits) {
+  const size_t slots = size_t(batch) * num_heads * splits;
+  PRT_REQUIRE(splits == 1 || workspace != nullptr, "workspace is required for this shape");
+  float* partial_out = static_cast<float*>(workspace);                      // [B, H, splits, D]
+  float* partial_max = partial_out + (splits > 1 ? slots * head_dim : 0);  // [B, H, splits]
+  float* partial_sum = partial_max + (splits > 1 ? slots : 0);             // [B, H, splits]
+  return DecodeParams{q,           k_cache,   v_cache,   seq_lens, out,   partial_out, partial_max,
+                      partial_sum, num_heads, cache_len, splits,   scale * kLog2e};
 }
 
 }  // namespace
@@ -222,19 +249,33 @@ void launch_attention_decode(const void* q, const void* k_cache, const void* v_c
               kGridLimitMessage);
   if (batch == 0) return;
   const DecodeShape shape = decode_shape(batch, cache_len, num_heads);
-  const int splits = shape.splits;
-  const size_t slots = size_t(batch) * num_heads * splits;
-  PRT_REQUIRE(splits == 1 || workspace != nullptr, "workspace is required for this shape");
-  float* partial_out = static_cast<float*>(workspace);                      // [B, H, splits, D]
-  float* partial_max = partial_out + (splits > 1 ? slots * head_dim : 0);  // [B, H, splits]
-  float* partial_sum = partial_max + (splits > 1 ? slots : 0);             // [B, H, splits]
-  const DecodeParams p{q,           k_cache,   v_cache,   seq_lens, out,   partial_out, partial_max,
-                       partial_sum, num_heads, cache_len, splits,   scale * kLog2e};
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    dispatch_head_dim("attention_decode", head_dim,
-                      [&](auto d) { decode_threads<T, decltype(d)::value>(p, shape.threads, batch, stream); });
-  });
+  const DecodeParams p = decode_params(q, k_cache, v_cache, seq_lens, out, workspace, batch, cache_len, num_heads,
+                                       head_dim, scale, shape.splits);
+  decode_dispatch("attention_decode", p, p, shape.threads, batch, head_dim, dtype, stream);
+}
+
+void launch_qkv_attention_decode(const void* qkv, const void* positions, const float* inv_freq, const void* q_weight,
+                                 const void* q_bias, const void* k_weight, const void* k_bias, void* k_cache,
+                                 void* v_cache, const void* slot_mapping, const int32_t* seq_lens, void* out,
+                                 void* workspace, int batch, int cache_len, int num_heads, int head_dim,
+                                 int rotary_dim, int64_t qkv_stride_b, int64_t qkv_stride_h, int64_t qkv_stride_s,
+                                 bool positions_int64, bool slots_int64, float eps, float scale, DType dtype,
+                                 cudaStream_t stream) {
+  PRT_REQUIRE(batch >= 0 && batch <= kMaxGridDimYZ && num_heads > 0 && num_heads <= kMaxGridDimYZ,
+              kGridLimitMessage);
+  PRT_REQUIRE(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
+              "rotary_dim must be even and <= head_dim");
+  PRT_REQUIRE(qkv_stride_b % kVec == 0 && qkv_stride_h % kVec == 0 && qkv_stride_s % kVec == 0 &&
+                  reinterpret_cast<uintptr_t>(qkv) % 16 == 0,
+              "qkv must be 16-byte aligned with strides that are multiples of 8 elements");
+  if (batch == 0) return;
+  const DecodeShape shape = decode_shape(batch, cache_len, num_heads);
+  const attention::QkvDecodeParams p{
+      decode_params(nullptr, k_cache, v_cache, seq_lens, out, workspace, batch, cache_len, num_heads, head_dim, scale,
+                    shape.splits),
+      qkv, positions, inv_freq, q_weight, q_bias, k_weight, k_bias, slot_mapping, qkv_stride_b, qkv_stride_h,
+      qkv_stride_s, head_dim, rotary_dim, positions_int64, slots_int64, eps};
+  decode_dispatch("qkv_attention_decode", p, p.attn, shape.threads, batch, head_dim, dtype, stream);
 }
 
 }  // namespace persimmon_rt

@@ -1,4 +1,4 @@
-// Torch-free launchers of the two attention ops; semantics in persimmon_rt/reference.py.
+// Torch-free launchers of the attention ops; semantics in persimmon_rt/reference.py.
 // T = packed query tokens, B = sequences, S = cache length, H = heads, D = head_dim.
 // All tensors contiguous, fp16 or bf16 (`dtype`), 16-byte aligned; shapes are checked by the caller
 // (torch_bindings.cpp) before launch. Launchers throw std::exception on a launch failure.
@@ -42,7 +42,8 @@ void launch_attention_prefill(const void* q,               // [T, H, D]
 // applies. (Caches of more than about INT32_MAX positions in all take mma_sync whatever the answer here.)
 const char* attention_prefill_kernel_name(int head_dim);
 
-// Bytes of scratch launch_attention_decode needs for this shape (0 if none); the caller allocates it
+// Bytes of scratch launch_attention_decode (and launch_qkv_attention_decode) needs for this shape (0 if
+// none); the caller allocates it
 // on the launch stream so CUDA-graph capture stays allocation-free inside the kernels.
 size_t attention_decode_workspace_bytes(int batch, int cache_len, int num_heads, int head_dim);
 
@@ -57,5 +58,29 @@ void launch_attention_decode(const void* q,                // [B, H, D]
                              void* workspace,              // attention_decode_workspace_bytes(...) bytes
                              int batch, int cache_len, int num_heads, int head_dim,
                              float scale, DType dtype, cudaStream_t stream);
+
+// attention_decode with the new token's QK-LayerNorm, rotary and cache write fused in: equals
+// launch_qk_norm_rope_cache(qkv, ..., q) followed by launch_attention_decode(q, ...) bit for bit, in one
+// launch (plus the combine where attention_decode has one) and without q in memory. Preconditions, besides
+// both ops' (the caller checks them): slot_mapping[b] = b * S + seq_lens[b] - 1 where seq_lens[b] > 0 (the
+// new token is the last key), and inside row b, [b * S, (b + 1) * S), where seq_lens[b] == 0 (an idle
+// row); any other slot traps the kernel. head_dim one of kAttentionHeadDims.
+void launch_qkv_attention_decode(
+    const void* qkv,              // [B, H, 3, D]  strides (qkv_stride_b, qkv_stride_h, qkv_stride_s, 1)
+    const void* positions,        // [B] int64 if positions_int64 else int32
+    const float* inv_freq,        // [R / 2]
+    const void* q_weight,         // [D]  null: no QK-LayerNorm at all
+    const void* q_bias,           // [D] or null
+    const void* k_weight,         // [D] or null
+    const void* k_bias,           // [D] or null
+    void* k_cache,                // [B, S, H, D]  read, and written at slot_mapping
+    void* v_cache,                // [B, S, H, D]
+    const void* slot_mapping,     // [B] int64 if slots_int64 else int32: flat slots b * S + s
+    const int32_t* seq_lens,      // [B]  keys after this token (its own included); 0 = idle row
+    void* out,                    // [B, H, D]  written
+    void* workspace,              // attention_decode_workspace_bytes(...) bytes
+    int batch, int cache_len, int num_heads, int head_dim, int rotary_dim,
+    int64_t qkv_stride_b, int64_t qkv_stride_h, int64_t qkv_stride_s, bool positions_int64, bool slots_int64,
+    float eps, float scale, DType dtype, cudaStream_t stream);
 
 }  // namespace persimmon_rt

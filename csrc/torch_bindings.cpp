@@ -498,6 +498,75 @@ void attention_decode_cuda(const Tensor& q, const Tensor& k_cache, const Tensor&
                           static_cast<float>(scale), activation_dtype(kAd, q, "q"), current_stream());
 }
 
+// ---- qkv_attention_decode -----------------------------------------------------------------------------
+// qk_norm_rope_cache's arguments for one token per sequence (q_out dropped), then attention_decode's.
+
+constexpr const char* kQad = "qkv_attention_decode";
+
+void check_qkv_attention_decode(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,
+                                const OptTensor& q_weight, const OptTensor& q_bias, const OptTensor& k_weight,
+                                const OptTensor& k_bias, const Tensor& k_cache, const Tensor& v_cache,
+                                const Tensor& slot_mapping, const Tensor& seq_lens, const Tensor& out) {
+  TORCH_CHECK(qkv.dim() == 4, kQad, ": qkv must have shape [B, H, 3, D], got ", qkv.sizes());
+  const int64_t B = qkv.size(0), H = qkv.size(1), D = qkv.size(3);
+  check_shape(kQad, qkv, "qkv", "[B, H, 3, D]", {B, H, 3, D});
+  const at::ScalarType dt = qkv.scalar_type();
+  activation_dtype(kQad, qkv, "qkv");
+  TORCH_CHECK(attention_supports_head_dim(static_cast<int>(D)), kQad, ": head_dim D must be one of ",
+              c10::ArrayRef<int>(kAttentionHeadDims), " (the kernels' tile shapes), got ", D);
+  TORCH_CHECK(B >= 1 && H >= 1, kQad, ": qkv needs at least one sequence and one head, got ", qkv.sizes());
+  TORCH_CHECK(qkv.stride(3) == 1 && qkv.stride(0) % 8 == 0 && qkv.stride(1) % 8 == 0 && qkv.stride(2) % 8 == 0, kQad,
+              ": qkv must have a unit last stride and other strides that are multiples of 8, got ", qkv.strides());
+  check_shape(kQad, positions, "positions", "[B]", {B});
+  check_index_dtype(kQad, positions, "positions");
+  TORCH_CHECK(inv_freq.dim() == 1 && 2 * inv_freq.size(0) <= D, kQad,
+              ": inv_freq must have shape [R/2] with rotary dims R <= D = ", D, ", got ", inv_freq.sizes());
+  for (const auto& [t, name] : {std::pair<const OptTensor*, const char*>{&q_weight, "q_weight"}, {&q_bias, "q_bias"},
+                                {&k_weight, "k_weight"}, {&k_bias, "k_bias"}})
+    if (t->has_value()) check_shape(kQad, **t, name, "[D]", {D});
+  TORCH_CHECK(k_cache.dim() == 4, kQad, ": k_cache must have shape [B, S, H, D], got ", k_cache.sizes());
+  check_shape(kQad, k_cache, "k_cache", "[B, S, H, D] (B, H, D as qkv)", {B, kAny, H, D});
+  check_shape(kQad, v_cache, "v_cache", "[B, S, H, D] (as k_cache)", k_cache.sizes().vec());
+  TORCH_CHECK(k_cache.size(1) >= 1 && k_cache.size(1) <= INT32_MAX, kQad,
+              ": the cache length S must be in [1, 2^31), got ", k_cache.size(1));
+  check_shape(kQad, slot_mapping, "slot_mapping", "[B]", {B});
+  check_index_dtype(kQad, slot_mapping, "slot_mapping");
+  check_shape(kQad, seq_lens, "seq_lens", "[B]", {B});
+  check_shape(kQad, out, "out", "[B, H, D]", {B, H, D});
+  constexpr unsigned kVector = kContiguous | kAligned16;
+  check_args(kQad, qkv,
+             {arg("qkv", qkv, dt, kAligned16), arg("positions", positions, std::nullopt, kContiguous),
+              arg("inv_freq", inv_freq, at::kFloat, kContiguous), arg("q_weight", q_weight, dt, kVector),
+              arg("q_bias", q_bias, dt, kVector), arg("k_weight", k_weight, dt, kVector),
+              arg("k_bias", k_bias, dt, kVector), arg("k_cache", k_cache, dt, kVector),
+              arg("v_cache", v_cache, dt, kVector), arg("slot_mapping", slot_mapping, std::nullopt, kContiguous),
+              arg("seq_lens", seq_lens, at::kInt, kContiguous), arg("out", out, dt, kVector)});
+  // Every block reads its (b, h) vectors of qkv while others write out.
+  TORCH_CHECK(!overlap(qkv, out), kQad, ": out must not overlap qkv");
+}
+
+void qkv_attention_decode_cuda(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,
+                               const OptTensor& q_weight, const OptTensor& q_bias, const OptTensor& k_weight,
+                               const OptTensor& k_bias, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping,
+                               const Tensor& seq_lens, Tensor& out, double eps, double scale) {
+  check_qkv_attention_decode(qkv, positions, inv_freq, q_weight, q_bias, k_weight, k_bias, k_cache, v_cache,
+                             slot_mapping, seq_lens, out);
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  const int B = static_cast<int>(qkv.size(0)), S = static_cast<int>(k_cache.size(1)),
+            H = static_cast<int>(qkv.size(1)), D = static_cast<int>(qkv.size(3));
+  // Scratch as attention_decode's (the same splits): from the graph's private pool under capture.
+  const size_t ws_bytes = attention_decode_workspace_bytes(B, S, H, D);
+  const Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, qkv.options().dtype(at::kByte));
+  launch_qkv_attention_decode(qkv.data_ptr(), positions.data_ptr(), inv_freq.data_ptr<float>(), opt_ptr(q_weight),
+                              opt_ptr(q_bias), opt_ptr(k_weight), opt_ptr(k_bias), k_cache.data_ptr(),
+                              v_cache.data_ptr(), slot_mapping.data_ptr(), seq_lens.data_ptr<int32_t>(),
+                              out.data_ptr(), ws_bytes ? workspace.data_ptr() : nullptr, B, S, H, D,
+                              static_cast<int>(2 * inv_freq.size(0)), qkv.stride(0), qkv.stride(1), qkv.stride(2),
+                              positions.scalar_type() == at::kLong, slot_mapping.scalar_type() == at::kLong,
+                              static_cast<float>(eps), static_cast<float>(scale), activation_dtype(kQad, qkv, "qkv"),
+                              current_stream());
+}
+
 }  // namespace
 }  // namespace persimmon_rt
 
@@ -531,6 +600,11 @@ TORCH_LIBRARY(persimmon_rt, m) {
       "attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, Tensor seq_lens, "
       "int max_seqlen_q, Tensor(a!) out, float scale) -> ()");
   m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor(a!) out, float scale) -> ()");
+  // qk_norm_rope_cache of one token per sequence + attention_decode, in one launch (the decode step's).
+  m.def(
+      "qkv_attention_decode(Tensor qkv, Tensor positions, Tensor inv_freq, Tensor? q_weight, Tensor? q_bias, "
+      "Tensor? k_weight, Tensor? k_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+      "Tensor seq_lens, Tensor(c!) out, float eps, float scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
@@ -543,13 +617,15 @@ TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
   m.impl("dequantize_int8", &persimmon_rt::dequantize_int8_cuda);
   m.impl("attention_prefill", &persimmon_rt::attention_prefill_cuda);
   m.impl("attention_decode", &persimmon_rt::attention_decode_cuda);
+  m.impl("qkv_attention_decode", &persimmon_rt::qkv_attention_decode_cuda);
 }
 
 // Meta (fake-tensor) impls: the ops only write into their arguments, so there is nothing to compute;
 // shape errors surface when the CUDA impl runs.
 TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
   for (const char* op : {"qk_norm_rope_cache", "layernorm", "bias_relu2", "all_reduce_layernorm", "decode_linear",
-                         "decode_linear_int8", "dequantize_int8", "attention_prefill", "attention_decode"})
+                         "decode_linear_int8", "dequantize_int8", "attention_prefill", "attention_decode",
+                         "qkv_attention_decode"})
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&persimmon_rt::meta_noop>());
 }
 

@@ -4,7 +4,7 @@ Per layer (T packed tokens; the residual stream h is carried between fused Layer
     x, h  = LN_in(down_prev, residual=h)
     qkv   = x W_qkv^T + b                      [T, H, 3, D] head-major
     q     = qk_norm_rope_cache(qkv) -> caches  (k, v written at each token's slot)
-    a     = attention(q, caches) W_o^T + b_o
+    a     = attention(q, caches) W_o^T + b_o       (decode on the GPU: qkv_attention_decode does both)
     x, h  = LN_post(a, residual=h)
     up    = relu(x W_up^T + b_up)^2            (bias_relu2 epilogue)
     down  = up W_down^T + b_down
@@ -50,6 +50,10 @@ class Forward:
         # the CPU runs (and tests) the same sequence of fused ops as the GPU.
         on_gpu = weights.embed.is_cuda
         self.gemv_rows = ops.DECODE_LINEAR_MAX_ROWS if on_gpu else REFERENCE_DECODE_ROWS
+        # Decode's QK-LayerNorm, rotary and cache write run inside the attention kernel (one launch a layer
+        # fewer) where the kernels take this model; elsewhere the unfused pair, which the op equals.
+        self.fuse_decode_attention = (ops.use_cuda_kernels(weights.embed) and ops.kernels_support(config.head_dim)
+                                      and ops.has_op("qkv_attention_decode"))
 
     def _inv_freq(self, seq_len: int) -> torch.Tensor:
         c = self.config
@@ -64,10 +68,25 @@ class Forward:
     # ---------------------------------------------------------------------------------------------- layers
     def logits(self, tokens, positions, slots, attend, select=None, inputs_embeds=None) -> torch.Tensor:
         """Run every layer over packed tokens and return fp32 logits of the rows in `select` (all if None).
-        attend(q [T, H, D], layer) -> [T, H, D] is the attention of this pass (prefill or decode)."""
+        attend(q [T, H, D], layer) -> [T, H, D] is the attention of this pass (prefill or decode), run after
+        qk_norm_rope_cache has written the tokens' k and v at `slots`."""
+        return self._logits(tokens, self._unfused_attention(positions, slots, attend), select, inputs_embeds)
+
+    def _unfused_attention(self, positions, slots, attend):
+        """attention(qkv [T, H, 3, D], layer) -> [T, H, D]: qk_norm_rope_cache, then attend(q, layer)."""
+        def attention(qkv, layer):
+            lw = self.weights.layers[layer]
+            q = torch.empty(qkv.shape[0], qkv.shape[1], qkv.shape[3], dtype=qkv.dtype, device=qkv.device)
+            ops.qk_norm_rope_cache(qkv, positions, self.inv_freq, lw.q_ln_w, lw.q_ln_b, lw.k_ln_w, lw.k_ln_b,
+                                   self.cache.k[layer], self.cache.v[layer], slots, q, self.config.layer_norm_eps)
+            return attend(q, layer)
+        return attention
+
+    def _logits(self, tokens, attention, select=None, inputs_embeds=None) -> torch.Tensor:
+        """logits() with attention(qkv [T, H, 3, D], layer) -> [T, H, D] doing all of each layer's attention."""
         w = self.weights
         h = self.embed(tokens) if inputs_embeds is None else inputs_embeds
-        down, h = self._layers(h, positions, slots, attend)
+        down, h = self._layers(h, attention)
         if select is not None:
             down, h = down[select], h[select]
         out = torch.empty_like(h)
@@ -75,18 +94,14 @@ class Forward:
         logits = self._linear(out, w.lm_head, out_dtype=torch.float32)
         return logits if self.tp is None else self.tp.gather_vocab(logits)
 
-    def _attention_block(self, x, lw, i, positions, slots, attend) -> torch.Tensor:
-        """QKV projection, QK-LayerNorm, rotary, cache write, attention: [T, H * D], the input of the dense
-        projection."""
-        c, T = self.config, x.shape[0]
-        H, D = self.num_heads, c.head_dim
+    def _attention_block(self, x, lw, i, attention) -> torch.Tensor:
+        """QKV projection, then attention (QK-LayerNorm, rotary, cache write, attention): [T, H * D], the
+        input of the dense projection."""
+        T, H, D = x.shape[0], self.num_heads, self.config.head_dim
         qkv = self._linear(x, lw.qkv_w, lw.qkv_b).view(T, H, 3, D)
-        q = torch.empty(T, H, D, dtype=x.dtype, device=x.device)
-        ops.qk_norm_rope_cache(qkv, positions, self.inv_freq, lw.q_ln_w, lw.q_ln_b, lw.k_ln_w, lw.k_ln_b,
-                               self.cache.k[i], self.cache.v[i], slots, q, c.layer_norm_eps)
-        return attend(q, i).view(T, H * D)
+        return attention(qkv, i).view(T, H * D)
 
-    def _layers(self, h, positions, slots, attend) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layers(self, h, attention) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer, with the LayerNorm (+ residual add) kernel between the projections; returns the last
         MLP output and the residual stream it is still to be added to.
 
@@ -102,7 +117,7 @@ class Forward:
                 ops.layernorm(h, lw.ln_in_w, lw.ln_in_b, x, c.layer_norm_eps)
             else:
                 self._add_layernorm(down, lw.ln_in_w, lw.ln_in_b, x, h, h)
-            attn = self._linear(self._attention_block(x, lw, i, positions, slots, attend), lw.dense_w, lw.dense_b)
+            attn = self._linear(self._attention_block(x, lw, i, attention), lw.dense_w, lw.dense_b)
             self._add_layernorm(attn, lw.ln_post_w, lw.ln_post_b, x, h, h)
             down = self._linear(self._linear(x, lw.up_w, lw.up_b, relu2=True), lw.down_w, lw.down_b)
         return down, h
@@ -191,7 +206,19 @@ class Forward:
                                  self.scale)
             return out
 
-        logits = self.logits(state.tokens, state.positions, state.slots, attend)
+        def attention_fused(qkv, layer):
+            # The state keeps slots[r] = r * S + seq_lens[r] - 1 for active rows and an idle row's slot in its
+            # own cache row (decode_state.py): the op's precondition.
+            lw = self.weights.layers[layer]
+            out = torch.empty(qkv.shape[0], qkv.shape[1], qkv.shape[3], dtype=qkv.dtype, device=qkv.device)
+            ops.qkv_attention_decode(qkv, state.positions, self.inv_freq, lw.q_ln_w, lw.q_ln_b, lw.k_ln_w, lw.k_ln_b,
+                                     self.cache.k[layer][:rows], self.cache.v[layer][:rows], state.slots,
+                                     state.seq_lens, out, self.config.layer_norm_eps, self.scale)
+            return out
+
+        attention = (attention_fused if self.fuse_decode_attention
+                     else self._unfused_attention(state.positions, state.slots, attend))
+        logits = self._logits(state.tokens, attention)
         tokens = sample(logits, state.temperature, state.top_k, state.top_p, greedy=greedy)
         if logprobs:
             chosen, top_ids, top_lp = token_logprobs(logits, tokens)

@@ -138,6 +138,20 @@ def attention_decode(q, k_cache, v_cache, seq_lens, out, scale):
         reference.attention_decode(q, k_cache, v_cache, seq_lens, out, scale)
 
 
+def qkv_attention_decode(qkv, positions, inv_freq, q_weight, q_bias, k_weight, k_bias, k_cache, v_cache, slot_mapping,
+                         seq_lens, out, eps, scale):
+    """qk_norm_rope_cache + attention_decode of one new token per sequence in one op
+    (reference.qkv_attention_decode, which is that composition); slot_mapping[b] must be
+    b*S + seq_lens[b] - 1 for active rows and inside row b for idle ones. On the GPU: head_dim in
+    ATTENTION_HEAD_DIMS, and one kernel launch (plus attention_decode's combine) instead of two or three."""
+    if use_cuda_kernels(qkv):
+        torch.ops.persimmon_rt.qkv_attention_decode(qkv, positions, inv_freq, q_weight, q_bias, k_weight, k_bias,
+                                                    k_cache, v_cache, slot_mapping, seq_lens, out, eps, scale)
+    else:
+        reference.qkv_attention_decode(qkv, positions, inv_freq, q_weight, q_bias, k_weight, k_bias, k_cache, v_cache,
+                                       slot_mapping, seq_lens, out, eps, scale)
+
+
 def decode_linear(x, weight, bias, residual, out, relu2=False, ln_weight=None, ln_bias=None, eps=1e-5):
     """out = act(LN(x) W^T + bias) + residual (reference.decode_linear); the LayerNorm prologue runs when
     ln_weight is given. On the GPU: at most DECODE_LINEAR_MAX_ROWS rows of x."""

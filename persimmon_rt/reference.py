@@ -191,6 +191,41 @@ def attention_decode(
         out[b] = torch.matmul(probs, vb)[:, 0].to(out.dtype)
 
 
+def qkv_attention_decode(
+    qkv: torch.Tensor,            # [B, H, 3, D]  the new token of each sequence, head-major projection output
+    positions: torch.Tensor,      # [B] int32/int64  rotary position of each new token
+    inv_freq: torch.Tensor,       # [R/2] fp32
+    q_weight: torch.Tensor | None,  # [D]  (None: no QK-LayerNorm)
+    q_bias: torch.Tensor | None,    # [D]
+    k_weight: torch.Tensor | None,  # [D]
+    k_bias: torch.Tensor | None,    # [D]
+    k_cache: torch.Tensor,        # [B, S, H, D]  written at slot_mapping
+    v_cache: torch.Tensor,        # [B, S, H, D]
+    slot_mapping: torch.Tensor,   # [B] int32/int64  flat slot b*S + s of each new token
+    seq_lens: torch.Tensor,       # [B] int32  keys after this token (its own included); 0 = idle row
+    out: torch.Tensor,            # [B, H, D]  written (zeros for idle rows)
+    eps: float,
+    scale: float,
+) -> None:
+    """qk_norm_rope_cache of one new token per sequence, then attention_decode of its q (rounded to out's
+    dtype, as q_out is) over the cache, the new key included: the decode step's attention in one op.
+
+    The new token must be the last key: slot_mapping[b] = b*S + seq_lens[b] - 1 where seq_lens[b] > 0, and
+    any slot of row b ([b*S, (b+1)*S)) where seq_lens[b] == 0 (an idle row; its k and v are still written).
+    Other slots raise ValueError here and trap the CUDA op, whose blocks take the new key from registers
+    while one of them writes it to the cache.
+    """
+    S = k_cache.shape[1]
+    for b, (slot, L) in enumerate(zip(slot_mapping.tolist(), seq_lens.tolist())):
+        if not (b * S <= slot < (b + 1) * S) or (L > 0 and slot != b * S + L - 1):
+            raise ValueError(f"qkv_attention_decode: slot_mapping[{b}] = {slot} with seq_lens[{b}] = {L}: the slot "
+                             f"must be b*S + seq_lens[b] - 1 (S = {S}), or in row b when seq_lens[b] = 0")
+    q = torch.empty(qkv.shape[0], qkv.shape[1], qkv.shape[3], dtype=out.dtype, device=out.device)
+    qk_norm_rope_cache(qkv, positions, inv_freq, q_weight, q_bias, k_weight, k_bias, k_cache, v_cache, slot_mapping,
+                       q, eps)
+    attention_decode(q, k_cache, v_cache, seq_lens, out, scale)
+
+
 def decode_linear(
     x: torch.Tensor,              # [M, K]  M <= 16 rows (decode: one per sequence)
     weight: torch.Tensor,         # [N, K]  nn.Linear layout
@@ -255,4 +290,5 @@ def default_scale(head_dim: int) -> float:
 
 
 __all__ = ["rope_inv_freq", "qk_norm_rope_cache", "layernorm", "bias_relu2", "attention_prefill",
-           "attention_decode", "decode_linear", "decode_linear_int8", "dequantize_int8", "default_scale"]
+           "attention_decode", "qkv_attention_decode", "decode_linear", "decode_linear_int8", "dequantize_int8",
+           "default_scale"]
