@@ -3,9 +3,10 @@ finish, and the GPU never waits for the host.
 
 Each call of `Scheduler.step()` is one step boundary:
 
-    admit     waiting requests take free rows: their prompts are prefilled (at most `prefill_budget` tokens
-              while other rows are decoding, so running streams keep flowing), their first token sampled
-              on the device, and the rows join the decode state.
+    admit     waiting requests take free rows: their prompts are prefilled (while other rows are decoding,
+              at most `prefill_budget` tokens between two decode steps, so running streams keep flowing:
+              a boundary that processes a prefill's result rather than a step's adds no second chunk),
+              their first token sampled on the device, and the rows join the decode state.
     launch    decode steps are queued until `depth` of them are ahead of the host. A row whose budget
               (max_new_tokens) would be overrun leaves first, so no row ever writes past its cache row.
     process   the oldest queued result (a prefill's first tokens or a decode step) is read and turned into
@@ -103,7 +104,8 @@ class Scheduler:
         self.queued: collections.deque[_Queued] = collections.deque()
         self.on_device: set[int] = set()          # rows the decode state has active
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        self.prefill_budget = prefill_budget      # per boundary while rows decode (None: no limit)
+        self.prefill_budget = prefill_budget      # per decode step while rows decode (None: no limit)
+        self._prefilled_since_step = 0            # prompt tokens prefilled since the last decode launch
         self.depth = 0 if forward.dynamic_rope else depth
         self.decode_steps = 0                     # decode results processed
         self._gpu = forward.device.type == "cuda"
@@ -170,7 +172,8 @@ class Scheduler:
         filling = [h for h in self.rows if h is not None and h.prefilled < len(h.request)]
         if not filling:
             return
-        budget = self.prefill_budget if self.on_device and self.prefill_budget else None
+        budget = (self.prefill_budget - self._prefilled_since_step
+                  if self.on_device and self.prefill_budget else None)
         if self.forward.dynamic_rope:
             self.forward.set_rotary_length(max(len(h.request) for h in filling))
         done, done_logits = [], []
@@ -188,7 +191,9 @@ class Scheduler:
                     h.prompt = None                   # embeddings of an image prompt are not needed any more
                     done.append(h)
                     done_logits.append(row_logits)
-            budget = None if budget is None else budget - sum(take for _, take in pieces)
+            taken = sum(take for _, take in pieces)
+            self._prefilled_since_step += taken
+            budget = None if budget is None else budget - taken
             filling = [h for h in filling if h.prefilled < len(h.request)]
         if done:
             self._join(done, torch.stack(done_logits))
@@ -227,6 +232,7 @@ class Scheduler:
                                                    for h in holders))
             variant = self._variant(holders)
             self.graphs.launch(self.state.rows, variant)
+            self._prefilled_since_step = 0
             for h in holders:
                 h.steps_left -= 1
             lp = (self.state.logprobs, self.state.top_ids, self.state.top_logprobs) if variant.logprobs else None

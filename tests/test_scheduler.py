@@ -1,6 +1,6 @@
 """Continuous batching: rows join a running decode at step boundaries (prefilled in one piece or in chunks
 between decode steps), leave when finished or cancelled, and each request produces exactly what it
-produces alone; prefill stays within its budget per boundary, and nothing on the step path makes the host
+produces alone; prefill stays within its budget per decode step, and nothing on the step path makes the host
 wait for the device. Also the stop rule and log-probabilities. CPU (reference path); the same on a GPU."""
 
 import pytest
@@ -83,33 +83,45 @@ def test_more_requests_than_rows_wait_for_free_rows_and_cancelled_ones_free_thei
         assert r.output_ids == alone(engine, p, n), r.tag
 
 
-def test_prefill_per_boundary_stays_within_the_budget_while_rows_decode(monkeypatch):
+def test_prefill_between_decode_steps_stays_within_the_budget_while_rows_decode(monkeypatch):
+    """While a row decodes, the prompt tokens prefilled between two decode launches never exceed the budget
+    (also across boundaries that process a prefill's result instead of a step's), and the budget is used."""
     torch.manual_seed(2)
     model = lively_model()
     engine = Engine(model, model.config, max_batch_size=4, max_seq_len=64)
     scheduler = engine.scheduler(prefill_budget=4)
-    prefill, prefilled = engine.forward.prefill, []
+    prefill, launch = engine.forward.prefill, engine.graphs.launch
+    log = []                              # ("prefill", tokens, first decoding) and ("step",) in launch order
 
-    def counting(pieces):
-        prefilled[-1] += sum(take for _, _, _, take in pieces)
+    def counting_prefill(pieces):
+        decoding = bool(first.output_ids) and first.finish_reason is None
+        log.append(("prefill", sum(take for _, _, _, take in pieces), decoding))
         return prefill(pieces)
 
-    monkeypatch.setattr(engine.forward, "prefill", counting)
+    def counting_launch(*args, **kwargs):
+        log.append(("step",))
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(engine.forward, "prefill", counting_prefill)
+    monkeypatch.setattr(engine.graphs, "launch", counting_launch)
     first = engine.request(torch.randint(1, 97, (6,)).tolist(), 30, stop_token_ids=[], tag="first")
     late = [engine.request(torch.randint(1, 97, (n,)).tolist(), 4, stop_token_ids=[], tag=n) for n in (9, 7, 5)]
     scheduler.submit(first)
-    per_boundary = []                     # (first was decoding, prompt tokens prefilled) per step
     while scheduler.busy():
         if scheduler.decode_steps == 3:
             for r in late:
                 scheduler.submit(r)
-        decoding = bool(first.output_ids) and first.finish_reason is None
-        prefilled.append(0)
         scheduler.step()
-        per_boundary.append((decoding, prefilled[-1]))
-    assert sum(n for _, n in per_boundary) == 6 + 9 + 7 + 5
-    while_decoding = [n for decoding, n in per_boundary if decoding and n]
-    assert max(while_decoding) == 4 and sum(while_decoding) == 9 + 7 + 5
+    assert sum(entry[1] for entry in log if entry[0] == "prefill") == 6 + 9 + 7 + 5
+    between, runs = 0, []                 # prefill tokens while decoding, per interval between launches
+    for entry in log:
+        if entry[0] == "step":
+            runs.append(between)
+            between = 0
+        elif entry[2]:
+            between += entry[1]
+    runs.append(between)
+    assert max(runs) == 4 and sum(runs) == 9 + 7 + 5
     assert all(r.finish_reason == "length" for r in [first] + late)
 
 
