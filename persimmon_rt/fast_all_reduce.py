@@ -36,7 +36,7 @@ SENTINEL = -32768        # int16 view of 0x8000: -0.0 in fp16 and bf16, the "not
 
 class FusedAllReduce:
     def __init__(self, group, device: torch.device, dtype: torch.dtype, hidden: int, timeout_s: float,
-                 protocol: str = "flags"):
+                 protocol: str = "lamport"):
         if protocol not in PROTOCOLS:
             raise ValueError(f"all-reduce protocol must be one of {PROTOCOLS}, got {protocol!r}")
         import torch.distributed._symmetric_memory as symm_mem
@@ -73,7 +73,7 @@ class FusedAllReduce:
 
     @classmethod
     def try_create(cls, group, device: torch.device, dtype: torch.dtype, hidden: int, timeout_s: float,
-                   protocol: str = "flags") -> tuple["FusedAllReduce | None", str]:
+                   protocol: str = "lamport") -> tuple["FusedAllReduce | None", str]:
         """(the reducer, "") when it works here, else (None, why not). Every rank must call it together."""
         try:
             reducer = cls(group, device, dtype, hidden, timeout_s, protocol)

@@ -50,10 +50,10 @@ TP_CHILD_ENV = "PERSIMMON_RT_TP_CHILD"
 TIMEOUT_ENV = "PERSIMMON_RT_TP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
 # The decode's all-reduces take the fused all-reduce + LayerNorm kernel over peer-mapped buffers where it
-# works (fast_all_reduce.py), with the protocol named here ("flags", the default, or "lamport"); "nccl"
-# keeps every all-reduce on NCCL.
+# works (fast_all_reduce.py), with the protocol named here ("lamport", the default: 4.8 us against the
+# flags' 5.8 on two H200s, benchmarks/RESULTS.md run I; or "flags"); "nccl" keeps every all-reduce on NCCL.
 ALL_REDUCE_ENV = "PERSIMMON_RT_TP_ALL_REDUCE"
-DEFAULT_ALL_REDUCE = "flags"
+DEFAULT_ALL_REDUCE = "lamport"
 
 # ---------------------------------------------------------------------------------------- process group
 class TensorParallel:
