@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -513,7 +514,25 @@ TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
 //   DECODE_LINEAR_CONFIGS   tuple of str, the GEMV's compiled tile configurations (decode_linear's
 //                           `config` argument indexes it; for benchmark sweeps)
 //   DECODE_LINEAR_INT8_CONFIGS  tuple of str, the same for decode_linear_int8
+// and one function:
+//   decode_linear_int8_config(M, N, K) -> int, the configuration decode_linear_int8 picks (config -1)
 namespace {
+
+PyObject* int8_config(PyObject*, PyObject* args) {
+  int M = 0, N = 0, K = 0;
+  if (!PyArg_ParseTuple(args, "iii", &M, &N, &K)) return nullptr;
+  try {
+    return PyLong_FromLong(persimmon_rt::decode_linear_int8_config(M, N, K));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef kMethods[] = {
+    {"decode_linear_int8_config", int8_config, METH_VARARGS,
+     "decode_linear_int8_config(M, N, K) -> the int8 GEMV configuration picked for M rows of an [N, K] weight"},
+    {nullptr, nullptr, 0, nullptr}};
 
 PyObject* head_dims_tuple() {
   constexpr size_t n = sizeof(persimmon_rt::kAttentionHeadDims) / sizeof(persimmon_rt::kAttentionHeadDims[0]);
@@ -567,7 +586,7 @@ bool add_limits(PyObject* m) {
 
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "persimmon_rt CUDA ops (torch.ops.persimmon_rt)", -1,
-                               nullptr, nullptr, nullptr, nullptr, nullptr};
+                               kMethods, nullptr, nullptr, nullptr, nullptr};
   PyObject* m = PyModule_Create(&module);
   if (m != nullptr && !add_limits(m)) {
     Py_DECREF(m);
