@@ -7,8 +7,9 @@
 #   compile   the end-to-end benchmark against transformers with a static cache + torch.compile (b=1, ctx 128)
 #   sanitize  compute-sanitizer memcheck / racecheck / synccheck over an end-to-end generation, and
 #             synccheck + memcheck over the small-shape op tests
-#   int8      the int8 and fp16 GEMV tests, then the int8 sweep (every configuration, every shape, 1 and 8
-#             rows) and the end-to-end int8 decode with the compiled table and with the sweep's picks
+#   int8      the int8 and fp16 GEMV tests
+#   int8-bench     the int8 sweep (every configuration on every shape, 1 and 8 rows), then the end-to-end
+#                  int8 decode with the compiled table and with the sweep's picks
 #   int8-sanitize  compute-sanitizer racecheck / memcheck over every int8 configuration's test (fp16)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,9 +61,10 @@ for mode in "$@"; do
       done ;;
     int8)
       "${pytest[@]}" tests/test_int8_cuda.py tests/test_int8.py tests/test_decode_linear.py \
-        > "$out/int8_tests.log" 2>&1; tail -8 "$out/int8_tests.log"
+        > "$out/int8_tests.log" 2>&1; tail -8 "$out/int8_tests.log" ;;
+    int8-bench)
       python3 benchmarks/bench_int8.py --rows 1 8 --sweep --end-to-end > "$out/bench_int8.log" 2>&1
-      tail -150 "$out/bench_int8.log" ;;
+      tail -60 "$out/bench_int8.log" ;;
     int8-sanitize)
       for tool in racecheck memcheck; do
         timeout 500 compute-sanitizer --tool "$tool" --error-exitcode 1 "${pytest[@]}" tests/test_int8_cuda.py \
