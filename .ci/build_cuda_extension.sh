@@ -32,6 +32,9 @@ assert ops.CUDA_ARCHS == ("90a",), f"built for {ops.CUDA_ARCHS!r}, expected the 
 assert ops.DECODE_LINEAR_MAX_ROWS >= 1 and ops.LAYERNORM_MAX_HIDDEN >= 4096, (ops.DECODE_LINEAR_MAX_ROWS,
                                                                               ops.LAYERNORM_MAX_HIDDEN)
 assert ops.kernels_support(64) and not ops.kernels_support(96), ops.ATTENTION_HEAD_DIMS
+# The int8 GEMV's per-shape choice is host code: it answers without a GPU.
+assert all(0 <= ops.decode_linear_int8_config(m, 4096, 4096) < len(ops.DECODE_LINEAR_INT8_CONFIGS)
+           for m in (1, 8, 16)), ops.DECODE_LINEAR_INT8_CONFIGS
 print(f"CUDA extension build: ok against torch {torch.__version__} ({len(ops_expected)} ops registered, "
       f"sm_{','.join(ops.CUDA_ARCHS)}; GEMV rows <= {ops.DECODE_LINEAR_MAX_ROWS}, "
       f"head dims {ops.ATTENTION_HEAD_DIMS})")

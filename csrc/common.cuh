@@ -87,6 +87,21 @@ void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
   PRT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 
+// Multiprocessors of the current device (sizes the grid of kernels that run in one wave). Cached per
+// device: launchers ask on every launch.
+inline int multiprocessors() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int device = 0;
+  PRT_CUDA_CHECK(cudaGetDevice(&device));
+  int sms = device < kMaxDevices ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (sms == 0) {
+    PRT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    if (device < kMaxDevices) cached[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
 // ---- dtype dispatch --------------------------------------------------------------------------------
 
 template <typename T>

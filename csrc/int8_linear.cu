@@ -1,7 +1,12 @@
 // Launchers of the int8 weight-only ops: the decode GEMV (tile configuration per shape, template instance
-// per dtype / output dtype) and the dequantization for prefill. Torch-free.
+// per dtype / output dtype, grid) and the dequantization for prefill. Torch-free.
 #include "int8_linear.h"
 
+#include <algorithm>
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
 #include <tuple>
 #include <utility>
 
@@ -12,54 +17,130 @@ namespace persimmon_rt {
 namespace {
 
 using gemv::DecodeLinearInt8Params;
-using gemv::GemvConfig;
+using gemv::Int8GemvConfig;
 
-// GemvConfig<RT, MT, J, WARPS, MIN_BLOCKS>: the fp16 GEMV's tile shapes; at one byte per weight a load
-// carries twice the k, so a warp's share of K is covered in half the loads. Few instances: each costs
-// compile time on every build. Bytes in flight per block: WARPS x 32 lanes x J x RT x 32 B.
-using Configs = std::tuple<GemvConfig<1, 1, 4, 8, 3>,    // 0  m8 J4 W8
-                           GemvConfig<1, 1, 8, 8, 2>,    // 1  m8 J8 W8
-                           GemvConfig<1, 1, 4, 16, 1>,   // 2  m8 J4 W16
-                           GemvConfig<1, 2, 4, 8, 3>,    // 3  m16 J4 W8
-                           GemvConfig<1, 2, 2, 16, 2>>;  // 4  m16 J2 W16
+// The compiled configurations, Int8GemvConfig<RT, MT, J, WARPS, MIN_BLOCKS, STAGES, PERSISTENT>, by
+// index; kShapeRules picks among them and benchmarks/bench_int8.py --sweep times every one on every
+// Persimmon-8B shape. J counts 64-k chunks; bytes in flight per warp: STAGES x J x RT x 1 KB (a warp's
+// 16 rows x 64 bytes per chunk). At K = 4096 a warp of an 8-warp block has 8 chunks: J = 4 is two loop
+// steps, J = 8 one. Few instances: each costs compile time on every build.
+using Configs = std::tuple<
+    // Up to 8 rows (MT = 1).
+    Int8GemvConfig<1, 1, 4, 8, 3, 1, false>,   // 0  the fp16 GEMV's loop: the next step after this one's mma
+    Int8GemvConfig<1, 1, 8, 8, 2, 1, false>,   // 1  a warp's whole K = 4096 share in one step
+    Int8GemvConfig<1, 1, 4, 16, 1, 1, false>,  // 2  16 warps: shorter shares, one block per SM
+    Int8GemvConfig<1, 1, 2, 8, 3, 2, false>,   // 3  c0's bytes in flight, the next step requested before the mma
+    Int8GemvConfig<1, 1, 4, 8, 2, 2, false>,   // 4  two stages of c0's step: twice its bytes in flight
+    Int8GemvConfig<1, 1, 4, 4, 4, 2, false>,   // 5  4 warps of 4 steps (K = 4096): a pipeline inside each block
+    Int8GemvConfig<1, 1, 2, 8, 3, 2, true>,    // 6  c3, persistent: loads in flight across tiles
+    Int8GemvConfig<1, 1, 4, 8, 2, 2, true>,    // 7  c4, persistent
+    Int8GemvConfig<1, 1, 4, 16, 1, 2, true>,   // 8  persistent, a 16-warp block per SM; x kept at K = 4096
+    // Up to 16 rows (MT = 2: a second x fragment and mma per weight fragment; the weight stream is the same).
+    Int8GemvConfig<1, 2, 4, 8, 3, 1, false>,   // 9  c0's loop
+    Int8GemvConfig<1, 2, 2, 16, 2, 1, false>,  // 10 16 warps
+    Int8GemvConfig<1, 2, 2, 8, 2, 2, false>,   // 11 two stages
+    Int8GemvConfig<1, 2, 2, 8, 2, 2, true>>;   // 12 two stages, persistent
 constexpr int kNumConfigs = std::tuple_size_v<Configs>;
+constexpr int kDefault8 = 0;   // shapes without a rule
+constexpr int kDefault16 = 9;
 
-// Persimmon-8B decode shapes; others take M <= 8: 0, else 3. From the H200 sweep
-// (benchmarks/bench_int8.py --sweep, benchmarks/RESULTS.md run E): dense 6.2 / 6.9 us with c0 against
-// 7.4 / 8.1 with c2 (1 / 8 rows); MLP-down 20.2 / 21.3 with c4 against 21.1 / 22.4 with c2. The wide
-// shapes keep c0 (best or within 1 %).
+template <size_t... I>
+constexpr std::array<int, sizeof...(I)> max_rows(std::index_sequence<I...>) {
+  return {std::tuple_element_t<I, Configs>::kMaxM...};
+}
+constexpr auto kMaxRows = max_rows(std::make_index_sequence<kNumConfigs>{});
+
+// Per-shape choices for one row, 2..8 rows and 9..16 rows (Persimmon-8B decode shapes). Until the H200
+// sweep of these configurations is in (benchmarks/bench_int8.py --sweep prints the table to paste here;
+// benchmarks/RESULTS.md), each shape keeps the loop shape the first int8 sweep chose (run E: its c0, now
+// 0 and 9; for MLP-down and dense at 9..16 rows its 16-warp m16 configuration, now 10).
 struct ShapeRule {
-  int n, k, config8, config16;
+  int n, k, config1, config8, config16;
 };
 constexpr ShapeRule kShapeRules[] = {
-    {12288, 4096, 0, 3},   // QKV
-    {4096, 4096, 0, 4},    // attention dense
-    {16384, 4096, 0, 3},   // MLP up
-    {4096, 16384, 4, 4},   // MLP down
-    {262144, 4096, 0, 3},  // lm_head
+    {12288, 4096, 0, 0, 9},     // QKV
+    {4096, 4096, 0, 0, 10},     // attention dense
+    {16384, 4096, 0, 0, 9},     // MLP up
+    {4096, 16384, 10, 10, 10},  // MLP down
+    {262144, 4096, 0, 0, 9},    // lm_head
 };
 
-int choose_config(int M, int N, int K) {
+// One row and 2..8 rows may take any configuration that takes 8 rows, 9..16 rows one that takes 16.
+constexpr bool rule_ok(const ShapeRule& r) {
+  const auto fits = [](int c, int rows) { return c >= 0 && c < kNumConfigs && kMaxRows[c] >= rows; };
+  return r.n >= 1 && r.k >= kInt8KMultiple && fits(r.config1, 8) && fits(r.config8, 8) && fits(r.config16, 16);
+}
+constexpr bool rules_ok() {
   for (const ShapeRule& r : kShapeRules)
-    if (r.n == N && r.k == K) return M <= 8 ? r.config8 : r.config16;
-  return M <= 8 ? 0 : 3;
+    if (!rule_ok(r)) return false;
+  return rule_ok({1, kInt8KMultiple, kDefault8, kDefault8, kDefault16});
+}
+static_assert(rules_ok(), "kShapeRules or a default names a configuration that is missing or takes too few rows");
+
+// PERSIMMON_RT_INT8_RULES="N:K:c1:c8:c16[,...]" puts rules before kShapeRules: a sweep's picks timed end to
+// end without a rebuild (benchmarks/bench_int8.py). Read once; a malformed value fails every launch.
+constexpr const char* kRulesEnv = "PERSIMMON_RT_INT8_RULES";
+
+std::vector<ShapeRule> parse_rules(const std::string& text) {
+  std::vector<ShapeRule> rules;
+  for (size_t pos = 0; pos < text.size();) {
+    const size_t end = std::min(text.find(',', pos), text.size());
+    const std::string entry = text.substr(pos, end - pos);
+    ShapeRule r{};
+    char extra = 0;
+    if (std::sscanf(entry.c_str(), "%d:%d:%d:%d:%d%c", &r.n, &r.k, &r.config1, &r.config8, &r.config16, &extra) != 5 ||
+        !rule_ok(r))
+      throw std::invalid_argument(std::string(kRulesEnv) + ": bad entry '" + entry +
+                                  "' (want N:K:config1:config8:config16, of the " + std::to_string(kNumConfigs) +
+                                  " configurations; config16 must take 16 rows)");
+    rules.push_back(r);
+    pos = end + 1;
+  }
+  return rules;
+}
+
+const std::vector<ShapeRule>& env_rules() {
+  static const std::vector<ShapeRule> rules = [] {
+    const char* v = std::getenv(kRulesEnv);
+    return v == nullptr ? std::vector<ShapeRule>{} : parse_rules(v);
+  }();
+  return rules;
+}
+
+int choose_config(int M, int N, int K) {
+  const auto pick = [M](const ShapeRule& r) { return M == 1 ? r.config1 : M <= 8 ? r.config8 : r.config16; };
+  for (const ShapeRule& r : env_rules())
+    if (r.n == N && r.k == K) return pick(r);
+  for (const ShapeRule& r : kShapeRules)
+    if (r.n == N && r.k == K) return pick(r);
+  return M <= 8 ? kDefault8 : kDefault16;
 }
 
 template <typename Cfg>
 std::string config_name() {
   return "m" + std::to_string(Cfg::kMaxM) + " J" + std::to_string(Cfg::J) + " W" + std::to_string(Cfg::WARPS) +
-         " RT" + std::to_string(Cfg::RT) + " B" + std::to_string(Cfg::MIN_BLOCKS);
+         " RT" + std::to_string(Cfg::RT) + " B" + std::to_string(Cfg::MIN_BLOCKS) + " S" + std::to_string(Cfg::STAGES) +
+         (Cfg::PERSISTENT ? " persistent" : "");
+}
+
+template <typename Cfg, typename T, typename OutT>
+void launch_instance(const DecodeLinearInt8Params& p, cudaStream_t stream) {
+  constexpr auto kernel = gemv::decode_linear_int8_kernel<T, OutT, Cfg>;
+  const int tiles = static_cast<int>(ceil_div(p.N, Cfg::kRowsPerBlock));
+  // A persistent configuration launches one wave, each block with at least one tile: MIN_BLOCKS per SM,
+  // which the launch bounds guarantee room for and the register counts of these configurations allow no
+  // more of (ptxas -v).
+  const int grid = Cfg::PERSISTENT ? std::min(tiles, Cfg::MIN_BLOCKS * multiprocessors()) : tiles;
+  launch_kernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(Cfg::kThreads), 0, stream, /*pdl=*/true, p);
 }
 
 template <typename Cfg>
 void launch(const DecodeLinearInt8Params& p, DType dtype, bool out_fp32, cudaStream_t stream) {
   PRT_REQUIRE(p.M <= Cfg::kMaxM, "config " + config_name<Cfg>() + " takes at most " + std::to_string(Cfg::kMaxM) +
                                      " rows, got " + std::to_string(p.M));
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.N, Cfg::kRowsPerBlock)));
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const auto run = [&](auto kernel) { launch_kernel(kernel, grid, dim3(Cfg::kThreads), 0, stream, /*pdl=*/true, p); };
-    out_fp32 ? run(gemv::decode_linear_int8_kernel<T, float, Cfg>) : run(gemv::decode_linear_int8_kernel<T, T, Cfg>);
+    out_fp32 ? launch_instance<Cfg, T, float>(p, stream) : launch_instance<Cfg, T, T>(p, stream);
   });
 }
 
@@ -80,6 +161,12 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }  // namespace
 
 std::vector<std::string> decode_linear_int8_config_names() { return names(std::make_index_sequence<kNumConfigs>{}); }
+
+int decode_linear_int8_config(int M, int N, int K) {
+  PRT_REQUIRE(M >= 1 && M <= kDecodeLinearInt8MaxRows,
+              "M must be in [1, " + std::to_string(kDecodeLinearInt8MaxRows) + "]");
+  return choose_config(M, N, K);
+}
 
 void launch_decode_linear_int8(const void* x, const int8_t* weight, const float* scale, const void* bias,
                                const void* residual, void* out, int64_t ldx, int M, int N, int K, bool relu2,

@@ -10,6 +10,7 @@
 #include <exception>
 #include <optional>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -649,7 +650,19 @@ TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
 // and one function:
 //   attention_prefill_kernel_name(head_dim) -> str, the kernel attention_prefill runs for head_dim on the
 //                           current device ("wgmma" or "mma_sync"; attention.h says how it is chosen)
+//   decode_linear_int8_config(M, N, K) -> int, the configuration decode_linear_int8 picks (config -1)
 namespace {
+
+PyObject* int8_config(PyObject*, PyObject* args) {
+  int M = 0, N = 0, K = 0;
+  if (!PyArg_ParseTuple(args, "iii", &M, &N, &K)) return nullptr;
+  try {
+    return PyLong_FromLong(persimmon_rt::decode_linear_int8_config(M, N, K));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
 
 PyObject* head_dims_tuple() {
   constexpr size_t n = sizeof(persimmon_rt::kAttentionHeadDims) / sizeof(persimmon_rt::kAttentionHeadDims[0]);
@@ -714,17 +727,19 @@ PyObject* attention_prefill_kernel_name(PyObject*, PyObject* head_dim) {
   }
 }
 
-PyMethodDef methods[] = {
+PyMethodDef kMethods[] = {
     {"attention_prefill_kernel_name", attention_prefill_kernel_name, METH_O,
      "attention_prefill_kernel_name(head_dim) -> 'wgmma' or 'mma_sync': the kernel attention_prefill runs for "
      "head_dim on the current device (PERSIMMON_RT_PREFILL_ATTENTION=wgmma|mma_sync asks, read at every call)"},
+    {"decode_linear_int8_config", int8_config, METH_VARARGS,
+     "decode_linear_int8_config(M, N, K) -> the int8 GEMV configuration picked for M rows of an [N, K] weight"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "persimmon_rt CUDA ops (torch.ops.persimmon_rt)", -1,
-                               methods, nullptr, nullptr, nullptr, nullptr};
+                               kMethods, nullptr, nullptr, nullptr, nullptr};
   PyObject* m = PyModule_Create(&module);
   if (m != nullptr && !add_limits(m)) {
     Py_DECREF(m);

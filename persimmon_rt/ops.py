@@ -15,6 +15,7 @@ path by them instead of restating them:
   fused tensor-parallel all-reduce's limits and buffer layout (fast_all_reduce.py).
 - ``DECODE_LINEAR_CONFIGS``: names of the GEMV's compiled tile configurations (benchmark sweeps only).
 - ``DECODE_LINEAR_INT8_CONFIGS``: the same for the int8 GEMV (``decode_linear_int8``).
+- ``decode_linear_int8_config(rows, n, k)``: which of them the int8 GEMV picks for that shape.
 - ``kernels_support(head_dim)``: whether the CUDA kernels cover a model of that head dim (the attention
   ops are the only ones with a head-dim list).
 - ``attention_prefill_kernel_name(head_dim)``: which kernel ``attention_prefill`` runs for that head dim on
@@ -41,7 +42,7 @@ HAVE_CUDA_EXT = _C is not None
 
 _LIMITS = ("CUDA_ARCHS", "DECODE_LINEAR_MAX_ROWS", "ATTENTION_HEAD_DIMS", "LAYERNORM_MAX_HIDDEN",
            "DECODE_LINEAR_CONFIGS", "DECODE_LINEAR_INT8_CONFIGS", "ALL_REDUCE_MAX_ROWS", "ALL_REDUCE_MAX_RANKS",
-           "ALL_REDUCE_FLAG_BYTES", "ALL_REDUCE_SLOTS", "attention_prefill_kernel_name")
+           "ALL_REDUCE_FLAG_BYTES", "ALL_REDUCE_SLOTS", "attention_prefill_kernel_name", "decode_linear_int8_config")
 if HAVE_CUDA_EXT and not all(hasattr(_C, name) for name in _LIMITS):
     # A build older than its sources: its ops' schemas may differ too, so running it would fail later
     # and less clearly.
@@ -67,6 +68,15 @@ ALL_REDUCE_SLOTS: int = int(_C.ALL_REDUCE_SLOTS) if HAVE_CUDA_EXT else 0
 DECODE_LINEAR_CONFIGS: tuple[str, ...] = tuple(_C.DECODE_LINEAR_CONFIGS) if HAVE_CUDA_EXT else ()
 # The same for the int8 GEMV (decode_linear_int8's `config`).
 DECODE_LINEAR_INT8_CONFIGS: tuple[str, ...] = tuple(_C.DECODE_LINEAR_INT8_CONFIGS) if HAVE_CUDA_EXT else ()
+
+
+def decode_linear_int8_config(rows: int, n: int, k: int) -> int:
+    """Index into DECODE_LINEAR_INT8_CONFIGS of the configuration decode_linear_int8 runs for `rows` rows
+    of an [n, k] weight: a PERSIMMON_RT_INT8_RULES entry, else the compiled per-shape table
+    (csrc/int8_linear.cu), else the default. Needs the extension."""
+    if not HAVE_CUDA_EXT:
+        raise RuntimeError("decode_linear_int8_config needs persimmon_rt._C")
+    return int(_C.decode_linear_int8_config(rows, n, k))
 
 
 def kernels_support(head_dim: int) -> bool:

@@ -10,6 +10,10 @@
 #   prefill   the prefill attention kernels: a first small wgmma case (a hang shows here, under a timeout),
 #             tests/test_attention_prefill.py on both kernels, memcheck over small wgmma cases, the engine
 #             tests with the wgmma kernel, the variants harness and bench_attention.py --only prefill
+#   int8      the int8 and fp16 GEMV tests
+#   int8-bench     the int8 sweep (every configuration on every shape, 1 and 8 rows), then the end-to-end
+#                  int8 decode with the compiled table and with the sweep's picks
+#   int8-sanitize  compute-sanitizer racecheck / memcheck over every int8 configuration's test (fp16)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-logs}"
@@ -76,6 +80,18 @@ for mode in "$@"; do
       cat "$out/prefill_variants.log"
       timeout 300 python3 benchmarks/bench_attention.py --only prefill > "$out/prefill_bench.log" 2>&1
       cat "$out/prefill_bench.log" ;;
+    int8)
+      "${pytest[@]}" tests/test_int8_cuda.py tests/test_int8.py tests/test_decode_linear.py \
+        > "$out/int8_tests.log" 2>&1; tail -8 "$out/int8_tests.log" ;;
+    int8-bench)
+      python3 benchmarks/bench_int8.py --rows 1 8 --sweep --end-to-end > "$out/bench_int8.log" 2>&1
+      tail -60 "$out/bench_int8.log" ;;
+    int8-sanitize)
+      for tool in racecheck memcheck; do
+        timeout 500 compute-sanitizer --tool "$tool" --error-exitcode 1 "${pytest[@]}" tests/test_int8_cuda.py \
+          -k "test_every_config and fp16 and not graph" > "$out/sanitize_int8_$tool.log" 2>&1
+        echo "sanitize int8 $tool: exit $?"; tail -3 "$out/sanitize_int8_$tool.log"
+      done ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
   echo "$mode: $(( $(date +%s) - start )) s"

@@ -1,13 +1,17 @@
 """Weight-only int8 (CPU): the quantize / dequantize references, the int8 GEMV reference, quantized
-checkpoints (written, loaded without re-quantizing, validated), one-line errors, and quality on the demo
-model (held-out perplexity with dequantized weights within 1 % of full precision; greedy output equal to
-full precision for 32 tokens, or a divergence at a near tie).
+checkpoints (written, loaded without re-quantizing, validated), one-line errors, every int8 GEMV
+configuration compiled without spills for sm_90a and sm_80 (nvcc), and quality on the demo model
+(held-out perplexity with dequantized weights within 1 % of full precision; greedy output equal to full
+precision for 32 tokens, or a divergence at a near tie).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -173,6 +177,42 @@ def test_cli_quantize_then_generate_and_errors(tmp_path, capsys):
     assert err.count("\n") == 1 and "unknown quantization scheme 'int3'" in err
     assert cli.main(["info", "--model", str(out)]) == 0
     assert "weights quantized int8" in capsys.readouterr().out
+
+
+# ---- the int8 GEMV's configurations, compiled (nvcc, no GPU) -------------------------------------------
+
+def _nvcc():
+    from persimmon_rt import _build
+
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return _build.find_nvcc(home) or shutil.which("nvcc")
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
+@pytest.mark.parametrize("arch", ["90a", "80"])
+def test_every_int8_gemv_configuration_compiles_without_spills(arch, tmp_path):
+    """Every instance of every int8 GEMV configuration (the sweep's candidates) keeps its registers within
+    its launch bounds for both targets, with the extension's own flags: no stack frame, no spills. The
+    build also checks the per-shape table (a static_assert in csrc/int8_linear.cu)."""
+    from persimmon_rt import _build
+
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    flags = _build.compile_flags([arch], debug=False, shell_quote=False)["nvcc"]
+    command = [_nvcc(), *flags, f"-I{csrc}", "-Xptxas", "-v", "-c", os.path.join(csrc, "int8_linear.cu"),
+               "-o", str(tmp_path / "int8_linear.o")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    kernels = re.split(r"Compiling entry function ", done.stderr)[1:]
+    assert sum("decode_linear_int8_kernel" in k.split("\n")[0] for k in kernels) == 4 * len(_int8_configs(csrc))
+    bad = [k.split("'")[1] for k in kernels
+           if not re.search(r"\b0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", k)]
+    assert not bad, f"sm_{arch}: stack frame or spills in {bad}"
+
+
+def _int8_configs(csrc: str) -> list[str]:
+    """The Int8GemvConfig<...> entries of the Configs tuple in csrc/int8_linear.cu."""
+    with open(os.path.join(csrc, "int8_linear.cu"), encoding="utf-8") as fh:
+        return re.findall(r"^\s*Int8GemvConfig<[^>]*>", fh.read(), flags=re.MULTILINE)
 
 
 # ---- quality on the demo model -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Weight-only int8 on the GPU: the int8 decode GEMV and the dequantization kernel against their fp32
 references (awkward and Persimmon-8B shapes, every epilogue, fp16 / bf16, fp32 output, poisoned outputs,
-residual aliasing, every tile configuration, argument errors, opcheck, CUDA-graph replay), and the int8
+residual aliasing, every tile configuration eagerly and in a graph, writes of the previous kernel, the
+per-shape choice and its environment override, argument errors, opcheck, CUDA-graph replay), and the int8
 engine against the fp16 one (greedy on the demo model; logits on 8B shapes with random weights over 512
 teacher-forced decode steps). Skipped without a GPU.
 """
@@ -8,6 +9,9 @@ teacher-forced decode steps). Skipped without a GPU.
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,12 +88,127 @@ def test_persimmon_shapes(shape, M, dtype):
     run_and_check(M, N, K, dtype, shape != "lm_head", False, relu2, torch.float32 if shape == "lm_head" else None)
 
 
+def config_rows(name: str) -> int:
+    """Most rows a configuration takes: its name starts with "m<rows> "."""
+    return int(name.split()[0][1:])
+
+
+CONFIGS = range(len(ops.DECODE_LINEAR_INT8_CONFIGS) or 1)
+# A partial 16-row tile with a partial 64-wide chunk; Persimmon's K with a partial last tile; more tiles
+# (1201) than any persistent grid holds (at most 4 blocks x 132 SMs), so persistent blocks walk several,
+# an uneven number each.
+CONFIG_SHAPES = [(83, 272), (4104, 4112), (19207, 1040)]
+
+
 @requires_cuda
-@pytest.mark.parametrize("config", range(len(ops.DECODE_LINEAR_INT8_CONFIGS) or 1))
-def test_every_config(config):
-    rows = int(ops.DECODE_LINEAR_INT8_CONFIGS[config].split()[0][1:])
-    for M in sorted({1, rows // 2 + 1, rows}):
-        run_and_check(M, 4104, 4112, torch.float16, True, True, False, config=config)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config(config, dtype):
+    """Every compiled configuration (the sweep's candidates) at its row limits, every epilogue at once
+    and none (fp32 out)."""
+    rows = config_rows(ops.DECODE_LINEAR_INT8_CONFIGS[config])
+    for M in sorted({1, 7, rows}):
+        for N, K in CONFIG_SHAPES:
+            run_and_check(M, N, K, dtype, True, True, True, config=config)
+            run_and_check(M, N, K, dtype, False, False, False, out_dtype=torch.float32, config=config)
+
+
+@requires_cuda
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_in_a_graph_sees_each_replays_inputs(config):
+    """Two dependent launches (programmatic dependent launch) of one configuration per graph replay."""
+    rows = config_rows(ops.DECODE_LINEAR_INT8_CONFIGS[config])
+    x, q, s, b, _ = make_case(rows, 4096, 4096, torch.float16)
+    out = torch.empty(rows, 4096, device="cuda", dtype=torch.float16)
+    mid = torch.empty_like(out)
+
+    def chain():
+        torch.ops.persimmon_rt.decode_linear_int8(x, q, s, b, None, mid, True, config)
+        torch.ops.persimmon_rt.decode_linear_int8(mid, q, s, None, None, out, False, config)
+
+    graph = capture_graph(chain)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        first = fp32_reference(x, q, s, b, None, True).half()
+        check_against_fp32(out, fp32_reference(first, q, s, None, None, False),
+                           lowp_composition(first, q, s, None, None, False, torch.float16), floor=1e-4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("in_graph", [False, True])
+def test_sees_writes_of_the_previous_kernel(in_graph):
+    """Kernels that rewrite the weight, scale, bias, x and residual just before the op (eagerly, and as
+    neighbouring nodes of one graph) must be seen: weights, scale and bias are read before the kernel's
+    programmatic-dependent-launch wait, which is safe only after kernels that do not release it early."""
+    M, N, K = 8, 4096, 4096
+    x, q, s, b, r = make_case(M, N, K, torch.float16, True, True)
+    out = torch.full((M, N), float("nan"), dtype=torch.float16, device="cuda")
+
+    def step():
+        q.neg_()
+        s.mul_(1.5)
+        b.add_(0.25)
+        x.mul_(-0.5)
+        r.add_(1.0)
+        torch.ops.persimmon_rt.decode_linear_int8(x, q, s, b, r, out, False)
+
+    run = capture_graph(step).replay if in_graph else step
+    for _ in range(3):
+        q_before = q.clone()
+        out.fill_(float("nan"))
+        run()
+        torch.cuda.synchronize()
+        assert torch.equal(q, -q_before)  # the writes happened; the op must have used them
+        check_against_fp32(out, fp32_reference(x, q, s, b, r, False),
+                           lowp_composition(x, q, s, b, r, False, torch.float16), floor=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", list(PERSIMMON_SHAPES) + ["other"])
+def test_config_choice_takes_the_rows(shape):
+    """The per-shape table (and the default for other shapes) names a configuration that takes the rows."""
+    N, K = PERSIMMON_SHAPES[shape][:2] if shape != "other" else (1000, 2048)
+    for M in (1, 2, 8, 9, 16):
+        config = ops.decode_linear_int8_config(M, N, K)
+        assert 0 <= config < len(ops.DECODE_LINEAR_INT8_CONFIGS)
+        assert config_rows(ops.DECODE_LINEAR_INT8_CONFIGS[config]) >= M
+
+
+RULES_SCRIPT = """
+import torch
+from persimmon_rt import ops
+x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+q = torch.randint(-127, 128, (4096, 4096), device="cuda", dtype=torch.int8)
+out = torch.empty(1, 4096, device="cuda", dtype=torch.float16)
+torch.ops.persimmon_rt.decode_linear_int8(x, q, torch.ones(4096, device="cuda"), None, None, out, False)
+torch.cuda.synchronize()
+print([ops.decode_linear_int8_config(m, 4096, 4096) for m in (1, 8, 16)])
+"""
+
+
+def run_rules_script(rules: str):
+    env = {**os.environ, "PERSIMMON_RT_INT8_RULES": rules}
+    return subprocess.run([sys.executable, "-c", RULES_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+@requires_cuda
+def test_rules_from_the_environment_come_first():
+    """PERSIMMON_RT_INT8_RULES (a sweep's picks, timed without a rebuild) overrides the compiled table;
+    a malformed value is an error that names it, at the first launch."""
+    names = ops.DECODE_LINEAR_INT8_CONFIGS
+    m8 = [c for c, name in enumerate(names) if config_rows(name) == 8]
+    m16 = [c for c, name in enumerate(names) if config_rows(name) == 16]
+    want = [m8[-1], m8[-2], m16[-1]]
+    done = run_rules_script(f"1:16:0:0:{m16[0]},4096:4096:{want[0]}:{want[1]}:{want[2]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == str(want)
+    for bad in ("4096:4096:0:0", f"4096:4096:0:0:{m8[0]}", "4096:4096:0:0:999", "4096x4096:0:0:9"):
+        done = run_rules_script(bad)
+        assert done.returncode != 0 and "PERSIMMON_RT_INT8_RULES" in done.stderr, (bad, done.stderr[-2000:])
 
 
 @requires_cuda

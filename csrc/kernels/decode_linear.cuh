@@ -169,6 +169,69 @@ __device__ __forceinline__ uint4 ln_apply(uint4 xr, uint4 wr, uint4 br, float me
   return pack8<T>(f);
 }
 
+// ---- the epilogue, shared with decode_linear_int8.cuh ------------------------------------------------
+// The warps' fp32 partial sums meet in shared memory as s_partial[warp][v][lane], v = (rt * MT + t) * 4 + i
+// (accumulator i of tile rt and x fragment t): lane-contiguous stores and loads, free of bank conflicts.
+// Output slot idx = 32 v + lane of the block is finished by thread idx % kThreads, in round idx / kThreads.
+
+template <typename Cfg>
+constexpr int kEpilogueSlots = Cfg::RT * Cfg::MT * 4 * 32;
+
+// Rounds of the epilogue per thread (a compile-time count, so callers can keep per-round registers).
+template <typename Cfg>
+constexpr int kEpilogueRounds = (kEpilogueSlots<Cfg> + Cfg::kThreads - 1) / Cfg::kThreads;
+
+// Output feature n and x row m of slot idx of the tile that starts at row n0. The C fragment: c[i] is
+// (row g + 8 (i / 2), column 2q + i % 2) of the 16x8 tile.
+template <typename Cfg>
+__device__ __forceinline__ void epilogue_slot(int idx, int64_t n0, int64_t& n, int& m) {
+  const int v = idx / 32, ln = idx % 32;
+  const int rt = v / (Cfg::MT * 4), t = (v / 4) % Cfg::MT, i = v % 4;
+  n = n0 + 16 * rt + ln / 4 + 8 * (i / 2);
+  m = 8 * t + 2 * (ln % 4) + i % 2;
+}
+
+// Stores this warp's accumulators, waits for the block, then finishes each output of the tile at n0:
+// y = sum of the warps' partials, y = head(round, n, y) (bias; the int8 GEMV's scale too), relu^2,
+// + residual, one rounding into out. Every thread of the block must call it (one barrier); s_partial
+// must not be rewritten before the block's next barrier.
+template <typename T, typename OutT, typename Cfg, typename Head>
+__device__ __forceinline__ void gemv_epilogue(float (&s_partial)[Cfg::WARPS][Cfg::RT * Cfg::MT * 4][32],
+                                              const float (&acc)[Cfg::RT][Cfg::MT][4], int64_t n0, int M, int N,
+                                              bool relu2, const void* residual_, void* out_, Head head) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int rt = 0; rt < Cfg::RT; ++rt)
+#pragma unroll
+    for (int t = 0; t < Cfg::MT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s_partial[warp][(rt * Cfg::MT + t) * 4 + i][lane] = acc[rt][t][i];
+  __syncthreads();
+
+  const T* residual = static_cast<const T*>(residual_);
+  OutT* out = static_cast<OutT*>(out_);
+#pragma unroll
+  for (int r = 0; r < kEpilogueRounds<Cfg>; ++r) {
+    const int idx = static_cast<int>(threadIdx.x) + r * Cfg::kThreads;
+    int64_t n;
+    int m;
+    epilogue_slot<Cfg>(idx, n0, n, m);
+    if (idx >= kEpilogueSlots<Cfg> || n >= N || m >= M) continue;
+    float y = 0.f;
+#pragma unroll
+    for (int w = 0; w < Cfg::WARPS; ++w) y += s_partial[w][idx / 32][idx % 32];
+    y = head(r, n, y);
+    if (relu2) {
+      const float a = y < 0.f ? 0.f : y;  // not fmaxf: relu must keep a NaN, as torch.relu does
+      y = a * a;
+    }
+    const int64_t o = static_cast<int64_t>(m) * N + n;
+    if (residual != nullptr) y += to_float(residual[o]);
+    store_out(out + o, y);
+  }
+}
+
 // Grid: ceil(N / (16 * RT)) blocks of Cfg::kThreads threads. LN: the LayerNorm prologue.
 template <typename T, typename OutT, typename Cfg, bool LN = false>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_kernel(const DecodeLinearParams p) {
@@ -293,37 +356,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
     if (c + J < c_end) load_weights(c + J);
   }
 
-  // Sum the warps' partials: lane-contiguous stores and loads, free of bank conflicts.
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int t = 0; t < MT; ++t)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s_partial[warp][(rt * MT + t) * 4 + i][lane] = acc[rt][t][i];
-  __syncthreads();
-
   const T* bias = static_cast<const T*>(p.bias);
-  const T* residual = static_cast<const T*>(p.residual);
-  OutT* out = static_cast<OutT*>(p.out);
-  for (int idx = threadIdx.x; idx < kVals * 32; idx += Cfg::kThreads) {
-    const int v = idx / 32, ln = idx % 32;
-    const int rt = v / (MT * 4), t = (v / 4) % MT, i = v % 4;
-    // C fragment: c[i] is (row g + 8 (i / 2), column 2q + i % 2) of the 16x8 tile.
-    const int64_t n = n0 + 16 * rt + ln / 4 + 8 * (i / 2);
-    const int m = 8 * t + 2 * (ln % 4) + i % 2;
-    if (n >= p.N || m >= p.M) continue;
-    float y = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) y += s_partial[w][v][ln];
-    if (bias != nullptr) y += to_float(bias[n]);
-    if (p.relu2) {
-      const float r = y < 0.f ? 0.f : y;  // not fmaxf: relu must keep a NaN, as torch.relu does
-      y = r * r;
-    }
-    const int64_t o = static_cast<int64_t>(m) * p.N + n;
-    if (residual != nullptr) y += to_float(residual[o]);
-    store_out(out + o, y);
-  }
+  gemv_epilogue<T, OutT, Cfg>(s_partial, acc, n0, p.M, p.N, p.relu2, p.residual, p.out,
+                              [&](int, int64_t n, float y) { return bias != nullptr ? y + to_float(bias[n]) : y; });
 }
 
 }  // namespace gemv

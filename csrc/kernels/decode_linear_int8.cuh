@@ -10,12 +10,31 @@
 // loaded with the same permutation (32 bytes a lane: words 2s and 2s+1 are its k 4s..4s+3), so the
 // products pair up as in the plain dot product.
 //
-// int8 -> fp16 is exact and costs one byte permute and one half2 subtraction per two weights:
-// (v + 128) placed under the exponent of 1024 is the half 1024 + v + 128. bf16 has too few mantissa bits
-// for that, so there the same trick runs in fp32 (2^23 + v + 128) and the exact result is packed to bf16.
+// int8 -> fp16 is exact and costs one byte permute and one half2 subtraction per two weights, plus one
+// xor per four: (v + 128) placed under the exponent of 1024 is the half 1024 + v + 128; no cvt. bf16 has
+// too few mantissa bits for that, so there the same trick runs in fp32 (2^23 + v + 128) and the exact
+// result is packed to bf16. The scale is applied once per output, in the epilogue, before bias, relu^2
+// and residual (the epilogue is decode_linear.cuh's gemv_epilogue).
 //
-// The scale is applied once per output in the epilogue, before bias, relu^2 and residual. Blocks, split-K
-// over warps, the shared-memory reduction and programmatic dependent launch are as in decode_linear.cuh.
+// Why the loop differs from the fp16 GEMV's. A 16-byte load carries 16 k here, 8 there, so with the same
+// blocks a warp's share of K is covered in half the steps: at K = 4096, 8 warps and J = 4, a block is two
+// loop steps long, and the per-block costs that the fp16 kernel spreads over four steps (the first
+// load's round trip, the epilogue's barrier and its scale / bias reads, the block's exit and the next
+// block's start, all with none of the block's weight bytes in flight) weigh twice as much. The
+// configuration's knobs attack those costs (int8_linear.cu times them per shape):
+// - STAGES = 2 keeps the next step's weights in registers too: they are requested before this step's
+//   dequantize + mma (a chain of 4J dependent mma per accumulator), so a warp's stream never drains.
+// - PERSISTENT: one wave of blocks (as many as fit on the device, sized by the launcher) walks the
+//   16-row tiles with a grid stride; the next tile's first loads go out before this tile's epilogue,
+//   so a block keeps bytes in flight across tiles and the per-block start and exit are paid once. The
+//   shared-memory partials alternate between two buffers, so a tile costs one barrier.
+// - Scale and bias (constants, like the weights) are read a tile ahead into registers, so the
+//   epilogue does not wait for a DRAM round trip; the first tile's go out before the PDL wait.
+// - With one x fragment and one stage, two accumulator chains (mma k-steps alternate between them)
+//   halve the dependent-mma latency that delays the next step's loads.
+//
+// Blocks, split-K over warps and programmatic dependent launch are as in decode_linear.cuh; weights,
+// scale and bias are read before the PDL wait (no predecessor writes them), x and residual after it.
 #pragma once
 
 #include <cstdint>
@@ -40,6 +59,16 @@ struct DecodeLinearInt8Params {
   int N;
   int K;                 // multiple of 16
   bool relu2;
+};
+
+// GemvConfig's RT, MT, J (here 64-k chunks per step), WARPS, MIN_BLOCKS; STAGES: loop steps of weights a
+// warp holds in registers (1: the next step's loads go out after this step's mma, as in the fp16 GEMV;
+// 2: before them); PERSISTENT: one wave of blocks walks the tiles (the launcher sizes the grid).
+template <int RT_, int MT_, int J_, int WARPS_, int MIN_BLOCKS_, int STAGES_, bool PERSISTENT_>
+struct Int8GemvConfig : GemvConfig<RT_, MT_, J_, WARPS_, MIN_BLOCKS_> {
+  static_assert(STAGES_ == 1 || STAGES_ == 2, "one or two register stages");
+  static constexpr int STAGES = STAGES_;
+  static constexpr bool PERSISTENT = PERSISTENT_;
 };
 
 constexpr int kChunk8 = 64;  // k per chunk: 4 lanes x 16 int8 weights
@@ -68,10 +97,9 @@ __device__ __forceinline__ void int8x4_to_pairs<__nv_bfloat16>(uint32_t w, uint3
 #pragma unroll
   for (int i = 0; i < 4; ++i)
     f[i] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440 + i)) - kMagic;
-  const __nv_bfloat162 l = __floats2bfloat162_rn(f[0], f[1]);
-  const __nv_bfloat162 h = __floats2bfloat162_rn(f[2], f[3]);
-  lo = *reinterpret_cast<const uint32_t*>(&l);
-  hi = *reinterpret_cast<const uint32_t*>(&h);
+  // Integers of at most 8 significant bits: their bf16 is the fp32's upper half, exactly.
+  lo = __byte_perm(__float_as_uint(f[0]), __float_as_uint(f[1]), 0x7632);
+  hi = __byte_perm(__float_as_uint(f[2]), __float_as_uint(f[3]), 0x7632);
 }
 
 // The two x words (b0, b1) of mma step s from a lane's 16 consecutive k (two 16-byte loads).
@@ -84,42 +112,15 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int s) {
   return s == 0 ? v.x : s == 1 ? v.y : s == 2 ? v.z : v.w;
 }
 
-// The epilogue: per-warp partials summed from shared memory, scale, bias, relu^2, residual, store.
-template <typename T, typename OutT, typename Cfg, int kVals>
-__device__ __forceinline__ void int8_epilogue(const DecodeLinearInt8Params& p, int64_t n0,
-                                              const float (&s_partial)[Cfg::WARPS][kVals][32]) {
-  constexpr int MT = Cfg::MT;
-  const T* bias = static_cast<const T*>(p.bias);
-  const T* residual = static_cast<const T*>(p.residual);
-  OutT* out = static_cast<OutT*>(p.out);
-  for (int idx = threadIdx.x; idx < kVals * 32; idx += Cfg::kThreads) {
-    const int v = idx / 32, ln = idx % 32;
-    const int rt = v / (MT * 4), t = (v / 4) % MT, i = v % 4;
-    const int64_t n = n0 + 16 * rt + ln / 4 + 8 * (i / 2);  // C fragment: as in decode_linear.cuh
-    const int m = 8 * t + 2 * (ln % 4) + i % 2;
-    if (n >= p.N || m >= p.M) continue;
-    float y = 0.f;
-#pragma unroll
-    for (int w = 0; w < Cfg::WARPS; ++w) y += s_partial[w][v][ln];
-    y *= __ldg(p.scale + n);
-    if (bias != nullptr) y += to_float(bias[n]);
-    if (p.relu2) {
-      const float r = y < 0.f ? 0.f : y;  // keeps a NaN, as torch.relu does
-      y = r * r;
-    }
-    const int64_t o = static_cast<int64_t>(m) * p.N + n;
-    if (residual != nullptr) y += to_float(residual[o]);
-    store_out(out + o, y);
-  }
-}
-
-// Grid: ceil(N / (16 * RT)) blocks of Cfg::kThreads threads.
+// Grid: ceil(N / (16 * RT)) blocks, or fewer for a PERSISTENT configuration (at least one tile each); block
+// b takes tiles b, b + gridDim.x, ... Cfg::kThreads threads.
 template <typename T, typename OutT, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
     decode_linear_int8_kernel(const DecodeLinearInt8Params p) {
-  constexpr int RT = Cfg::RT, MT = Cfg::MT, J = Cfg::J, WARPS = Cfg::WARPS;
-  constexpr int kVals = RT * MT * 4;
-  __shared__ float s_partial[WARPS][kVals][32];
+  constexpr int RT = Cfg::RT, MT = Cfg::MT, J = Cfg::J, WARPS = Cfg::WARPS, S = Cfg::STAGES;
+  constexpr int kBufs = Cfg::PERSISTENT ? 2 : 1;  // partials alternate: a tile costs one barrier
+  constexpr int kRounds = kEpilogueRounds<Cfg>;
+  __shared__ float s_partial[kBufs][WARPS][RT * MT * 4][32];
 
   pdl_launch_dependents();
 
@@ -127,19 +128,49 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
   const int warp = threadIdx.x / 32;
   const int g = lane / 4;
   const int q = lane % 4;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * Cfg::kRowsPerBlock;
   const int K = p.K;
+  const int tiles = static_cast<int>(ceil_div(p.N, Cfg::kRowsPerBlock));
+  // A non-persistent grid has a block per tile (a compile-time 1, so none of the tile walk is kept).
+  const int my_tiles =
+      Cfg::PERSISTENT ? (tiles - 1 - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x) + 1 : 1;
 
-  const int8_t* w_row[RT][2];
-  bool w_ok[RT][2];
+  // This warp's contiguous share of the chunks; chunks past it are predicated off. In a persistent block
+  // every warp walks the same number of steps (each tile ends in a barrier).
+  const int chunks = (K + kChunk8 - 1) / kChunk8;
+  const int per_warp = (chunks + WARPS - 1) / WARPS;
+  const int c_begin = warp * per_warp;
+  const int c_end = min(chunks, c_begin + per_warp);
+  const int steps = (per_warp + J - 1) / J;
+  // (tile, step) pairs, tile by tile. A block of one tile has no barrier before its epilogue, so each warp
+  // walks its own steps there (none for a warp past the end of K).
+  const int items = Cfg::PERSISTENT ? my_tiles * steps : (c_end - c_begin + J - 1) / J;
+  const auto in_range = [&](int c) { return c < c_end && c * kChunk8 + 16 * q < K; };
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+  // Weight loads, one step at a time in (tile, step) order. A persistent block keeps a cursor (the next
+  // tile and step to load); a block of one tile loads step `item`.
+  int ld_tile = blockIdx.x, ld_step = 0;
+  const auto load_weights = [&](uint4 (&w)[J][RT][2], int item) {
+    const int64_t n0 = static_cast<int64_t>(Cfg::PERSISTENT ? ld_tile : blockIdx.x) * Cfg::kRowsPerBlock;
+    const int c0 = c_begin + (Cfg::PERSISTENT ? ld_step : item) * J;
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t n = n0 + 16 * rt + 8 * h + g;
-      w_ok[rt][h] = n < p.N;
-      w_row[rt][h] = p.weight + (w_ok[rt][h] ? n : 0) * K + 16 * q;
+      for (int h = 0; h < 2; ++h) {
+        const int64_t n = n0 + 16 * rt + 8 * h + g;
+        const bool row_ok = n < p.N;
+        const int8_t* row = p.weight + (row_ok ? n : 0) * K + 16 * q;
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+          w[j][rt][h] = row_ok && in_range(c0 + j) ? ld_weight_16<Cfg::L2_256B>(row + (c0 + j) * kChunk8) : zero;
+      }
+    if (Cfg::PERSISTENT && ++ld_step == steps) {
+      ld_step = 0;
+      ld_tile += gridDim.x;
     }
+  };
+
+  // x rows 8t + g, offset by the lane's 16-k slot; rows past M are never read.
   const T* x_row[MT];
   bool x_ok[MT];
 #pragma unroll
@@ -148,72 +179,137 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
     x_ok[t] = m < p.M;
     x_row[t] = static_cast<const T*>(p.x) + (x_ok[t] ? m : 0) * p.ldx + 16 * q;
   }
-
-  const int chunks = (K + kChunk8 - 1) / kChunk8;
-  const int per_warp = (chunks + WARPS - 1) / WARPS;
-  const int c_begin = warp * per_warp;
-  const int c_end = min(chunks, c_begin + per_warp);
-
-  float acc[RT][MT][4];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
+  // Chunk c's x fragments (L1 / L2 hits). A step's are requested together at its start, while its
+  // weights may still be arriving, unless they would take more than 32 registers (J x MT x 8): then
+  // each chunk's go out just before its mma (measured by ptxas: either placement alone spills in some
+  // configuration).
+  constexpr bool kXPerChunk = J * MT > 4;
+  const auto load_x = [&](int c, uint4 (&xv)[MT][2]) {
 #pragma unroll
     for (int t = 0; t < MT; ++t)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[rt][t][i] = 0.f;
+      for (int e = 0; e < 2; ++e)
+        xv[t][e] = in_range(c) && x_ok[t] ? ld_x_16(x_row[t] + c * kChunk8 + 8 * e) : zero;
+  };
 
-  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-  uint4 wv[J][RT][2];
-  const auto in_range = [&](int c) { return c < c_end && c * kChunk8 + 16 * q < K; };
-  const auto load_weights = [&](int c) {
+  // Scale and bias of a tile are requested a tile ahead. With one x fragment they go into registers
+  // (the outputs this thread finishes, rounds r of gemv_epilogue); the two-fragment configurations have
+  // no registers to spare (they spill), so their thread 0 asks L2 for the tile's lines and the epilogue
+  // reads them from there.
+  constexpr bool kHeadInRegisters = MT == 1;
+  const T* bias = static_cast<const T*>(p.bias);
+  float sc[kRounds], bi[kRounds];
+  const auto load_head = [&](int tile) {
+    const int64_t n0 = static_cast<int64_t>(tile) * Cfg::kRowsPerBlock;
+    if constexpr (kHeadInRegisters) {
 #pragma unroll
-    for (int j = 0; j < J; ++j) {
-      const bool ok = in_range(c + j);
+      for (int r = 0; r < kRounds; ++r) {
+        const int idx = static_cast<int>(threadIdx.x) + r * Cfg::kThreads;
+        int64_t n;
+        int m;
+        epilogue_slot<Cfg>(idx, n0, n, m);
+        const bool ok = idx < kEpilogueSlots<Cfg> && n < p.N;
+        sc[r] = ok ? __ldg(p.scale + n) : 0.f;
+        bi[r] = ok && bias != nullptr ? to_float(__ldg(bias + n)) : 0.f;
+      }
+    } else if (threadIdx.x < RT && (RT == 1 || n0 + 16 * threadIdx.x < p.N)) {  // 16 rows: a line each
+      prefetch_l2(p.scale + n0 + 16 * threadIdx.x);
+      if (bias != nullptr) prefetch_l2(bias + n0 + 16 * threadIdx.x);
+    }
+  };
+  const auto head = [&](int r, int64_t n, float y) {
+    if constexpr (kHeadInRegisters) {
+      return y * sc[r] + bi[r];
+    } else {
+      y *= __ldg(p.scale + n);
+      return bias != nullptr ? y + to_float(__ldg(bias + n)) : y;
+    }
+  };
+
+  // Accumulator chains: with one x fragment and one stage, mma k-steps alternate between two, so
+  // consecutive mma do not wait on each other (the next step's loads wait behind them). Two x fragments
+  // are already independent chains; with two stages the next loads are out before the mma.
+  constexpr int kChains = MT == 1 && S == 1 ? 2 : 1;
+  float acc[kChains][RT][MT][4];
+  const auto clear = [&] {
+#pragma unroll
+    for (int a = 0; a < kChains; ++a)
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          wv[j][rt][h] = ok && w_ok[rt][h] ? ld_weight_16<Cfg::L2_256B>(w_row[rt][h] + (c + j) * kChunk8) : zero;
-    }
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[a][rt][t][i] = 0.f;
   };
-  if (c_begin < c_end) load_weights(c_begin);  // constants: in flight before the wait
-  pdl_wait();
-
-  for (int c = c_begin; c < c_end; c += J) {
-    uint4 xv[J][MT][2];
+  const auto mma_step = [&](const uint4 (&w)[J][RT][2], int step) {
+    uint4 xs[kXPerChunk ? 1 : J][MT][2];
+    if constexpr (!kXPerChunk) {
+#pragma unroll
+      for (int j = 0; j < J; ++j) load_x(c_begin + step * J + j, xs[j]);
+    }
 #pragma unroll
     for (int j = 0; j < J; ++j) {
-      const bool ok = in_range(c + j);
-#pragma unroll
-      for (int t = 0; t < MT; ++t)
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          xv[j][t][e] = ok && x_ok[t] ? ld_x_16(x_row[t] + (c + j) * kChunk8 + 8 * e) : zero;
-    }
-#pragma unroll
-    for (int j = 0; j < J; ++j)
+      if constexpr (kXPerChunk) load_x(c_begin + step * J + j, xs[0]);
+      const uint4(&xv)[MT][2] = xs[kXPerChunk ? 0 : j];
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
           uint32_t a[4];  // rows g / g + 8: k-slot pairs (2q, 2q+1) then (2q+8, 2q+9)
-          int8x4_to_pairs<T>(word_of(wv[j][rt][0], s), a[0], a[2]);
-          int8x4_to_pairs<T>(word_of(wv[j][rt][1], s), a[1], a[3]);
+          int8x4_to_pairs<T>(word_of(w[j][rt][0], s), a[0], a[2]);
+          int8x4_to_pairs<T>(word_of(w[j][rt][1], s), a[1], a[3]);
 #pragma unroll
           for (int t = 0; t < MT; ++t)
-            mma_m16n8k16<T>(acc[rt][t], a, x_word(xv[j][t], 2 * s), x_word(xv[j][t], 2 * s + 1));
+            mma_m16n8k16<T>(acc[s % kChains][rt][t], a, x_word(xv[t], 2 * s), x_word(xv[t], 2 * s + 1));
         }
-    if (c + J < c_end) load_weights(c + J);
-  }
+    }
+  };
+  clear();
 
+  // The first S steps' weights and the first tile's scale and bias go out before the wait: constants,
+  // their latency hidden under the predecessor's tail.
+  uint4 wv[S][J][RT][2];
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
+  for (int s = 0; s < S; ++s)
+    if (s < items) load_weights(wv[s], s);
+  load_head(blockIdx.x);
+  pdl_wait();
+
+  // The tile's epilogue: the chains summed, then gemv_epilogue (one barrier) into s_partial[buf].
+  const auto finish_tile = [&](int tile, int buf) {
+    float sum[RT][MT][4];
 #pragma unroll
-    for (int t = 0; t < MT; ++t)
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s_partial[warp][(rt * MT + t) * 4 + i][lane] = acc[rt][t][i];
-  __syncthreads();
-  int8_epilogue<T, OutT, Cfg, kVals>(p, n0, s_partial);
+      for (int t = 0; t < MT; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          sum[rt][t][i] = kChains == 1 ? acc[0][rt][t][i] : acc[0][rt][t][i] + acc[kChains - 1][rt][t][i];
+    gemv_epilogue<T, OutT, Cfg>(s_partial[buf], sum, static_cast<int64_t>(tile) * Cfg::kRowsPerBlock, p.M, p.N,
+                                p.relu2, p.residual, p.out, head);
+  };
+
+  int tile = blockIdx.x, step = 0, buf = 0;  // the tile and step being computed (persistent walk)
+  for (int base = 0; base < items; base += S) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int item = base + s;
+      if (item >= items) break;  // block-uniform when persistent (no barrier in the loop otherwise)
+      const int st = Cfg::PERSISTENT ? step : item;
+      mma_step(wv[s], st);
+      if (item + S < items) load_weights(wv[s], item + S);  // in flight through the epilogue below
+      if constexpr (Cfg::PERSISTENT) {
+        if (++step < steps) continue;
+        finish_tile(tile, buf);
+        clear();
+        buf ^= 1;
+        tile += gridDim.x;
+        step = 0;
+        if (tile < tiles) load_head(tile);
+      }
+    }
+  }
+  if constexpr (!Cfg::PERSISTENT) finish_tile(blockIdx.x, 0);  // the block's one tile
 }
 
 }  // namespace gemv
