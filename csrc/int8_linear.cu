@@ -50,19 +50,18 @@ constexpr std::array<int, sizeof...(I)> max_rows(std::index_sequence<I...>) {
 }
 constexpr auto kMaxRows = max_rows(std::make_index_sequence<kNumConfigs>{});
 
-// Per-shape choices for one row, 2..8 rows and 9..16 rows (Persimmon-8B decode shapes). Until the H200
-// sweep of these configurations is in (benchmarks/bench_int8.py --sweep prints the table to paste here;
-// benchmarks/RESULTS.md), each shape keeps the loop shape the first int8 sweep chose (run E: its c0, now
-// 0 and 9; for MLP-down and dense at 9..16 rows its 16-warp m16 configuration, now 10).
+// Per-shape choices for one row, 2..8 rows and 9..16 rows (Persimmon-8B decode shapes), from the H200
+// sweep of benchmarks/bench_int8.py --sweep (benchmarks/RESULTS.md, run J); 9..16 rows were not swept and
+// keep the earlier loop shapes (9, and the 16-warp 10 for dense and MLP-down).
 struct ShapeRule {
   int n, k, config1, config8, config16;
 };
 constexpr ShapeRule kShapeRules[] = {
-    {12288, 4096, 0, 0, 9},     // QKV
-    {4096, 4096, 0, 0, 10},     // attention dense
-    {16384, 4096, 0, 0, 9},     // MLP up
-    {4096, 16384, 10, 10, 10},  // MLP down
-    {262144, 4096, 0, 0, 9},    // lm_head
+    {12288, 4096, 7, 7, 9},     // QKV: c7 16.0 / 17.0 us against c0 16.7 / 18.3 (1 / 8 rows)
+    {4096, 4096, 1, 1, 10},     // attention dense: c1 6.6 / 6.8 against 6.6 / 7.2
+    {16384, 4096, 7, 7, 9},     // MLP up: c7 20.2 / 21.6 against 21.7 / 24.0
+    {4096, 16384, 1, 7, 10},    // MLP down: c1 20.7 / c7 22.6 against c10 25.9 / 27.2
+    {262144, 4096, 3, 7, 9},    // lm_head: c3 255.5 / c7 264.9 against 256.4 / 270.2
 };
 
 // One row and 2..8 rows may take any configuration that takes 8 rows, 9..16 rows one that takes 16.
