@@ -117,7 +117,11 @@ def test_every_config(config, dtype):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_in_a_graph_sees_each_replays_inputs(config):
     """Two dependent launches (programmatic dependent launch) of one configuration per graph replay."""
-    rows = config_rows(ops.DECODE_LINEAR_INT8_CONFIGS[config])
+    check_chain_in_graph(config_rows(ops.DECODE_LINEAR_INT8_CONFIGS[config]), config, replays=2)
+
+
+def check_chain_in_graph(rows: int, config: int, replays: int) -> None:
+    """Two dependent GEMVs (programmatic dependent launches) captured once, replayed on fresh inputs."""
     x, q, s, b, _ = make_case(rows, 4096, 4096, torch.float16)
     out = torch.empty(rows, 4096, device="cuda", dtype=torch.float16)
     mid = torch.empty_like(out)
@@ -127,7 +131,7 @@ def test_every_config_in_a_graph_sees_each_replays_inputs(config):
         torch.ops.persimmon_rt.decode_linear_int8(mid, q, s, None, None, out, False, config)
 
     graph = capture_graph(chain)
-    for _ in range(2):
+    for _ in range(replays):
         x.copy_(torch.randn_like(x))
         out.fill_(float("nan"))
         graph.replay()
@@ -261,23 +265,7 @@ def test_opcheck():
 
 @requires_cuda
 def test_graph_replay_follows_inputs():
-    x, q, s, b, _ = make_case(2, 4096, 4096, torch.float16)
-    out = torch.empty(2, 4096, device="cuda", dtype=torch.float16)
-    mid = torch.empty(2, 4096, device="cuda", dtype=torch.float16)
-
-    def chain():                                  # two dependent GEMVs: programmatic dependent launches
-        torch.ops.persimmon_rt.decode_linear_int8(x, q, s, b, None, mid, True)
-        torch.ops.persimmon_rt.decode_linear_int8(mid, q, s, None, None, out, False)
-
-    graph = capture_graph(chain)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        first = fp32_reference(x, q, s, b, None, True).half()
-        check_against_fp32(out, fp32_reference(first, q, s, None, None, False),
-                           lowp_composition(first, q, s, None, None, False, torch.float16), floor=1e-4)
+    check_chain_in_graph(2, -1, replays=3)                # the per-shape choice
 
 
 # ---- the engine --------------------------------------------------------------------------------------
