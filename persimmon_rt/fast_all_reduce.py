@@ -48,7 +48,7 @@ class FusedAllReduce:
         if self.world > ops.ALL_REDUCE_MAX_RANKS:
             raise ValueError(f"{self.world} ranks; the fused all-reduce takes at most {ops.ALL_REDUCE_MAX_RANKS}")
         self.dtype, self.hidden, self.timeout_s = dtype, int(hidden), float(timeout_s)
-        self.protocol, self._lamport = protocol, protocol == "lamport"
+        self.protocol = protocol
         element = torch.empty((), dtype=dtype).element_size()
         data = ops.ALL_REDUCE_SLOTS * self.world * ops.ALL_REDUCE_MAX_ROWS * self.hidden * element
         self._buffer = symm_mem.empty(ops.ALL_REDUCE_FLAG_BYTES + data, dtype=torch.uint8, device=device)
@@ -69,7 +69,7 @@ class FusedAllReduce:
         """reference.all_reduce_layernorm over every rank's `partial`. Capturable; every rank calls it
         with the same shapes in the same order."""
         ops.all_reduce_layernorm(partial, self.buffers, self.epochs, self.rank, weight, bias, out, eps, residual,
-                                 residual_out, self.timeout_s, self._lamport)
+                                 residual_out, self.timeout_s, self.protocol == "lamport")
 
     @classmethod
     def try_create(cls, group, device: torch.device, dtype: torch.dtype, hidden: int, timeout_s: float,
