@@ -1,14 +1,22 @@
 // Kernel-development harness for the attention kernels: runs template variants (tile shapes, unroll,
-// split counts; for prefill also the Hopper wgmma kernel's warpgroups, key tile, stages and issue turns)
-// on the Persimmon layer shape (64 heads x 64, fp16), checks each against the shipped mma.sync
-// configuration (which tests/test_attention_*.py check against the fp32 reference) before timing it,
-// and prints TFLOP/s (prefill, causal) or TB/s on the KV bytes (decode) beside a device copy.
+// split counts; for prefill also the Hopper wgmma kernel's warpgroups, key tile, stages, issue turns and
+// softmax options) on the Persimmon layer shape (64 heads x 64, fp16), checks each against the shipped
+// mma.sync configuration (which tests/test_attention_*.py check against the fp32 reference) before timing
+// it, and prints TFLOP/s (prefill, causal) or TB/s on the KV bytes (decode) beside a device copy.
+// Prefill also checks every variant on ragged packs with cached prefixes and NaN past each sequence's
+// end (the cases of tests/test_attention_prefill.py), and against fp32 attention on two heads.
 // Torch-free; build and run on the GPU machine:
 //   nvcc -std=c++17 -O3 --use_fast_math -gencode=arch=compute_90a,code=sm_90a -Icsrc \
 //        benchmarks/attention_variants.cu -o /tmp/attention_variants && /tmp/attention_variants [prefill|decode]
+// `prefill` takes optional lengths (comma-separated, default 2048,4096,8192,16384) and a substring that
+// variant names must contain, e.g. `/tmp/attention_variants prefill 8192,16384 "3 WG"`. One allocation
+// serves every length, checks run on the device, and each timing is ~0.1 s of kernels, so the whole prefill
+// table is meant to take well under a minute (it prints its own time).
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -77,84 +85,363 @@ float max_abs_diff(const T* a, const T* b, size_t n) {
   return m;
 }
 
-// ---- prefill --------------------------------------------------------------------------------------------
+// ---- prefill ------------------------------------------------------------------------------------------
+
+using PrefillLaunch = void (*)(const PrefillParams&, int num_tokens, int batch, int max_q_len, cudaStream_t);
 
 template <typename Tile>
-void run_prefill(const PrefillParams& p, int T_len, cudaStream_t s) {
+void launch_mma_sync(const PrefillParams& p, int, int batch, int max_q_len, cudaStream_t s) {
   auto kernel = attention_prefill_kernel<T, Tile>;
   PRT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
-  kernel<<<dim3(H, ceil_div(T_len, Tile::kBlockM), 1), Tile::kThreads, Tile::kSmemBytes, s>>>(p);
+  kernel<<<dim3(p.num_heads, ceil_div(max_q_len, Tile::kBlockM), batch), Tile::kThreads, Tile::kSmemBytes, s>>>(p);
 }
 
-using Shipped = PrefillTile<64, 2, 4, 64>;
+template <typename Cfg>
+void launch_wgmma(const PrefillParams& p, int num_tokens, int batch, int max_q_len, cudaStream_t s) {
+  launch_attention_prefill_sm90<T, Cfg>(p, num_tokens, batch, max_q_len, s);
+}
+
+struct PrefillVariant {
+  std::string name;
+  PrefillLaunch launch;
+};
 
 template <typename Tile>
-void prefill_variant(const char* name, int T_len, const T* q, const T* k, const T* v, const int* cu, const int* lens,
-                     T* out, const T* want) {
-  PRT_CUDA_CHECK(cudaMemset(out, 0xff, size_t(T_len) * H * D * sizeof(T)));  // NaN
-  const PrefillParams p{q, k, v, cu, lens, out, H, T_len, kScaleLog2};
-  run_prefill<Tile>(p, T_len, 0);
-  PRT_CUDA_CHECK(cudaDeviceSynchronize());
-  const float diff = want ? max_abs_diff(out, want, size_t(T_len) * H * D) : 0.f;
-  const double flops = 4.0 * T_len * T_len * H * D / 2;
-  const float ms = median_ms([&] { run_prefill<Tile>(p, T_len, 0); }, 10);
-  std::printf("| prefill %5d | %-34s | %8.3f ms | %6.0f TFLOP/s | diff %.1e |\n", T_len, name, ms, flops / ms / 1e9,
-              diff);
+PrefillVariant mma_sync(const char* name) {
+  return {std::string("mma.sync ") + name, launch_mma_sync<Tile>};
 }
 
-// The wgmma kernel (sm_90a), batch 1: one sequence of T_len queries over T_len keys.
+// Named by its configuration: consumer warpgroups, key tile, stages, issue turns, blocks per SM, then the
+// softmax options (PrefillSm90Config).
 template <typename Cfg>
-void prefill_sm90_variant(const char* name, int T_len, const T* q, const T* k, const T* v, const int* cu,
-                          const int* lens, T* out, const T* want) {
-  PRT_CUDA_CHECK(cudaMemset(out, 0xff, size_t(T_len) * H * D * sizeof(T)));  // NaN
-  const PrefillParams p{q, k, v, cu, lens, out, H, T_len, kScaleLog2};
-  auto run = [&] { launch_attention_prefill_sm90<T, Cfg>(p, T_len, 1, T_len, 0); };
-  run();
-  PRT_CUDA_CHECK(cudaDeviceSynchronize());
-  const float diff = max_abs_diff(out, want, size_t(T_len) * H * D);
-  const double flops = 4.0 * T_len * T_len * H * D / 2;
-  const float ms = median_ms(run, 10);
-  std::printf("| prefill %5d | %-34s | %8.3f ms | %6.0f TFLOP/s | diff %.1e |\n", T_len, name, ms, flops / ms / 1e9,
-              diff);
+PrefillVariant wgmma(const char* tag = "") {
+  std::string n = std::string(tag) + "wgmma " + std::to_string(Cfg::kConsumers) + " WG, N" +
+                  std::to_string(Cfg::kBlockN) + ", " + std::to_string(Cfg::kStages) + " st";
+  if (Cfg::kPingpong) n += ", turns";
+  if (Cfg::kBlocksPerSm > 1) n += ", " + std::to_string(Cfg::kBlocksPerSm) + " blk/SM";
+  if (Cfg::kExpPoly16 > 0) n += ", poly " + std::to_string(Cfg::kExpPoly16) + "/16";
+  if (Cfg::kExpPoly16 > 0 && Cfg::kPolyDegree != 3) n += " deg " + std::to_string(Cfg::kPolyDegree);
+  if (Cfg::kMaxSlack >= 0) n += ", slack " + std::to_string(Cfg::kMaxSlack);
+  if (Cfg::kRowsumMma) n += ", rowsum mma";
+  return {n, launch_wgmma<Cfg>};
 }
 
-void bench_prefill(int T_len) {
-  const size_t n = size_t(T_len) * H * D;
-  T* q = random_buffer(n, 1);
-  T* k = random_buffer(n, 2);
-  T* v = random_buffer(n, 3);
-  T *out, *want;
+// The first is the reference of the diff columns (the shipped mma.sync tile, csrc/attention.cu:
+// PrefillTileFor<64>); the first wgmma one is csrc/attention.cu's PrefillSm90Tile, the base of the ratios.
+std::vector<PrefillVariant> prefill_variants() {
+  return {
+      mma_sync<PrefillTile<64, 2, 4, 64>>("shipped: warp 2x16 rows, 4 warps, N64"),
+      mma_sync<PrefillTile<64, 1, 8, 64>>("warp 16 rows, 8 warps, N64"),
+      mma_sync<PrefillTile<64, 2, 4, 32>>("warp 2x16 rows, 4 warps, N32"),
+      mma_sync<PrefillTile<64, 1, 4, 128>>("warp 16 rows, 4 warps, N128"),
+      wgmma<PrefillSm90Config<2, 128, 3, true>>("shipped: "),
+      // Softmax options on the shipped shape (PrefillSm90Config<..., EXP_POLY16, MAX_SLACK, ROWSUM_MMA>):
+      // the rescale skip alone and with slack, the FMA-pipe share of exp2, the tensor-core row sums.
+      wgmma<PrefillSm90Config<2, 128, 3, true, 1, 0, 0>>(),
+      wgmma<PrefillSm90Config<2, 128, 3, true, 1, 0, 8>>(),
+      wgmma<PrefillSm90Config<2, 128, 3, true, 1, 2, -1>>(),
+      wgmma<PrefillSm90Config<2, 128, 3, true, 1, 1, 8>>(),
+      wgmma<PrefillSm90Config<2, 128, 3, true, 1, 2, 8>>(),
+      wgmma<PrefillSm90Config<2, 128, 3, true, 1, 3, 8>>(),
+      wgmma<PrefillSm90Config<2, 128, 3, true, 1, 0, 8, true>>(),
+      wgmma<PrefillSm90Config<2, 128, 3, true, 1, 2, 8, true>>(),
+      wgmma<PrefillSm90Config<2, 128, 3, true, 1, 3, 8, true>>(),
+      wgmma<PrefillSm90Config<2, 128, 3, true, 1, 4, 8, true>>(),
+      // Shapes, plain and with the options: turns, stages, key tile, 3 consumer warpgroups (192-row
+      // tiles), 2 blocks per SM.
+      wgmma<PrefillSm90Config<2, 128, 3, false>>(),
+      wgmma<PrefillSm90Config<2, 128, 3, false, 1, 3, 8, true>>(),
+      wgmma<PrefillSm90Config<2, 128, 2, true>>(),
+      wgmma<PrefillSm90Config<2, 64, 2, true>>(),
+      wgmma<PrefillSm90Config<3, 128, 2, true>>(),
+      wgmma<PrefillSm90Config<3, 128, 2, true, 1, 2, 8, true>>(),
+      wgmma<PrefillSm90Config<3, 128, 2, true, 1, 3, 8, true>>(),
+      wgmma<PrefillSm90Config<3, 128, 2, false>>(),
+      wgmma<PrefillSm90Config<3, 128, 2, false, 1, 3, 8, true>>(),
+      wgmma<PrefillSm90Config<3, 128, 3, true, 1, 3, 8, true>>(),
+      wgmma<PrefillSm90Config<1, 128, 2, false, 2>>(),
+      wgmma<PrefillSm90Config<1, 128, 2, false, 2, 2, 8>>(),
+      wgmma<PrefillSm90Config<1, 128, 2, false, 2, 3, 8, true>>(),
+      wgmma<PrefillSm90Config<2, 64, 2, true, 2>>(),
+      wgmma<PrefillSm90Config<2, 64, 2, true, 2, 2, 8, true>>(),
+  };
+}
+
+// max |a - b| over n elements into *result (as float bits: non-negative floats order as unsigned ints);
+// NaN counts as +inf.
+__global__ void max_abs_diff_kernel(const T* a, const T* b, size_t n, unsigned* result) {
+  float m = 0.f;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const float d = fabsf(__half2float(a[i]) - __half2float(b[i]));
+    m = d == d ? fmaxf(m, d) : INFINITY;
+  }
+  atomicMax(result, __float_as_uint(m));
+}
+
+// max |out - ref| where ref [T, heads, D] in fp32 holds heads ref_heads[0..heads) of out [T, H, D].
+__global__ void max_abs_err_kernel(const T* out, const float* ref, int tokens, int2 ref_heads, unsigned* result) {
+  float m = 0.f;
+  const size_t n = size_t(tokens) * 2 * D;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const size_t tok = i / (2 * D);
+    const int slot = int(i / D % 2);
+    const int head = slot == 0 ? ref_heads.x : ref_heads.y;
+    const float d = fabsf(__half2float(out[(tok * H + head) * D + i % D]) - ref[i]);
+    m = d == d ? fmaxf(m, d) : INFINITY;
+  }
+  atomicMax(result, __float_as_uint(m));
+}
+
+// Causal attention in fp32 (expf, no tiling) for one query of one head of a single sequence of
+// `tokens` queries over as many keys: block (query, head slot), 128 threads striding over the keys, each
+// with its own running max, sum and output row, merged at the end.
+__global__ void __launch_bounds__(128) reference_prefill_kernel(const T* q, const T* k, const T* v, int tokens,
+                                                                 int2 ref_heads, float scale, float* ref) {
+  __shared__ float qs[D];
+  __shared__ float ms[128], ls[128];
+  __shared__ float acc_s[128][D + 1];
+  const int i = blockIdx.x, slot = blockIdx.y, tid = threadIdx.x;
+  const int head = slot == 0 ? ref_heads.x : ref_heads.y;
+  if (tid < D) qs[tid] = __half2float(q[(size_t(i) * H + head) * D + tid]);
+  __syncthreads();
+  float m = -INFINITY, l = 0.f, acc[D];
+  for (int d = 0; d < D; ++d) acc[d] = 0.f;
+  for (int j = tid; j <= i; j += 128) {
+    const uint4* kj = reinterpret_cast<const uint4*>(k + (size_t(j) * H + head) * D);
+    const uint4* vj = reinterpret_cast<const uint4*>(v + (size_t(j) * H + head) * D);
+    float sc = 0.f;
+    for (int c = 0; c < D / 8; ++c) {
+      const uint4 raw = kj[c];
+      const __half* h = reinterpret_cast<const __half*>(&raw);
+      for (int e = 0; e < 8; ++e) sc += qs[8 * c + e] * __half2float(h[e]);
+    }
+    sc *= scale;
+    const float nm = fmaxf(m, sc);
+    const float a = expf(m - nm), pj = expf(sc - nm);
+    l = l * a + pj;
+    for (int c = 0; c < D / 8; ++c) {
+      const uint4 raw = vj[c];
+      const __half* h = reinterpret_cast<const __half*>(&raw);
+      for (int e = 0; e < 8; ++e) acc[8 * c + e] = acc[8 * c + e] * a + pj * __half2float(h[e]);
+    }
+    m = nm;
+  }
+  ms[tid] = m;
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int t = 0; t < 128; ++t) mx = fmaxf(mx, ms[t]);
+  const float a = m == -INFINITY ? 0.f : expf(m - mx);
+  ls[tid] = l * a;
+  for (int d = 0; d < D; ++d) acc_s[tid][d] = acc[d] * a;
+  __syncthreads();
+  if (tid < D) {
+    float sum = 0.f, o = 0.f;
+    for (int t = 0; t < 128; ++t) {
+      sum += ls[t];
+      o += acc_s[t][tid];
+    }
+    ref[(size_t(i) * 2 + slot) * D + tid] = o / sum;
+  }
+}
+
+// Outputs are rounded to fp16 (|out| < 2 here): two correct kernels differ by a few 1e-3 at most. Rows
+// past this, or an err32 over twice the mma.sync kernel's (+ 1e-3), are marked CHECK.
+constexpr float kPrefillDiffBound = 1e-2f;
+
+// One allocation for every length and check: the largest case's q, caches, outputs and results.
+struct PrefillBuffers {
+  size_t max_q, max_cache;  // elements
+  T *q, *k, *v, *out, *want;
+  float* ref;
   int *cu, *lens;
-  PRT_CUDA_CHECK(cudaMalloc(&out, n * sizeof(T)));
-  PRT_CUDA_CHECK(cudaMalloc(&want, n * sizeof(T)));
-  PRT_CUDA_CHECK(cudaMalloc(&cu, 2 * sizeof(int)));
-  PRT_CUDA_CHECK(cudaMalloc(&lens, sizeof(int)));
-  const int h_cu[2] = {0, T_len};
-  cudaMemcpy(cu, h_cu, sizeof(h_cu), cudaMemcpyHostToDevice);
-  cudaMemcpy(lens, &T_len, sizeof(int), cudaMemcpyHostToDevice);
-  prefill_variant<Shipped>("shipped: warp 2x16 rows, 4 warps, N64", T_len, q, k, v, cu, lens, want, nullptr);
-  prefill_variant<PrefillTile<64, 1, 8, 64>>("warp 16 rows, 8 warps, N64", T_len, q, k, v, cu, lens, out, want);
-  prefill_variant<PrefillTile<64, 2, 4, 32>>("warp 2x16 rows, 4 warps, N32", T_len, q, k, v, cu, lens, out, want);
-  prefill_variant<PrefillTile<64, 1, 4, 128>>("warp 16 rows, 4 warps, N128", T_len, q, k, v, cu, lens, out, want);
-  // wgmma: consumer warpgroups (64 rows each), key tile, K/V stages, issue turns. The first is the one
-  // csrc/attention.cu ships (PrefillSm90Tile).
-  prefill_sm90_variant<PrefillSm90Config<2, 128, 3, true>>("wgmma 2 WG, N128, 3 stages, turns", T_len, q, k, v, cu,
-                                                            lens, out, want);
-  prefill_sm90_variant<PrefillSm90Config<2, 128, 3, false>>("wgmma 2 WG, N128, 3 stages", T_len, q, k, v, cu, lens,
-                                                             out, want);
-  prefill_sm90_variant<PrefillSm90Config<2, 128, 2, true>>("wgmma 2 WG, N128, 2 stages, turns", T_len, q, k, v, cu,
-                                                            lens, out, want);
-  prefill_sm90_variant<PrefillSm90Config<2, 64, 2, true>>("wgmma 2 WG, N64, 2 stages, turns", T_len, q, k, v, cu,
-                                                           lens, out, want);
-  prefill_sm90_variant<PrefillSm90Config<3, 128, 2, true>>("wgmma 3 WG, N128, 2 stages, turns", T_len, q, k, v, cu,
-                                                            lens, out, want);
-  prefill_sm90_variant<PrefillSm90Config<3, 128, 2, false>>("wgmma 3 WG, N128, 2 stages", T_len, q, k, v, cu, lens,
-                                                             out, want);
-  prefill_sm90_variant<PrefillSm90Config<1, 128, 2, false, 2>>("wgmma 1 WG, N128, 2 blocks/SM", T_len, q, k, v, cu,
-                                                                lens, out, want);
-  prefill_sm90_variant<PrefillSm90Config<2, 64, 2, true, 2>>("wgmma 2 WG, N64, turns, 2 blocks/SM", T_len, q, k, v,
-                                                              cu, lens, out, want);
-  for (void* p : {(void*)q, (void*)k, (void*)v, (void*)out, (void*)want, (void*)cu, (void*)lens}) cudaFree(p);
+  unsigned* result;
+};
+
+PrefillBuffers prefill_buffers(size_t q_elems, size_t cache_elems, int max_tokens) {
+  PrefillBuffers b{q_elems, cache_elems};
+  PRT_CUDA_CHECK(cudaMalloc(&b.q, q_elems * sizeof(T)));
+  PRT_CUDA_CHECK(cudaMalloc(&b.k, cache_elems * sizeof(T)));
+  PRT_CUDA_CHECK(cudaMalloc(&b.v, cache_elems * sizeof(T)));
+  PRT_CUDA_CHECK(cudaMalloc(&b.out, q_elems * sizeof(T)));
+  PRT_CUDA_CHECK(cudaMalloc(&b.want, q_elems * sizeof(T)));
+  PRT_CUDA_CHECK(cudaMalloc(&b.ref, size_t(max_tokens) * 2 * D * sizeof(float)));
+  PRT_CUDA_CHECK(cudaMalloc(&b.cu, 65 * sizeof(int)));
+  PRT_CUDA_CHECK(cudaMalloc(&b.lens, 64 * sizeof(int)));
+  PRT_CUDA_CHECK(cudaMalloc(&b.result, sizeof(unsigned)));
+  return b;
+}
+
+void free_prefill_buffers(PrefillBuffers& b) {
+  for (void* p : {(void*)b.q, (void*)b.k, (void*)b.v, (void*)b.out, (void*)b.want, (void*)b.ref, (void*)b.cu,
+                  (void*)b.lens, (void*)b.result})
+    cudaFree(p);
+}
+
+float read_result(const PrefillBuffers& b) {
+  unsigned bits = 0;
+  PRT_CUDA_CHECK(cudaMemcpy(&bits, b.result, sizeof(bits), cudaMemcpyDeviceToHost));
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+float diff_vs_want(const PrefillBuffers& b, size_t n) {
+  PRT_CUDA_CHECK(cudaMemset(b.result, 0, sizeof(unsigned)));
+  max_abs_diff_kernel<<<528, 256>>>(b.out, b.want, n, b.result);
+  return read_result(b);
+}
+
+// A batch of sequences of n_q new tokens over n_kv keys in caches of cache_len positions, NaN past each
+// sequence's keys (a kernel reading a key it must not see makes NaN), on 4 heads.
+struct EdgeCase {
+  std::vector<int> n_q, n_kv;
+  int cache_len;
+};
+
+__global__ void poison_cache_tail(T* k, T* v, const int* lens, int cache_len, int heads) {
+  const int b = blockIdx.y;
+  const size_t row = size_t(cache_len) * heads * D;
+  for (size_t i = size_t(lens[b]) * heads * D + blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < row;
+       i += size_t(gridDim.x) * blockDim.x) {
+    k[b * row + i] = __float2half(NAN);
+    v[b * row + i] = __float2half(NAN);
+  }
+}
+
+// Max |variant - reference| over the edge cases (all rows are real queries).
+float edge_diff(const PrefillVariant& variant, const PrefillVariant& reference, PrefillBuffers& b,
+                const std::vector<EdgeCase>& cases) {
+  constexpr int kHeads = 4;
+  float worst = 0.f;
+  for (const EdgeCase& c : cases) {
+    const int batch = int(c.n_q.size());
+    std::vector<int> cu(batch + 1, 0);
+    for (int i = 0; i < batch; ++i) cu[i + 1] = cu[i] + c.n_q[i];
+    const int tokens = cu[batch];
+    const size_t n = size_t(tokens) * kHeads * D;
+    fill_random<<<1024, 256>>>(b.q, n, 11);
+    fill_random<<<1024, 256>>>(b.k, size_t(batch) * c.cache_len * kHeads * D, 12);
+    fill_random<<<1024, 256>>>(b.v, size_t(batch) * c.cache_len * kHeads * D, 13);
+    PRT_CUDA_CHECK(cudaMemcpy(b.cu, cu.data(), cu.size() * sizeof(int), cudaMemcpyHostToDevice));
+    PRT_CUDA_CHECK(cudaMemcpy(b.lens, c.n_kv.data(), batch * sizeof(int), cudaMemcpyHostToDevice));
+    poison_cache_tail<<<dim3(64, batch), 256>>>(b.k, b.v, b.lens, c.cache_len, kHeads);
+    const PrefillParams want{b.q, b.k, b.v, b.cu, b.lens, b.want, kHeads, c.cache_len, kScaleLog2};
+    const PrefillParams got{b.q, b.k, b.v, b.cu, b.lens, b.out, kHeads, c.cache_len, kScaleLog2};
+    PRT_CUDA_CHECK(cudaMemset(b.want, 0xff, n * sizeof(T)));  // NaN
+    PRT_CUDA_CHECK(cudaMemset(b.out, 0xff, n * sizeof(T)));
+    // The loose grid bound of a caller that does not read cu_seqlens_q: all tokens.
+    reference.launch(want, tokens, batch, tokens, 0);
+    variant.launch(got, tokens, batch, tokens, 0);
+    PRT_CUDA_CHECK(cudaGetLastError());
+    worst = std::max(worst, diff_vs_want(b, n));
+  }
+  return worst;
+}
+
+// Time of one launch in ms: the median of 3 samples, each a run of back-to-back launches (~30 ms of
+// kernels) between two events, so the host's per-launch work (tensor maps, attributes) overlaps the
+// kernels instead of counting (at 2K tokens a launch is ~0.1 ms).
+float prefill_ms(const std::function<void()>& run) {
+  cudaEvent_t a, e;
+  PRT_CUDA_CHECK(cudaEventCreate(&a));
+  PRT_CUDA_CHECK(cudaEventCreate(&e));
+  auto sample = [&](int n) {
+    PRT_CUDA_CHECK(cudaEventRecord(a));
+    for (int i = 0; i < n; ++i) run();
+    PRT_CUDA_CHECK(cudaEventRecord(e));
+    PRT_CUDA_CHECK(cudaEventSynchronize(e));
+    float ms = 0.f;
+    PRT_CUDA_CHECK(cudaEventElapsedTime(&ms, a, e));
+    return ms / n;
+  };
+  const int n = std::max(3, std::min(200, int(30.f / std::max(sample(2), 1e-3f))));
+  float t[3] = {sample(n), sample(n), sample(n)};
+  std::sort(t, t + 3);
+  PRT_CUDA_CHECK(cudaGetLastError());
+  cudaEventDestroy(a);
+  cudaEventDestroy(e);
+  return t[1];
+}
+
+void bench_prefill(const std::vector<int>& lengths, const std::string& filter) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::vector<PrefillVariant> all = prefill_variants();
+  const PrefillVariant& reference = all[0];
+  const PrefillVariant* shipped = nullptr;
+  std::vector<const PrefillVariant*> chosen;
+  for (const PrefillVariant& v : all)
+    if (!shipped && v.name.find("wgmma") != std::string::npos) shipped = &v;
+  chosen.push_back(shipped);  // first, always: the base of the ratios
+  for (const PrefillVariant& v : all)
+    if (&v != &reference && &v != shipped && v.name.find(filter) != std::string::npos) chosen.push_back(&v);
+  const int max_len = *std::max_element(lengths.begin(), lengths.end());
+  const std::vector<EdgeCase> edges = {
+      {{83, 1, 1029, 7, 300, 128}, {83, 1, 1029, 7, 300, 128}, 1032},             // packed, no prefix
+      {{7, 83, 1, 0, 200, 129}, {100, 583, 4096, 50, 1200, 4100}, 4103},          // chunks after prefixes
+      {{4384, 1000}, {16384, 9001}, 16384},                                       // long chunk, no padding
+  };
+  size_t q_elems = size_t(max_len) * H * D, cache_elems = q_elems;
+  for (const EdgeCase& c : edges) {
+    size_t tokens = 0;
+    for (int n : c.n_q) tokens += n;
+    q_elems = std::max(q_elems, tokens * 4 * D);
+    cache_elems = std::max(cache_elems, c.n_q.size() * c.cache_len * 4 * D);
+  }
+  PrefillBuffers b = prefill_buffers(q_elems, cache_elems, max_len);
+
+  std::printf("\n## prefill edge cases: max |variant - %s| (packed, cached prefixes, NaN past the keys; "
+              "fp16 rounding ~1e-3)\n\n| variant | edge diff |\n|---|---|\n",
+              reference.name.c_str());
+  for (const PrefillVariant* v : chosen) {
+    const float diff = edge_diff(*v, reference, b, edges);
+    std::printf("| %-60s | %.1e%s |\n", v->name.c_str(), diff, diff <= kPrefillDiffBound ? "" : " CHECK");
+  }
+
+  const int2 ref_heads = make_int2(0, 41);
+  std::printf("\n## prefill, causal, batch 1, %d heads x %d, fp16: TFLOP/s; diff: max |variant - %s|; "
+              "err32: max |variant - fp32 attention| on heads %d and %d\n\n"
+              "| tokens | variant | ms | TFLOP/s | / shipped wgmma | diff | err32 |\n|---|---|---|---|---|---|---|\n",
+              H, D, reference.name.c_str(), ref_heads.x, ref_heads.y);
+  for (const int len : lengths) {
+    const size_t n = size_t(len) * H * D;
+    fill_random<<<1024, 256>>>(b.q, n, 1);
+    fill_random<<<1024, 256>>>(b.k, n, 2);
+    fill_random<<<1024, 256>>>(b.v, n, 3);
+    const int h_cu[2] = {0, len};
+    PRT_CUDA_CHECK(cudaMemcpy(b.cu, h_cu, sizeof(h_cu), cudaMemcpyHostToDevice));
+    PRT_CUDA_CHECK(cudaMemcpy(b.lens, &len, sizeof(int), cudaMemcpyHostToDevice));
+    reference_prefill_kernel<<<dim3(len, 2), 128>>>(b.q, b.k, b.v, len, ref_heads, 0.125f, b.ref);
+    PRT_CUDA_CHECK(cudaGetLastError());
+    const PrefillParams want{b.q, b.k, b.v, b.cu, b.lens, b.want, H, len, kScaleLog2};
+    const PrefillParams got{b.q, b.k, b.v, b.cu, b.lens, b.out, H, len, kScaleLog2};
+    reference.launch(want, len, 1, len, 0);
+    const double flops = 4.0 * len * len * H * D / 2;
+    auto err32 = [&](const T* out) {
+      PRT_CUDA_CHECK(cudaMemset(b.result, 0, sizeof(unsigned)));
+      max_abs_err_kernel<<<528, 256>>>(out, b.ref, len, ref_heads, b.result);
+      return read_result(b);
+    };
+    const float ref_ms = prefill_ms([&] { reference.launch(want, len, 1, len, 0); });
+    const float ref_err = err32(b.want);
+    std::printf("| %5d | %-60s | %8.3f | %4.0f | | | %.1e |\n", len, reference.name.c_str(), ref_ms,
+                flops / ref_ms / 1e9, ref_err);
+    float shipped_ms = 0.f;
+    for (const PrefillVariant* v : chosen) {
+      PRT_CUDA_CHECK(cudaMemset(b.out, 0xff, n * sizeof(T)));  // NaN
+      v->launch(got, len, 1, len, 0);
+      PRT_CUDA_CHECK(cudaGetLastError());
+      const float diff = diff_vs_want(b, n);
+      const float err = err32(b.out);
+      const float ms = prefill_ms([&] { v->launch(got, len, 1, len, 0); });
+      if (v == shipped) shipped_ms = ms;
+      const bool suspect = !(diff <= kPrefillDiffBound && err <= 2 * ref_err + 1e-3f);
+      std::printf("| %5d | %-60s | %8.3f | %4.0f | %5.3f | %.1e | %.1e%s |\n", len, v->name.c_str(), ms,
+                  flops / ms / 1e9, shipped_ms / ms, diff, err, suspect ? " CHECK" : "");
+    }
+  }
+  free_prefill_buffers(b);
+  std::printf("\n(prefill section: %.0f s)\n",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 }
 
 // ---- decode ---------------------------------------------------------------------------------------------
@@ -265,16 +552,29 @@ double copy_bandwidth() {
   return 2.0 * n * sizeof(T) / ms / 1e9;
 }
 
-// Usage: attention_variants [prefill|decode] (both by default).
+// Usage: attention_variants [prefill [LENGTHS [FILTER]] | decode] (both sections by default).
 int main(int argc, char** argv) {
   const std::string only = argc > 1 ? argv[1] : "";
+  std::vector<int> lengths = {2048, 4096, 8192, 16384};
+  if (only == "prefill" && argc > 2) {
+    lengths.clear();
+    for (const char* p = argv[2]; *p != '\0';) {
+      char* end = nullptr;
+      lengths.push_back(int(std::strtol(p, &end, 10)));
+      p = *end == ',' ? end + 1 : end;
+      if (lengths.back() <= 0 || (*end != ',' && *end != '\0')) {
+        std::fprintf(stderr, "lengths: comma-separated positive integers, got '%s'\n", argv[2]);
+        return 2;
+      }
+    }
+  }
+  const std::string filter = only == "prefill" && argc > 3 ? argv[3] : "";
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row reaches a redirected log at once (a run may be cut short)
   cudaDeviceProp prop;
   PRT_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const double copy = copy_bandwidth();
   std::printf("# attention variants — %s, %d SMs, copy %.2f TB/s\n", prop.name, prop.multiProcessorCount, copy);
-  if (only != "decode")
-    for (int t : {2048, 4096, 8192, 16384}) bench_prefill(t);
+  if (only != "decode") bench_prefill(lengths, filter);
   if (only != "prefill") {
     bench_decode(1, 2048, copy, prop.multiProcessorCount);
     bench_decode(1, 16384, copy, prop.multiProcessorCount);

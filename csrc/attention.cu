@@ -84,7 +84,9 @@ void prefill(const PrefillParams& p, int batch, int max_q_len, cudaStream_t stre
 // The Hopper prefill kernel (head_dim 64; attention_prefill_sm90.cuh): 2 consumer warpgroups (128 queries
 // a block), 128-key tiles, 3-slot K and V rings (one block per SM either way, so the third slot's 32 KB
 // cost nothing and give the single producer thread a tile of slack), issue turns between the consumers.
-// benchmarks/attention_variants.cu times it against its neighbours.
+// benchmarks/attention_variants.cu times it against its neighbours. The config's softmax options (a share
+// of exp2 on the FMA pipe, a max with slack, row sums on the tensor cores) stay off until that harness has
+// timed them on the device.
 using PrefillSm90Tile = PrefillSm90Config<2, 128, 3, true>;
 
 enum class PrefillKernel { kMmaSync, kWgmma };

@@ -14,6 +14,9 @@
 #   int8-bench     the int8 sweep (every configuration on every shape, 1 and 8 rows), then the end-to-end
 #                  int8 decode with the compiled table and with the sweep's picks
 #   int8-sanitize  compute-sanitizer racecheck / memcheck over every int8 configuration's test (fp16)
+#   tune      tuning the wgmma prefill kernel (after build, within 10 minutes): its tests while the variants
+#             harness compiles, the harness's whole prefill table, bench_attention.py --only prefill, then
+#             memcheck over the harness's new softmax options at 1024 tokens
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-logs}"
@@ -75,8 +78,8 @@ for mode in "$@"; do
       echo "engine tests (wgmma): exit $?"; tail -3 "$out/prefill_engine.log"
       unset PERSIMMON_RT_PREFILL_ATTENTION
       nvcc -std=c++17 -O3 --use_fast_math -gencode=arch=compute_90a,code=sm_90a -Icsrc \
-        benchmarks/attention_variants.cu -o "$out/attention_variants" \
-        && timeout 300 "$out/attention_variants" prefill > "$out/prefill_variants.log" 2>&1
+        benchmarks/attention_variants.cu -o /tmp/attention_variants \
+        && timeout 300 /tmp/attention_variants prefill > "$out/prefill_variants.log" 2>&1
       cat "$out/prefill_variants.log"
       timeout 300 python3 benchmarks/bench_attention.py --only prefill > "$out/prefill_bench.log" 2>&1
       cat "$out/prefill_bench.log" ;;
@@ -92,6 +95,18 @@ for mode in "$@"; do
           -k "test_every_config and fp16 and not graph" > "$out/sanitize_int8_$tool.log" 2>&1
         echo "sanitize int8 $tool: exit $?"; tail -3 "$out/sanitize_int8_$tool.log"
       done ;;
+    tune)
+      nvcc -std=c++17 -O3 --use_fast_math -gencode=arch=compute_90a,code=sm_90a -Icsrc \
+        benchmarks/attention_variants.cu -o /tmp/attention_variants > "$out/tune_variants.log" 2>&1 &
+      nvcc_pid=$!
+      timeout 300 "${pytest[@]}" tests/test_attention_prefill.py tests/test_ops_limits.py \
+        > "$out/tune_tests.log" 2>&1; echo "tests: exit $?"; tail -8 "$out/tune_tests.log"
+      wait "$nvcc_pid" && timeout 240 /tmp/attention_variants prefill >> "$out/tune_variants.log" 2>&1
+      echo "variants: exit $?"; cat "$out/tune_variants.log"
+      timeout 200 python3 benchmarks/bench_attention.py --only prefill > "$out/tune_bench.log" 2>&1
+      cat "$out/tune_bench.log"
+      timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 /tmp/attention_variants prefill 1024 \
+        rowsum > "$out/tune_memcheck.log" 2>&1; echo "memcheck: exit $?"; tail -25 "$out/tune_memcheck.log" ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
   echo "$mode: $(( $(date +%s) - start )) s"

@@ -16,6 +16,10 @@
 //   PINGPONG the consumers also take turns issuing (named barriers), so that one's softmax overlaps the
 //   others' products rather than coinciding with them.
 // The producer gives most of its registers to the consumers (setmaxnreg).
+//
+// At head_dim 64 a tile's exponentials (MUFU, 16 a clock per SM) take about as long as its tensor-core
+// work, and the softmax's other instructions fill most of the remaining issue slots, so the config also
+// carries options of the softmax that trade these against each other (PrefillSm90Config).
 #pragma once
 
 #include <cstdint>
@@ -27,7 +31,19 @@
 namespace persimmon_rt {
 namespace attention {
 
-template <int CONSUMERS, int BLOCK_N, int STAGES, bool PINGPONG, int BLOCKS_PER_SM = 1>
+// Softmax options, each a template parameter so that benchmarks/attention_variants.cu times them in
+// combination (the defaults are the plain online softmax):
+// - EXP_POLY16: of every 16 exponentials of an unmasked tile, this many run on the FMA pipe (exp2_poly)
+//   instead of the MUFU, so that both pipes work; 0 = all on the MUFU.
+// - MAX_SLACK < 0: the running max follows every tile and O is rescaled after every tile. >= 0: a row's
+//   reference max moves only when a tile's max exceeds it by more than MAX_SLACK (log2 units), so P stays
+//   <= 2^MAX_SLACK (far inside fp16 and bf16), and a warp rescales O only when one of its rows moved,
+//   which after the first tiles of a long row is rare.
+// - ROWSUM_MMA: the row sums of P come from the tensor cores (P times a tile of ones, wgmma m64n8k16 per 16
+//   keys) instead of one FADD per element; they are then sums of P as rounded to T, as P V uses it.
+// - POLY_DEGREE: degree of exp2_poly's polynomial (3, 4 or 5).
+template <int CONSUMERS, int BLOCK_N, int STAGES, bool PINGPONG, int BLOCKS_PER_SM = 1, int EXP_POLY16 = 0,
+          int MAX_SLACK = -1, bool ROWSUM_MMA = false, int POLY_DEGREE = 3>
 struct PrefillSm90Config {
   static constexpr int kHeadDim = 64;  // one 128-byte swizzle row per key / query
   static constexpr int kRowBytes = kHeadDim * 2;
@@ -42,13 +58,20 @@ struct PrefillSm90Config {
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegsFit = (65536 / kBlocksPerSm - 128 * kProducerRegs) / (128 * CONSUMERS) / 8 * 8;
   static constexpr int kConsumerRegs = kConsumerRegsFit < 240 ? kConsumerRegsFit : 240;
-  // Shared memory, byte offsets from a 1024-aligned base: Q, the K ring, the V ring, then the mbarriers
-  // (Q full; K full, V full, K empty, V empty per stage).
+  static constexpr int kExpPoly16 = EXP_POLY16;
+  static constexpr int kPolyChunks = EXP_POLY16 * BLOCK_N / 8 / 16;  // 8-key chunks of a tile on exp2_poly
+  static constexpr int kMaxSlack = MAX_SLACK;
+  static constexpr bool kRowsumMma = ROWSUM_MMA;
+  static constexpr int kPolyDegree = POLY_DEGREE;
+  // Shared memory, byte offsets from a 1024-aligned base: Q, the K ring, the V ring, the tile of ones
+  // (ROWSUM_MMA), then the mbarriers (Q full; K full, V full, K empty, V empty per stage).
   static constexpr int kTileBytes = kBlockN * kRowBytes;
   static constexpr int kQOffset = 0;
   static constexpr int kKOffset = kBlockM * kRowBytes;
   static constexpr int kVOffset = kKOffset + STAGES * kTileBytes;
-  static constexpr int kBarrierOffset = kVOffset + STAGES * kTileBytes;
+  static constexpr int kOnesOffset = kVOffset + STAGES * kTileBytes;
+  static constexpr int kOnesBytes = ROWSUM_MMA ? 1024 : 0;  // 8 rows of 128 bytes: B of m64n8k16, K-major
+  static constexpr int kBarrierOffset = kOnesOffset + kOnesBytes;
   static constexpr int kSmemBytes = 1024 + kBarrierOffset + 8 * (1 + 4 * STAGES);  // + alignment slack
   // Named barriers: 1..CONSUMERS the issue turns, then one for the consumers together.
   static constexpr int kTurnBarrier = 1;
@@ -60,6 +83,11 @@ struct PrefillSm90Config {
   static_assert(kConsumerBarrier <= 15, "named barrier ids end at 15");
   static_assert(kConsumerRegs >= 96, "registers for the S, P and O fragments");
   static_assert(kSmemBytes <= 227 * 1024 / kBlocksPerSm, "shared memory of kBlocksPerSm blocks per SM");
+  static_assert(EXP_POLY16 >= 0 && EXP_POLY16 <= 16 && kPolyChunks * 16 * 8 == EXP_POLY16 * BLOCK_N,
+                "EXP_POLY16 / 16 of a tile's 8-key chunks must be a whole number of chunks");
+  static_assert(POLY_DEGREE >= 3 && POLY_DEGREE <= 5, "exp2_poly has polynomials of degree 3 to 5");
+  static_assert(MAX_SLACK <= 15, "P <= 2^MAX_SLACK must stay below fp16's largest finite value (and x <= 16 for "
+                "exp2_poly)");
 };
 
 // The Q, K and V tensor maps are built on the host per launch (they hold the global addresses) and passed
@@ -94,6 +122,20 @@ struct PrefillSm90Smem {
   __device__ unsigned char* q() const { return base + Cfg::kQOffset; }
   __device__ unsigned char* k(int s) const { return base + Cfg::kKOffset + s * Cfg::kTileBytes; }
   __device__ unsigned char* v(int s) const { return base + Cfg::kVOffset + s * Cfg::kTileBytes; }
+  __device__ unsigned char* ones() const { return base + Cfg::kOnesOffset; }
+};
+
+// Slot and phase parity of a tile in a ring of STAGES slots, stepped tile by tile (no divisions).
+template <int STAGES>
+struct PrefillSm90Ring {
+  int slot = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++slot == STAGES) {
+      slot = 0;
+      phase ^= 1;
+    }
+  }
 };
 
 // The producer thread: Q once, then K and V tile by tile as the consumers free the slots.
@@ -107,11 +149,11 @@ __device__ __forceinline__ void prefill_sm90_produce(const PrefillSm90Params& pr
   const int col = b.head * Cfg::kHeadDim;
   mbar_arrive_expect_tx(sm.q_full(), Cfg::kBlockM * Cfg::kRowBytes);
   tma_load_2d(sm.q(), &prm.q_map, col, b.q_begin + b.m0, sm.q_full());
-  const int key_row0 = b.seq * prm.p.cache_len;  // the launcher checks B * S fits an int
-  for (int t = 0; t < b.n_tiles; ++t) {
-    const int s = t % Cfg::kStages;
-    const uint32_t empty_parity = ((t / Cfg::kStages) & 1) ^ 1;
-    const int row = key_row0 + t * Cfg::kBlockN;
+  int row = b.seq * prm.p.cache_len;  // the launcher checks B * S fits an int
+  PrefillSm90Ring<Cfg::kStages> ring;
+  for (int t = 0; t < b.n_tiles; ++t, row += Cfg::kBlockN, ring.advance()) {
+    const int s = ring.slot;
+    const uint32_t empty_parity = ring.phase ^ 1;
     mbar_wait(sm.k_empty(s), empty_parity);
     mbar_arrive_expect_tx(sm.k_full(s), Cfg::kTileBytes);
     tma_load_2d(sm.k(s), &prm.k_map, col, row, sm.k_full(s));
@@ -121,64 +163,197 @@ __device__ __forceinline__ void prefill_sm90_produce(const PrefillSm90Params& pr
   }
 }
 
+// 2^f for f in [-1/2, 1/2]: minimax polynomials for the relative error, in Horner form on FMAs. Maximum
+// relative errors (fp32 evaluation): degree 3 7.5e-5, 4 2.7e-6, 5 2.1e-7; fp16 rounds P to 4.9e-4.
+template <int DEGREE>
+__device__ __forceinline__ float exp2_poly_frac(float f) {
+  if constexpr (DEGREE == 3) {
+    return fmaf(fmaf(fmaf(5.517166853e-02f, f, 2.426111251e-01f), f, 6.932609677e-01f), f, 9.999280572e-01f);
+  } else if constexpr (DEGREE == 4) {
+    float p = fmaf(9.570102207e-03f, f, 5.591785908e-02f);
+    p = fmaf(p, f, 2.402474433e-01f);
+    p = fmaf(p, f, 6.931217909e-01f);
+    return fmaf(p, f, 9.999992847e-01f);
+  } else {
+    float p = fmaf(1.327647245e-03f, f, 9.675540961e-03f);
+    p = fmaf(p, f, 5.550713092e-02f);
+    p = fmaf(p, f, 2.402212024e-01f);
+    p = fmaf(p, f, 6.931469440e-01f);
+    return fmaf(p, f, 1.000000119e+00f);
+  }
+}
+
+// 2^x on the FMA pipe for x = 128 y - 112, y in [0, 1] (so x in [-112, 16]): the caller computes y with
+// one saturating FMA from the score, which also clamps x (-inf and NaN included) where n below stays in
+// the exponent's range; 2^-112 in place of a smaller P weighs nothing beside the row's largest P of >= 1.
+// x = n + f with n the nearest integer: t = 128 y + (1.5 * 2^23 - 112) rounds to 1.5 * 2^23 + n, an
+// integer whose low mantissa bits are n, and f = 128 y - (t - (1.5 * 2^23 - 112)) is exact; 2^f comes from
+// the polynomial and n is added to its exponent bits (the low 9 bits of t shifted there are n mod 2^9,
+// which the 32-bit add absorbs). 8 instructions with the caller's FFMA.SAT, against FFMA + MUFU (a MUFU
+// instruction of a warp takes 8 of its clocks).
+constexpr float kExp2PolyWidth = 128.f;
+constexpr float kExp2PolyLow = -112.f;
+
+template <int DEGREE>
+__device__ __forceinline__ float exp2_poly(float y) {
+  constexpr float kBias = 12582912.f + kExp2PolyLow;  // 1.5 * 2^23 - 112: an integer, exact in fp32
+  const float t = fmaf(y, kExp2PolyWidth, kBias);
+  const float f = fmaf(y, kExp2PolyWidth, __fadd_rn(kBias, -t));  // _rn: not merged into the FMA
+  const uint32_t p = __float_as_uint(exp2_poly_frac<DEGREE>(f));
+  return __uint_as_float(p + (__float_as_uint(t) << 23));
+}
+
+// min(max(a * b + c, 0), 1) in one FFMA.SAT (fmaf then __saturatef compiles to two instructions).
+__device__ __forceinline__ float fma_sat(float a, float b, float c) {
+  float d;
+  asm("fma.rn.sat.f32 %0, %1, %2, %3;" : "=f"(d) : "f"(a), "f"(b), "f"(c));
+  return d;
+}
+
+// y of exp2_poly for x = s * scale_log2 + neg_ref, with y_scale = scale_log2 / 128 and
+// y_bias = exp2_poly_bias(neg_ref).
+__device__ __forceinline__ float exp2_poly_bias(float neg_ref) {
+  return fmaf(neg_ref, 1.f / kExp2PolyWidth, -kExp2PolyLow / kExp2PolyWidth);
+}
+
+// A consumer thread's online-softmax state for its two rows.
+struct PrefillSm90Rows {
+  float m[2];      // reference max of each row (scaled, log2 units); -inf before its first visible key
+  float l[2];      // running sum of P over this thread's columns (unused with ROWSUM_MMA)
+  float alpha[2];  // the factor O (and the tensor-core sums) take before the next P V
+  bool rescale;    // whether that factor may differ from 1 (with MAX_SLACK >= 0 the same in the warp)
+};
+
+// Whether 8-key chunk i of an unmasked tile takes exp2_poly: kPolyChunks of the tile's chunks, spread out.
+template <typename Cfg>
+__host__ __device__ constexpr bool prefill_sm90_poly_chunk(int i) {
+  return Cfg::kPolyChunks > 0 && (i * Cfg::kPolyChunks) % (Cfg::kBlockN / 8) < Cfg::kPolyChunks;
+}
+
+// mx[h][0] = max of mx[h][0 .. 2W) for both rows, halving W per level.
+template <int W, int N>
+__device__ __forceinline__ void prefill_sm90_fold_max(float (&mx)[2][N]) {
+#pragma unroll
+  for (int i = 0; i < W; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) mx[h][i] = fmaxf(mx[h][i], mx[h][i + W]);
+  if constexpr (W > 1) prefill_sm90_fold_max<W / 2>(mx);
+}
+
 // Online softmax of one S tile held as the m64nNk16 accumulator fragment (ptx_sm90.cuh): this thread's
 // rows are `pos` and `pos + 8` (positions), its columns key0 + 8i + {0, 1}. Scores of keys after a row's
 // position become -inf first when `masked` (tiles that cross the diagonal). On return s holds
-// exp2(s * scale_log2 - max) against the updated running max, l the rescaled running sum of this
-// thread's columns, alpha the factor by which the output so far must be scaled.
-template <int NS>
-__device__ __forceinline__ void prefill_sm90_softmax(float (&s)[NS], float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                                     bool masked, int key0, int pos, float scale_log2) {
+// exp2(s * scale_log2 - m) against the updated reference max m, and r's alpha and l are updated (see
+// PrefillSm90Config for MAX_SLACK and ROWSUM_MMA). POLY: the chunks of prefill_sm90_poly_chunk take
+// exp2_poly (only for unmasked tiles: masked scores must come out exactly 0).
+template <typename Cfg, bool POLY>
+__device__ __forceinline__ void prefill_sm90_softmax(float (&s)[Cfg::kBlockN / 2], PrefillSm90Rows& r, bool masked,
+                                                     int key0, int pos, float scale_log2) {
+  constexpr int NS = Cfg::kBlockN / 2;
   if (masked) {
 #pragma unroll
     for (int i = 0; i < NS / 4; ++i)
 #pragma unroll
-      for (int r = 0; r < 2; ++r)
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-          if (key0 + 8 * i + e > pos + 8 * r) s[4 * i + 2 * r + e] = -INFINITY;  // select: garbage NaN goes too
+          if (key0 + 8 * i + e > pos + 8 * h) s[4 * i + 2 * h + e] = -INFINITY;  // select: garbage NaN goes too
   }
+  // Row maxima as trees over both rows (depth log2(NS / 2)): a chain of NS / 2 dependent FMNMX per row
+  // would hold back every exponential of the tile for its latency.
+  float mx[2][NS / 4];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float mx = -INFINITY;
+  for (int i = 0; i < NS / 4; ++i)
 #pragma unroll
-    for (int i = 0; i < NS / 4; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share the row
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float new_max = fmaxf(m[r], mx * scale_log2);
-    // A row with no visible key yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
-    const float ref = new_max == -INFINITY ? 0.f : new_max;
-    alpha[r] = exp2f(m[r] - ref);
-    m[r] = new_max;
+    for (int h = 0; h < 2; ++h) mx[h][i] = fmaxf(s[4 * i + 2 * h], s[4 * i + 2 * h + 1]);
+  prefill_sm90_fold_max<NS / 8>(mx);
+#pragma unroll
+  for (int lanes = 1; lanes <= 2; lanes *= 2)  // the 4 lanes of a quad share the row
+#pragma unroll
+    for (int h = 0; h < 2; ++h) mx[h][0] = fmaxf(mx[h][0], __shfl_xor_sync(0xffffffffu, mx[h][0], lanes));
+  const float tile_max[2] = {mx[0][0] * scale_log2, mx[1][0] * scale_log2};
+  if constexpr (Cfg::kMaxSlack < 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float new_max = fmaxf(r.m[h], tile_max[h]);
+      // A row with no visible key yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+      r.alpha[h] = exp2f(r.m[h] - (new_max == -INFINITY ? 0.f : new_max));
+      r.m[h] = new_max;
+    }
+    r.rescale = true;
+  } else {
+    const bool grow0 = tile_max[0] > r.m[0] + float(Cfg::kMaxSlack);
+    const bool grow1 = tile_max[1] > r.m[1] + float(Cfg::kMaxSlack);
+    r.rescale = __any_sync(0xffffffffu, grow0 || grow1);  // warp-uniform, so the skip skips instructions
+    if (r.rescale) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float new_max = (h == 0 ? grow0 : grow1) ? tile_max[h] : r.m[h];
+        r.alpha[h] = exp2f(r.m[h] - (new_max == -INFINITY ? 0.f : new_max));
+        r.m[h] = new_max;
+        if constexpr (!Cfg::kRowsumMma) r.l[h] *= r.alpha[h];
+      }
+    }
+  }
+  const float y_scale = scale_log2 * (1.f / kExp2PolyWidth);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float neg_ref = r.m[h] == -INFINITY ? 0.f : -r.m[h];
+    const float y_bias = exp2_poly_bias(neg_ref);
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < NS / 4; ++i)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        float& x = s[4 * i + 2 * r + e];
-        x = exp2f(fmaf(x, scale_log2, -ref));
-        sum += x;
+        float& x = s[4 * i + 2 * h + e];
+        if (POLY && prefill_sm90_poly_chunk<Cfg>(i))
+          x = exp2_poly<Cfg::kPolyDegree>(fma_sat(x, y_scale, y_bias));
+        else
+          x = exp2f(fmaf(x, scale_log2, neg_ref));
+        sum = i == 0 && e == 0 ? x : sum + x;
       }
-    l[r] = l[r] * alpha[r] + sum;
+    if constexpr (!Cfg::kRowsumMma) {
+      if constexpr (Cfg::kMaxSlack < 0) r.l[h] = r.l[h] * r.alpha[h] + sum;
+      else r.l[h] += sum;
+    }
+  }
+}
+
+// The softmax of tile S with the masked tiles on the MUFU alone (one copy of the code when nothing
+// takes exp2_poly).
+template <typename Cfg>
+__device__ __forceinline__ void prefill_sm90_softmax_tile(float (&s)[Cfg::kBlockN / 2], PrefillSm90Rows& r,
+                                                          bool masked, int key0, int pos, float scale_log2) {
+  if constexpr (Cfg::kPolyChunks > 0) {
+    if (masked) prefill_sm90_softmax<Cfg, false>(s, r, true, key0, pos, scale_log2);
+    else prefill_sm90_softmax<Cfg, true>(s, r, false, key0, pos, scale_log2);
+  } else {
+    prefill_sm90_softmax<Cfg, false>(s, r, masked, key0, pos, scale_log2);
   }
 }
 
 // S = Q K^T for one key tile: head_dim / 16 k steps, each 32 bytes further along both operands' rows.
+// q_lo and k_lo: the low words of the tiles' descriptors (sw128_desc_lo).
 template <typename T, typename Cfg>
-__device__ __forceinline__ void prefill_sm90_scores(float (&s)[Cfg::kBlockN / 2], uint32_t q_addr, uint32_t k_addr) {
+__device__ __forceinline__ void prefill_sm90_scores(float (&s)[Cfg::kBlockN / 2], uint32_t q_lo, uint32_t k_lo) {
 #pragma unroll
   for (int j = 0; j < Cfg::kHeadDim / 16; ++j)
-    sm90::WgmmaSS<T, Cfg::kBlockN>::run(s, sm90::sw128_desc(q_addr + 32 * j), sm90::sw128_desc(k_addr + 32 * j),
+    sm90::WgmmaSS<T, Cfg::kBlockN>::run(s, sm90::sw128_desc_of_lo(q_lo + 2 * j), sm90::sw128_desc_of_lo(k_lo + 2 * j),
                                          j > 0);
 }
 
-// O += P V for one key tile: BLOCK_N / 16 k steps of 16 keys, each 16 rows (2048 bytes) further into V.
+// O += P V for one key tile: BLOCK_N / 16 k steps of 16 keys, each 16 rows (2048 bytes) further into V;
+// with ROWSUM_MMA also the row sums of P into ls, from the ones tile.
 template <typename T, typename Cfg>
-__device__ __forceinline__ void prefill_sm90_values(float (&o)[Cfg::kHeadDim / 2],
-                                                    const uint32_t (&pa)[Cfg::kBlockN / 16][4], uint32_t v_addr) {
+__device__ __forceinline__ void prefill_sm90_values(float (&o)[Cfg::kHeadDim / 2], float (&ls)[4],
+                                                    const uint32_t (&pa)[Cfg::kBlockN / 16][4], uint32_t v_lo,
+                                                    uint32_t ones_lo) {
 #pragma unroll
-  for (int kk = 0; kk < Cfg::kBlockN / 16; ++kk)
-    sm90::WgmmaRS<T, Cfg::kHeadDim>::run(o, pa[kk], sm90::sw128_desc(v_addr + kk * 16 * Cfg::kRowBytes), 1);
+  for (int kk = 0; kk < Cfg::kBlockN / 16; ++kk) {
+    sm90::WgmmaRS<T, Cfg::kHeadDim>::run(o, pa[kk], sm90::sw128_desc_of_lo(v_lo + kk * (16 * Cfg::kRowBytes >> 4)),
+                                         1);
+    if constexpr (Cfg::kRowsumMma) sm90::WgmmaRSKMajor<T, 8>::run(ls, pa[kk], sm90::sw128_desc_of_lo(ones_lo), 1);
+  }
 }
 
 // The S accumulators of keys 16kk..16kk+15 (chunks 2kk, 2kk+1), rounded to T, are the register A
@@ -222,7 +397,8 @@ __device__ __forceinline__ void prefill_sm90_zero_tail(const PrefillSm90Block& b
   sm90::named_barrier_sync<Cfg::kConsumerBarrier>(128 * Cfg::kConsumers);
 }
 
-// O / l, rounded to T, for this thread's two rows (those inside the block's queries).
+// O / l, rounded to T, for this thread's two rows (those inside the block's queries). l: this thread's
+// share of the row sums (summed over the quad here), or with ROWSUM_MMA the whole sums.
 template <typename T, typename Cfg>
 __device__ __forceinline__ void prefill_sm90_store(const PrefillParams& p, const PrefillSm90Block& b,
                                                    const float (&o)[Cfg::kHeadDim / 2], const float (&l)[2], int row) {
@@ -232,8 +408,10 @@ __device__ __forceinline__ void prefill_sm90_store(const PrefillParams& p, const
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float sum = l[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if constexpr (!Cfg::kRowsumMma) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    }
     const float inv = sum > 0.f ? 1.f / sum : 0.f;  // sum == 0 only for rows that see no key (invalid input)
     if (row + 8 * r < b.rows) {
       T* dst = g_o + (row + 8 * r) * tok_stride;
@@ -254,7 +432,7 @@ __device__ __forceinline__ void prefill_sm90_consume(const PrefillSm90Params& pr
                                                      const PrefillSm90Smem<Cfg>& sm, int c) {
   using namespace sm90;
   constexpr int BN = Cfg::kBlockN;
-  constexpr int ST = Cfg::kStages;
+  constexpr uint32_t kTileLo = Cfg::kTileBytes >> 4;  // one ring slot in descriptor units
   const int tid = threadIdx.x % 128;
   const int lane = tid % 32;
   const int row = 64 * c + 16 * (tid / 32) + lane / 4;  // this thread's first row in the block; second + 8
@@ -262,7 +440,10 @@ __device__ __forceinline__ void prefill_sm90_consume(const PrefillSm90Params& pr
   const int wg_pos0 = b.pos0 + 64 * c;
   const int n_full = wg_pos0 + 1 > 0 ? (wg_pos0 + 1) / BN : 0;  // tiles visible to every row: no mask
   const int col0 = 2 * (lane % 4);
-  const uint32_t q_addr = smem_addr(sm.q() + 64 * c * Cfg::kRowBytes);
+  const uint32_t q_lo = sw128_desc_lo(smem_addr(sm.q() + 64 * c * Cfg::kRowBytes));
+  const uint32_t k_lo = sw128_desc_lo(smem_addr(sm.k(0)));
+  const uint32_t v_lo = sw128_desc_lo(smem_addr(sm.v(0)));
+  const uint32_t ones_lo = sw128_desc_lo(smem_addr(sm.ones()));
   const float scale_log2 = prm.p.scale_log2;
 
   float s[BN / 2];
@@ -270,19 +451,24 @@ __device__ __forceinline__ void prefill_sm90_consume(const PrefillSm90Params& pr
   float o[Cfg::kHeadDim / 2];
 #pragma unroll
   for (int i = 0; i < Cfg::kHeadDim / 2; ++i) o[i] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY};
-  float l[2] = {0.f, 0.f};
-  float alpha[2];
+  float ls[4] = {0.f, 0.f, 0.f, 0.f};  // ROWSUM_MMA: the row sums, rows r and r + 8 in ls[0] and ls[2]
+  PrefillSm90Rows rows{{-INFINITY, -INFINITY}, {0.f, 0.f}, {0.f, 0.f}, false};
 
-  // Before issuing P_{t-1} V_{t-1}: P V of t - 2 is done (its V slot is free), O is rescaled to the
-  // running max of t - 1, and P_{t-1} is packed (its registers were P V t - 2's operand).
-  auto finish_previous = [&](int t) {
+  // Before issuing P_{t-1} V_{t-1}: P V of t - 2 is done (its V slot, v_free when t >= 2, is free), O is
+  // rescaled to the reference max of t - 1, and P_{t-1} is packed (its registers were P V t - 2's operand).
+  auto finish_previous = [&](int v_free) {
     wgmma_wait<0>();
     reg_fence(o);
     reg_fence(pa);
-    if (t >= 2 && lane == 0) mbar_arrive(sm.v_empty((t - 2) % ST));
+    if constexpr (Cfg::kRowsumMma) reg_fence(ls);
+    if (v_free >= 0 && lane == 0) mbar_arrive(sm.v_empty(v_free));
+    if (rows.rescale) {
 #pragma unroll
-    for (int i = 0; i < Cfg::kHeadDim / 2; ++i) o[i] *= alpha[(i / 2) % 2];  // o[4j + 2r + e]: row r
+      for (int i = 0; i < Cfg::kHeadDim / 2; ++i) o[i] *= rows.alpha[(i / 2) % 2];  // o[4j + 2r + e]: row r
+      if constexpr (Cfg::kRowsumMma)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ls[i] *= rows.alpha[i / 2];
+    }
     prefill_sm90_pack_p<T>(pa, s);
   };
 
@@ -292,53 +478,63 @@ __device__ __forceinline__ void prefill_sm90_consume(const PrefillSm90Params& pr
     prefill_sm90_turn_wait<Cfg>(c, true);
     reg_fence(s);
     wgmma_fence();
-    prefill_sm90_scores<T, Cfg>(s, q_addr, smem_addr(sm.k(0)));
+    prefill_sm90_scores<T, Cfg>(s, q_lo, k_lo);
     wgmma_commit();
     prefill_sm90_turn_done<Cfg>(c, false);
     wgmma_wait<0>();
     reg_fence(s);
     if (lane == 0) mbar_arrive(sm.k_empty(0));
-    prefill_sm90_softmax(s, m, l, alpha, 0 >= n_full, col0, pos, scale_log2);  // alpha 0: o stays 0
+    prefill_sm90_softmax_tile<Cfg>(s, rows, 0 >= n_full, col0, pos, scale_log2);  // alpha 0: o stays 0
 
+    PrefillSm90Ring<Cfg::kStages> prev;  // the slot of tile t - 1
+    int v_free = -1;                     // and of t - 2, once there is one
     for (int t = 1; t < b.n_tiles; ++t) {
-      const int ks = t % ST;
-      const int vs = (t - 1) % ST;
-      mbar_wait(sm.k_full(ks), (t / ST) & 1);
-      mbar_wait(sm.v_full(vs), ((t - 1) / ST) & 1);
-      finish_previous(t);
+      PrefillSm90Ring<Cfg::kStages> cur = prev;
+      cur.advance();
+      mbar_wait(sm.k_full(cur.slot), cur.phase);
+      mbar_wait(sm.v_full(prev.slot), prev.phase);
+      finish_previous(v_free);
       prefill_sm90_turn_wait<Cfg>(c, false);
       reg_fence(s);
       reg_fence(o);
       reg_fence(pa);
+      if constexpr (Cfg::kRowsumMma) reg_fence(ls);
       wgmma_fence();
-      prefill_sm90_scores<T, Cfg>(s, q_addr, smem_addr(sm.k(ks)));
+      prefill_sm90_scores<T, Cfg>(s, q_lo, k_lo + cur.slot * kTileLo);
       wgmma_commit();
-      prefill_sm90_values<T, Cfg>(o, pa, smem_addr(sm.v(vs)));
+      prefill_sm90_values<T, Cfg>(o, ls, pa, v_lo + prev.slot * kTileLo, ones_lo);
       wgmma_commit();
       prefill_sm90_turn_done<Cfg>(c, false);
       wgmma_wait<1>();  // the scores, the older group
       reg_fence(s);
-      if (lane == 0) mbar_arrive(sm.k_empty(ks));
-      prefill_sm90_softmax(s, m, l, alpha, t >= n_full, t * BN + col0, pos, scale_log2);
+      if (lane == 0) mbar_arrive(sm.k_empty(cur.slot));
+      prefill_sm90_softmax_tile<Cfg>(s, rows, t >= n_full, t * BN + col0, pos, scale_log2);
+      v_free = prev.slot;
+      prev = cur;
     }
 
     // The values of the last tile.
-    const int t = b.n_tiles;
-    const int vs = (t - 1) % ST;
-    mbar_wait(sm.v_full(vs), ((t - 1) / ST) & 1);
-    finish_previous(t);
-    prefill_sm90_zero_tail<Cfg>(b, sm.v(vs), c);  // before the turn: it waits for every consumer
+    mbar_wait(sm.v_full(prev.slot), prev.phase);
+    finish_previous(v_free);
+    prefill_sm90_zero_tail<Cfg>(b, sm.v(prev.slot), c);  // before the turn: it waits for every consumer
     prefill_sm90_turn_wait<Cfg>(c, false);
     reg_fence(o);
     reg_fence(pa);
+    if constexpr (Cfg::kRowsumMma) reg_fence(ls);
     wgmma_fence();
-    prefill_sm90_values<T, Cfg>(o, pa, smem_addr(sm.v(vs)));
+    prefill_sm90_values<T, Cfg>(o, ls, pa, v_lo + prev.slot * kTileLo, ones_lo);
     wgmma_commit();
     prefill_sm90_turn_done<Cfg>(c, true);
     wgmma_wait<0>();
     reg_fence(o);
+    if constexpr (Cfg::kRowsumMma) reg_fence(ls);
   }
-  prefill_sm90_store<T, Cfg>(prm.p, b, o, l, row);
+  if constexpr (Cfg::kRowsumMma) {
+    const float l[2] = {ls[0], ls[2]};
+    prefill_sm90_store<T, Cfg>(prm.p, b, o, l, row);
+  } else {
+    prefill_sm90_store<T, Cfg>(prm.p, b, o, rows.l, row);
+  }
 }
 
 // Grid: (H, ceil(max_q_len / kBlockM), B), blockIdx.y counting down the query tiles so that all heads'
@@ -363,6 +559,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const PrefillSm90Smem<Cfg> sm{smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023)};
+  if constexpr (Cfg::kRowsumMma) {
+    if (threadIdx.x < Cfg::kOnesBytes / 16) {
+      const uint32_t one = pack2<T>(1.f, 1.f);
+      reinterpret_cast<uint4*>(sm.ones())[threadIdx.x] = make_uint4(one, one, one, one);
+      sm90::fence_proxy_async_smem();  // read by wgmma (the async proxy) after the __syncthreads below
+    }
+  }
   if (threadIdx.x == 0) {
     sm90::mbar_init(sm.q_full(), 1);
     for (int s = 0; s < Cfg::kStages; ++s) {
@@ -381,7 +584,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
     if (threadIdx.x == 0) prefill_sm90_produce<Cfg>(prm, b, sm);
   } else {
     sm90::setmaxnreg_inc<Cfg::kConsumerRegs>();
-    prefill_sm90_consume<T, Cfg>(prm, b, sm, warpgroup - 1);
+    // Through a shuffle the compiler knows the warpgroup index is the same in the whole warp, so the
+    // ring slots and wgmma descriptors derived from it stay in uniform registers.
+    prefill_sm90_consume<T, Cfg>(prm, b, sm, __shfl_sync(0xffffffffu, warpgroup - 1, 0));
   }
 #endif
 }

@@ -205,6 +205,18 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_byte_addr) {
          (uint64_t(1) << 62);
 }
 
+// The same descriptor split in its two words, for loops that step through tiles: the high word (stride
+// byte offset, layout type) is one constant, and the low word is the start address >> 4 (below 2^14 in
+// the 228 KB shared window) with the leading byte offset 1 above it, so a step of `bytes` (a multiple of
+// 16) is one add of bytes >> 4 to the low word, which carries nothing out of the address field.
+constexpr uint32_t kSw128DescHi = (1024 >> 4) | (1u << 30);
+
+__device__ __forceinline__ uint32_t sw128_desc_lo(uint32_t smem_byte_addr) {
+  return ((smem_byte_addr & 0x3FFFF) >> 4) | (1u << 16);
+}
+
+__device__ __forceinline__ uint64_t sw128_desc_of_lo(uint32_t lo) { return (uint64_t(kSw128DescHi) << 32) | lo; }
+
 // Accumulator fragment of m64nNk16 in fp32 (PTX ISA, wgmma register fragments): warp w of the warpgroup
 // owns rows 16w..16w+15, and lane l holds d[4i + 2r + e] = D[16w + l/4 + 8r][8i + 2(l%4) + e], i < N/8.
 // A register A fragment (four 32-bit registers of T pairs) has, within each warp, the layout of
@@ -242,6 +254,9 @@ struct WgmmaSS;
 // "transposed" B) in shared memory.
 template <typename T, int N>
 struct WgmmaRS;
+// The same with B K-major in shared memory.
+template <typename T, int N>
+struct WgmmaRSKMajor;
 
 #define PRT_WGMMA_SS(TYPE, N, SHAPE, ACC, OPERANDS, IA, IB, IS)                                             \
   template <>                                                                                               \
@@ -255,17 +270,19 @@ struct WgmmaRS;
     }                                                                                                       \
   };
 
-#define PRT_WGMMA_RS(TYPE, N, SHAPE, ACC, OPERANDS, AREGS, IB, IS)                                          \
+#define PRT_WGMMA_RS_AS(NAME, TRANS_B, TYPE, N, SHAPE, ACC, OPERANDS, AREGS, IB, IS)                        \
   template <>                                                                                               \
-  struct WgmmaRS<TYPE, N> {                                                                                 \
+  struct NAME<TYPE, N> {                                                                                    \
     static __device__ __forceinline__ void run(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,  \
                                                int scale_d) {                                               \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\nwgmma.mma_async.sync.aligned." SHAPE " " \
-                   ACC ", " AREGS ", %" #IB ", p, 1, 1, 1;\n}\n"                                           \
+                   ACC ", " AREGS ", %" #IB ", p, 1, 1, " #TRANS_B ";\n}\n"                                \
                    : OPERANDS                                                                               \
                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));                \
     }                                                                                                       \
   };
+#define PRT_WGMMA_ACC4 "{%0, %1, %2, %3}"
+#define PRT_WGMMA_ACC4_OPERANDS "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
 
 #ifdef PRT_SM90A
 PRT_WGMMA_SS(__half, 64, "m64n64k16.f32.f16.f16", PRT_WGMMA_ACC32, PRT_WGMMA_ACC32_OPERANDS, 32, 33, 34)
@@ -273,10 +290,14 @@ PRT_WGMMA_SS(__half, 128, "m64n128k16.f32.f16.f16", PRT_WGMMA_ACC64, PRT_WGMMA_A
 PRT_WGMMA_SS(__nv_bfloat16, 64, "m64n64k16.f32.bf16.bf16", PRT_WGMMA_ACC32, PRT_WGMMA_ACC32_OPERANDS, 32, 33, 34)
 PRT_WGMMA_SS(__nv_bfloat16, 128, "m64n128k16.f32.bf16.bf16", PRT_WGMMA_ACC64, PRT_WGMMA_ACC64_OPERANDS, 64, 65,
              66)
-PRT_WGMMA_RS(__half, 64, "m64n64k16.f32.f16.f16", PRT_WGMMA_ACC32, PRT_WGMMA_ACC32_OPERANDS,
-             "{%32, %33, %34, %35}", 36, 37)
-PRT_WGMMA_RS(__nv_bfloat16, 64, "m64n64k16.f32.bf16.bf16", PRT_WGMMA_ACC32, PRT_WGMMA_ACC32_OPERANDS,
-             "{%32, %33, %34, %35}", 36, 37)
+PRT_WGMMA_RS_AS(WgmmaRS, 1, __half, 64, "m64n64k16.f32.f16.f16", PRT_WGMMA_ACC32, PRT_WGMMA_ACC32_OPERANDS,
+                "{%32, %33, %34, %35}", 36, 37)
+PRT_WGMMA_RS_AS(WgmmaRS, 1, __nv_bfloat16, 64, "m64n64k16.f32.bf16.bf16", PRT_WGMMA_ACC32,
+                PRT_WGMMA_ACC32_OPERANDS, "{%32, %33, %34, %35}", 36, 37)
+PRT_WGMMA_RS_AS(WgmmaRSKMajor, 0, __half, 8, "m64n8k16.f32.f16.f16", PRT_WGMMA_ACC4, PRT_WGMMA_ACC4_OPERANDS,
+                "{%4, %5, %6, %7}", 8, 9)
+PRT_WGMMA_RS_AS(WgmmaRSKMajor, 0, __nv_bfloat16, 8, "m64n8k16.f32.bf16.bf16", PRT_WGMMA_ACC4,
+                PRT_WGMMA_ACC4_OPERANDS, "{%4, %5, %6, %7}", 8, 9)
 #else
 // Outside sm_90a the wrappers exist (so kernels compile) and do nothing; such kernels are never launched.
 template <typename T, int N>
@@ -287,10 +308,16 @@ template <typename T, int N>
 struct WgmmaRS {
   static __device__ __forceinline__ void run(float (&)[N / 2], const uint32_t (&)[4], uint64_t, int) {}
 };
+template <typename T, int N>
+struct WgmmaRSKMajor {
+  static __device__ __forceinline__ void run(float (&)[N / 2], const uint32_t (&)[4], uint64_t, int) {}
+};
 #endif
 
 #undef PRT_WGMMA_SS
-#undef PRT_WGMMA_RS
+#undef PRT_WGMMA_RS_AS
+#undef PRT_WGMMA_ACC4
+#undef PRT_WGMMA_ACC4_OPERANDS
 
 }  // namespace sm90
 
