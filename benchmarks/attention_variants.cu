@@ -134,9 +134,11 @@ std::vector<PrefillVariant> prefill_variants() {
       mma_sync<PrefillTile<64, 1, 8, 64>>("warp 16 rows, 8 warps, N64"),
       mma_sync<PrefillTile<64, 2, 4, 32>>("warp 2x16 rows, 4 warps, N32"),
       mma_sync<PrefillTile<64, 1, 4, 128>>("warp 16 rows, 4 warps, N128"),
-      wgmma<PrefillSm90Config<2, 128, 3, true>>("shipped: "),
-      // Softmax options on the shipped shape (PrefillSm90Config<..., EXP_POLY16, MAX_SLACK, ROWSUM_MMA>):
-      // the rescale skip alone and with slack, the FMA-pipe share of exp2, the tensor-core row sums.
+      wgmma<PrefillSm90Config<3, 128, 2, true>>("shipped: "),
+      // Softmax options on the 2-warpgroup, 3-slot shape (PrefillSm90Config<..., EXP_POLY16, MAX_SLACK,
+      // ROWSUM_MMA>): the rescale skip alone and with slack, the FMA-pipe share of exp2, the tensor-core
+      // row sums.
+      wgmma<PrefillSm90Config<2, 128, 3, true>>(),
       wgmma<PrefillSm90Config<2, 128, 3, true, 1, 0, 0>>(),
       wgmma<PrefillSm90Config<2, 128, 3, true, 1, 0, 8>>(),
       wgmma<PrefillSm90Config<2, 128, 3, true, 1, 2, -1>>(),
@@ -153,7 +155,6 @@ std::vector<PrefillVariant> prefill_variants() {
       wgmma<PrefillSm90Config<2, 128, 3, false, 1, 3, 8, true>>(),
       wgmma<PrefillSm90Config<2, 128, 2, true>>(),
       wgmma<PrefillSm90Config<2, 64, 2, true>>(),
-      wgmma<PrefillSm90Config<3, 128, 2, true>>(),
       wgmma<PrefillSm90Config<3, 128, 2, true, 1, 2, 8, true>>(),
       wgmma<PrefillSm90Config<3, 128, 2, true, 1, 3, 8, true>>(),
       wgmma<PrefillSm90Config<3, 128, 2, false>>(),
@@ -162,8 +163,8 @@ std::vector<PrefillVariant> prefill_variants() {
       wgmma<PrefillSm90Config<1, 128, 2, false, 2>>(),
       wgmma<PrefillSm90Config<1, 128, 2, false, 2, 2, 8>>(),
       wgmma<PrefillSm90Config<1, 128, 2, false, 2, 3, 8, true>>(),
-      wgmma<PrefillSm90Config<2, 64, 2, true, 2>>(),
-      wgmma<PrefillSm90Config<2, 64, 2, true, 2, 2, 8, true>>(),
+      // Not here: 2 WG, N64, 2 st, turns, 2 blk/SM (with or without the options): on the H200 its edge-case
+      // check did not return (twice, within 150 s and 200 s); not investigated, as no shipped path uses it.
   };
 }
 
@@ -554,6 +555,7 @@ double copy_bandwidth() {
 
 // Usage: attention_variants [prefill [LENGTHS [FILTER]] | decode] (both sections by default).
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // rows show as they finish, also when a timeout cuts the run
   const std::string only = argc > 1 ? argv[1] : "";
   std::vector<int> lengths = {2048, 4096, 8192, 16384};
   if (only == "prefill" && argc > 2) {

@@ -30,7 +30,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -129,18 +129,31 @@ class PrefillClock:
         del self.forward.prefill            # the method again
 
 
+@dataclass(eq=False)
+class TimedStream(Stream):
+    """A stream that also notes when the scheduler thread hands over each step's events."""
+    handed: list = field(default_factory=list)
+
+    def deliver(self, item) -> None:
+        if not isinstance(item, Exception):
+            self.handed.append(time.perf_counter())
+        super().deliver(item)
+
+
 async def _drive(worker: Worker, engine, items: list[Item], arrivals: list[float]) -> list[tuple]:
-    """Submit each item at its arrival time; (submitted, token receipt times) per item."""
+    """Submit each item at its arrival time; (submitted, token receipt times, hand-over times) per item.
+    Receipt is when the client's coroutine sees a token; hand-over is when the scheduler thread delivered it
+    (the two differ by the event loop's wake-up, which waits for the GIL)."""
     loop, start = asyncio.get_running_loop(), time.perf_counter()
 
     async def one(item: Item, at: float):
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-        stream = Stream([engine.request(item.ids, item.out, stop_token_ids=[])], loop)
+        stream = TimedStream([engine.request(item.ids, item.out, stop_token_ids=[])], loop)
         worker.submit(stream)
         times = []
         async for _ in stream.events():
             times.append(time.perf_counter())
-        return stream.arrived, times
+        return stream.arrived, times, stream.handed
 
     return await asyncio.gather(*(one(it, at) for it, at in zip(items, arrivals)))
 
@@ -238,7 +251,7 @@ def run(args) -> dict:
     bare = bare_decode(engine, streams, args.stream_tokens)
     # The same prompts through the scheduler thread, prefilled at once as in `bare`: the decode contexts
     # match, so the two rates differ by what serving adds.
-    together = all_decoding_rate(served(engine, streams, [0.0] * rows, rows, None)[0])
+    together = all_decoding_rate([(a, t) for a, t, _ in served(engine, streams, [0.0] * rows, rows, None)[0]])
     static = static_waves(engine, items, rows)
     by_budget = []
     for budget in args.prefill_budget:
@@ -246,7 +259,11 @@ def run(args) -> dict:
         for rate in args.rates:
             n = len(items) if math.isinf(rate) else min(len(items), max(rows, int(rate * args.duration)))
             results, prefills = served(engine, items[:n], poisson(n, rate, args.seed + 1), rows, budget or None)
-            runs.append({"rate": rate, **summarize(results, prefills, bare["step_ms"] / 1e3)})
+            step_s = bare["step_ms"] / 1e3
+            at_handover = summarize([(a, h) for a, _, h in results], prefills, step_s)
+            runs.append({"rate": rate, **summarize([(a, t) for a, t, _ in results], prefills, step_s),
+                         "handover": {k: at_handover[k] for k in ("itl_p50_ms", "itl_p99_ms", "itl_prefill_p99_ms",
+                                                                  "itl_running_prefill_p99_ms")}})
             print(f"budget {budget}, rate {rate}: {runs[-1]}", file=sys.stderr, flush=True)
         by_budget.append({"prefill_budget": budget or None, "runs": runs,
                           "targets": targets(bare, together, static, runs)})
@@ -280,7 +297,7 @@ def format_table(r: dict) -> str:
              f"(mean {r['mean_prompt']:.0f}), outputs {r['output_range'][0]}-{r['output_range'][1]} "
              f"(mean {r['mean_output']:.0f}), log-uniform",
              f"{'case':30s} {'rate':>6s} {'reqs':>5s} {'out tok/s':>10s} {'TTFT p50/p99 ms':>17s} "
-             f"{'ITL p50/p99 ms':>15s} {'ITL p99 prefill':>15s} {'(running)':>9s}",
+             f"{'ITL p50/p99 ms':>15s} {'ITL p99 prefill':>15s} {'(running)':>9s} {'(handover)':>10s}",
              f"{'bare generate, batch ' + str(bare['batch']):30s} {'-':>6s} {bare['batch']:5d} "
              f"{bare['tokens_per_s']:10.1f} {'':>17s} {'step ' + _ms(bare['step_ms']):>15s}",
              f"{str(rows) + ' streams, all decoding':30s} {'burst':>6s} {rows:5d} "
@@ -293,7 +310,8 @@ def format_table(r: dict) -> str:
             lines.append(f"{'  continuous':30s} {rate:>6s} {run['requests']:5d} {run['tokens_per_s']:10.1f} "
                          f"{_ms(run['ttft_p50_ms']) + ' / ' + _ms(run['ttft_p99_ms']):>17s} "
                          f"{_ms(run['itl_p50_ms']) + ' / ' + _ms(run['itl_p99_ms']):>15s} "
-                         f"{_ms(run['itl_prefill_p99_ms']):>15s} {_ms(run.get('itl_running_prefill_p99_ms')):>9s}")
+                         f"{_ms(run['itl_prefill_p99_ms']):>15s} {_ms(run.get('itl_running_prefill_p99_ms')):>9s} "
+                         f"{_ms(run.get('handover', {}).get('itl_running_prefill_p99_ms')):>10s}")
         for name, t in b["targets"].items():
             value = t["value"]
             ok = None if value is None else (value <= t["target"] if t.get("at_most") else value >= t["target"])
@@ -324,6 +342,8 @@ def parse_args(argv=None):
     p.add_argument("--prefill-budget", default="256", help="prompt tokens per step while rows decode, one run "
                    "per value (0: no limit; default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--switch-interval", type=float, default=None, metavar="MS",
+                   help="the interpreter's thread switch interval for the run (sys.setswitchinterval), in ms")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
     quick = args.quick
@@ -356,6 +376,8 @@ def _plain(value):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval / 1e3)
     result = run(args)
     print(format_table(result))
     if args.json:

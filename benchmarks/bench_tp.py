@@ -1,11 +1,12 @@
-"""Tensor-parallel decode: batch-1 ms/token and the largest batch x context that fits, for one TP size per run.
+"""Tensor-parallel decode: ms per step (batch 1, or --batch) and the largest batch x context that fits, for one TP
+size per run.
 Random weights of the Persimmon-8B shapes (fp16), made directly as each rank's shard; every rank runs the
 same calls and rank 0 prints.
 
     python benchmarks/bench_tp.py                                      # TP=1 (the single-GPU path)
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_tp.py    # TP=2
     torchrun --standalone --nproc-per-node 4 benchmarks/bench_tp.py    # TP=4
-    options: --context 128,2048 --new-tokens 128 --fit-context 2048,4096,16384 --check-fit --json FILE
+    options: --batch 1,8,32 --context 128,2048 --new-tokens 128 --fit-context 2048,4096,16384 --check-fit --json FILE
 
 "Fits": KV cache capacity from the memory free after the weights, keeping the engine's 2 GiB reserve for
 activations; --check-fit also builds that engine and decodes a few tokens at that batch and context.
@@ -99,7 +100,8 @@ def main() -> None:
     parser.add_argument("--preset", default="persimmon-8b")
     parser.add_argument("--device", default=None, help="cuda (default when a GPU is visible) or cpu")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--context", type=ints, default=ints("128,2048"), help="prompt lengths for batch-1 decode")
+    parser.add_argument("--batch", type=ints, default=ints("1"), help="decode batch sizes")
+    parser.add_argument("--context", type=ints, default=ints("128,2048"), help="prompt lengths of the decode runs")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--fit-context", type=ints, default=ints("2048,4096,16384"))
     parser.add_argument("--check-fit", action="store_true", help="also run the largest batch at each fit context")
@@ -119,11 +121,12 @@ def main() -> None:
               "weights_gib_per_rank": weight_bytes / 2**30, "decode": [], "fit": []}
 
     max_ctx = max(args.context) + args.new_tokens + 8
-    engine = Engine(None, config, max_batch_size=1, max_seq_len=max_ctx, tp=tp, weights=weights)
-    for context in args.context:
-        torch.manual_seed(1)                          # the same prompt on every rank
-        row = {"context": context, **measure_decode(engine, 1, context, args.new_tokens)}
-        result["decode"].append(row)
+    engine = Engine(None, config, max_batch_size=max(args.batch), max_seq_len=max_ctx, tp=tp, weights=weights)
+    for batch in args.batch:
+        for context in args.context:
+            torch.manual_seed(1)                      # the same prompts on every rank
+            row = {"batch": batch, "context": context, **measure_decode(engine, batch, context, args.new_tokens)}
+            result["decode"].append(row)
     del engine
 
     if device.type == "cuda":
@@ -149,7 +152,7 @@ def main() -> None:
                   + ", ".join(f"{k} {v:.1f} us" for k, v in result["all_reduce_us_8kb"].items()))
         for row in result["decode"]:
             graph = f", captured step {row['graph_step_ms']:.3f} ms" if "graph_step_ms" in row else ""
-            print(f"  decode batch 1, context {row['context']}: {row['ms_per_step']:.3f} ms/token{graph}")
+            print(f"  decode batch {row['batch']}, context {row['context']}: {row['ms_per_step']:.3f} ms/step{graph}")
         for row in result["fit"]:
             print(f"  fits: batch {row['max_batch']} x context {row['context']}"
                   + (f" (checked: {row['checked']})" if "checked" in row else ""))

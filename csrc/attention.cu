@@ -81,13 +81,13 @@ void prefill(const PrefillParams& p, int batch, int max_q_len, cudaStream_t stre
   PRT_CUDA_CHECK(cudaGetLastError());
 }
 
-// The Hopper prefill kernel (head_dim 64; attention_prefill_sm90.cuh): 2 consumer warpgroups (128 queries
-// a block), 128-key tiles, 3-slot K and V rings (one block per SM either way, so the third slot's 32 KB
-// cost nothing and give the single producer thread a tile of slack), issue turns between the consumers.
-// benchmarks/attention_variants.cu times it against its neighbours. The config's softmax options (a share
-// of exp2 on the FMA pipe, a max with slack, row sums on the tensor cores) stay off until that harness has
-// timed them on the device.
-using PrefillSm90Tile = PrefillSm90Config<2, 128, 3, true>;
+// The Hopper prefill kernel (head_dim 64; attention_prefill_sm90.cuh): 3 consumer warpgroups (192 queries
+// a block), 128-key tiles, 2-slot K and V rings, issue turns between the consumers. Fastest of the
+// variants benchmarks/attention_variants.cu times, at every length (H200, benchmarks/RESULTS.md run P:
+// 340 / 427 / 451 TFLOP/s at 2K / 8K / 16K against 324 / 392 / 395 for the 2-warpgroup, 3-slot config).
+// The softmax options (a share of exp2 on the FMA pipe, a max with slack, row sums on the tensor cores)
+// stay off: each was slower on top of either shape.
+using PrefillSm90Tile = PrefillSm90Config<3, 128, 2, true>;
 
 enum class PrefillKernel { kMmaSync, kWgmma };
 

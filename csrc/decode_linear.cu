@@ -13,6 +13,7 @@ namespace {
 
 using gemv::DecodeLinearParams;
 using gemv::GemvConfig;
+using gemv::PipelinedGemvConfig;
 
 // The compiled configurations (GemvConfig<RT, MT, J, WARPS, MIN_BLOCKS>), by index; kShapeRules and
 // kDefault* below pick among them. Up to 8 rows (MT = 1): one 16-row tile and one x fragment per warp;
@@ -29,7 +30,13 @@ using Configs = std::tuple<GemvConfig<1, 1, 4, 8, 3>,    // 0  m8 J4 W8   (H100 
                            GemvConfig<1, 1, 8, 4, 4>,    // 4  m8 J8 W4
                            GemvConfig<1, 2, 4, 8, 3>,    // 5  m16 J4 W8  (H100 choice, M <= 16)
                            GemvConfig<1, 2, 2, 8, 3>,    // 6  m16 J2 W8
-                           GemvConfig<1, 2, 4, 16, 1>>;  // 7  m16 J4 W16
+                           GemvConfig<1, 2, 4, 16, 1>,   // 7  m16 J4 W16
+                           // The pipelined loop (decode_linear_pipelined_kernel): two register stages, one
+                           // persistent wave walking the tiles. Swept on the H200 with five more (run O): none
+                           // beat configs 0-2 up to 8 rows; at 9-16 rows this one is the fastest on dense and
+                           // MLP-down.
+                           PipelinedGemvConfig<1, 1, 2, 8, 3, 2, true>,    // 8  m8 J2 W8 S2, persistent
+                           PipelinedGemvConfig<1, 2, 2, 8, 2, 2, true>>;   // 9  m16 J2 W8 S2, persistent
 constexpr int kNumConfigs = std::tuple_size_v<Configs>;
 constexpr int kDefault8 = 0;
 constexpr int kDefault16 = 5;
@@ -47,9 +54,9 @@ struct ShapeRule {
 };
 constexpr ShapeRule kShapeRules[] = {
     {12288, 4096, false, 0, 0, 6},   // QKV: c6 28.3 us against 34.1 at 16 rows
-    {4096, 4096, false, 1, 1, 6},    // attention dense: c1 9.4 us against 10.8 at one row
+    {4096, 4096, false, 1, 1, 9},    // attention dense: c1 9.4 us against 10.8 at one row; c9 12.4 against 12.9 at 16
     {16384, 4096, false, 0, 0, 6},   // MLP up: c6 37.6 us against 46.2 at 16 rows
-    {4096, 16384, false, 2, 1, 7},   // MLP down: c2 32.6 / c1 32.5 us against 42.6 (1 / 8 rows)
+    {4096, 16384, false, 2, 1, 9},   // MLP down: c2 32.6 / c1 32.5 us against 42.6 (1 / 8 rows); c9 39.1 against 42.1 at 16
     {262144, 4096, false, 5, 0, 6},  // lm_head: c5 472 us against 497 at one row; c6 558 against 609 at 16
     // One rank of TP=2 (--sweep --tp 2, run H); its QKV, dense and lm_head keep the defaults (within 1 %).
     {8192, 4096, false, 4, 4, 5},    // MLP up: c4 16.8 / 17.6 us against 18.5 / 19.1 (1 / 8 rows)
@@ -62,25 +69,49 @@ int choose_config(int M, int N, int K, bool ln) {
   return M <= 8 ? kDefault8 : ln ? kDefault16Ln : kDefault16;
 }
 
+// Whether a configuration is a PipelinedGemvConfig (it has STAGES).
+template <typename Cfg, typename = void>
+struct IsPipelined : std::false_type {};
+template <typename Cfg>
+struct IsPipelined<Cfg, std::void_t<decltype(Cfg::STAGES)>> : std::true_type {};
+
 template <typename Cfg>
 std::string config_name() {
-  return "m" + std::to_string(Cfg::kMaxM) + " J" + std::to_string(Cfg::J) + " W" + std::to_string(Cfg::WARPS) +
-         " RT" + std::to_string(Cfg::RT) + " B" + std::to_string(Cfg::MIN_BLOCKS);
+  std::string name = "m" + std::to_string(Cfg::kMaxM) + " J" + std::to_string(Cfg::J) + " W" +
+                     std::to_string(Cfg::WARPS) + " RT" + std::to_string(Cfg::RT) + " B" +
+                     std::to_string(Cfg::MIN_BLOCKS);
+  if constexpr (IsPipelined<Cfg>::value) {
+    name += " S" + std::to_string(Cfg::STAGES) + (Cfg::PERSISTENT ? " persistent" : "");
+  }
+  return name;
 }
 
 template <typename Cfg>
 void launch(const DecodeLinearParams& p, DType dtype, bool out_fp32, cudaStream_t stream) {
   PRT_REQUIRE(p.M <= Cfg::kMaxM, "config " + config_name<Cfg>() + " takes at most " + std::to_string(Cfg::kMaxM) +
                                      " rows, got " + std::to_string(p.M));
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.N, Cfg::kRowsPerBlock)));
+  const int tiles = static_cast<int>(ceil_div(p.N, Cfg::kRowsPerBlock));
   const bool ln = p.ln_weight != nullptr;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const auto run = [&](auto kernel) { launch_kernel(kernel, grid, dim3(Cfg::kThreads), 0, stream, /*pdl=*/true, p); };
+    const auto run = [&](auto kernel, int grid) {
+      launch_kernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(Cfg::kThreads), 0, stream, /*pdl=*/true, p);
+    };
+    // With the LayerNorm prologue a pipelined configuration runs the one-stage loop of its tile shape.
+    if constexpr (IsPipelined<Cfg>::value) {
+      if (!ln) {
+        // One persistent wave: MIN_BLOCKS per SM, which the launch bounds leave room for, each with a tile.
+        const int grid = Cfg::PERSISTENT ? std::min(tiles, Cfg::MIN_BLOCKS * multiprocessors()) : tiles;
+        out_fp32 ? run(gemv::decode_linear_pipelined_kernel<T, float, Cfg>, grid)
+                 : run(gemv::decode_linear_pipelined_kernel<T, T, Cfg>, grid);
+        return;
+      }
+    }
     if (out_fp32) {
-      ln ? run(gemv::decode_linear_kernel<T, float, Cfg, true>) : run(gemv::decode_linear_kernel<T, float, Cfg, false>);
+      ln ? run(gemv::decode_linear_kernel<T, float, Cfg, true>, tiles)
+         : run(gemv::decode_linear_kernel<T, float, Cfg, false>, tiles);
     } else {
-      ln ? run(gemv::decode_linear_kernel<T, T, Cfg, true>) : run(gemv::decode_linear_kernel<T, T, Cfg, false>);
+      ln ? run(gemv::decode_linear_kernel<T, T, Cfg, true>, tiles) : run(gemv::decode_linear_kernel<T, T, Cfg, false>, tiles);
     }
   });
 }

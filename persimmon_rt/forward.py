@@ -162,6 +162,24 @@ class Forward:
         y = F.linear(x, weight, bias)
         return y if out_dtype is None else y.to(out_dtype)
 
+    def warm_prefill_shapes(self, max_rows: int) -> None:
+        """Run each projection once at every row count that takes cuBLAS, up to `max_rows`. A GEMM shape's
+        first call makes cuBLAS choose, and CUDA load, its kernel: measured on the H200 that cost a prefill
+        chunk 17-36 ms of host time instead of 5 (benchmarks/RESULTS.md, run P), which a server pays
+        between two decode steps whenever a prompt ends in a chunk size it has not seen. Output discarded;
+        writes no cache."""
+        if self.device.type != "cuda" or max_rows <= self.gemv_rows:
+            return
+        lw, inputs = self.weights.layers[0], {}
+        for weight, bias, relu2 in ((lw.qkv_w, lw.qkv_b, False), (lw.dense_w, lw.dense_b, False),
+                                    (lw.up_w, lw.up_b, True), (lw.down_w, lw.down_b, False)):
+            if isinstance(weight, QuantizedWeight):
+                weight = weight.dequantize()           # what _linear multiplies by at prefill
+            k = weight.shape[1]
+            x = inputs.setdefault(k, torch.zeros(max_rows, k, dtype=weight.dtype, device=self.device))
+            for rows in range(self.gemv_rows + 1, max_rows + 1):
+                self._linear(x[:rows], weight, bias, relu2=relu2)
+
     # -------------------------------------------------------------------------------------------- prefill
     def prefill(self, pieces: Sequence[tuple[int, torch.Tensor, int, int]]) -> torch.Tensor:
         """One packed forward over prompt pieces (cache row, prompt, start, count), rows distinct: writes

@@ -110,6 +110,8 @@ class Scheduler:
         self.decode_steps = 0                     # decode results processed
         self._gpu = forward.device.type == "cuda"
         self._trackers: dict[Request, StopTracker] = {}
+        if prefill_budget:        # chunks that run between decode steps: no first-call cost in there
+            forward.warm_prefill_shapes(min(prefill_budget, prefill_chunk_tokens))
 
     # ------------------------------------------------------------------------------------------ requests
     def submit(self, request: Request) -> None:

@@ -171,6 +171,26 @@ def test_rows_join_and_leave_a_running_decode_without_a_synchronising_call_gpu()
     assert {tag: r.output_ids for tag, r in requests.items()} == expected
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and prt.ops.HAVE_CUDA_EXT), reason="needs a CUDA GPU and the "
+                    "extension: the CPU path has no GEMM kernels to load")
+def test_a_budget_past_the_gemv_rows_runs_every_cublas_row_count_first_and_changes_no_output(monkeypatch):
+    torch.manual_seed(5)
+    model = lively_model("cuda")
+    engine = Engine(model, model.config, max_batch_size=4, max_seq_len=96)
+    first, late = torch.randint(1, 97, (5,)).tolist(), torch.randint(1, 97, (45,)).tolist()
+    expected = {"first": alone(engine, first, 30), "late": alone(engine, late, 10)}
+    rows, linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: rows.append(x.shape[0]) or linear(x, w, b))
+    scheduler = engine.scheduler(prefill_budget=40)
+    monkeypatch.undo()
+    gemv_rows = prt.ops.DECODE_LINEAR_MAX_ROWS
+    assert sorted(set(rows)) == list(range(gemv_rows + 1, 41)) and len(rows) == 4 * (40 - gemv_rows)
+    requests = {"first": engine.request(first, 30, stop_token_ids=[], tag="first"),
+                "late": engine.request(late, 10, stop_token_ids=[], tag="late")}
+    run(scheduler, {0: [requests["first"]], 4: [requests["late"]]})      # "late": chunks of 40 and 5
+    assert {tag: r.output_ids for tag, r in requests.items()} == expected
+
+
 @pytest.fixture(scope="module")
 def demo_engine():
     return Engine.from_pretrained(demo_model_path(), dtype=torch.float32, device="cpu", max_batch_size=2,

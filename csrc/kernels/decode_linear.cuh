@@ -389,5 +389,177 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
   }
 }
 
+
+// ---- the pipelined loop (no LayerNorm prologue) ------------------------------------------------------
+// PipelinedGemvConfig adds the int8 GEMV's two knobs (decode_linear_int8.cuh explains them) to a
+// GemvConfig: STAGES = 2 requests a warp's next step of weights before this step's mma, so its stream
+// never drains between steps; PERSISTENT launches one wave of blocks that walk the 16-row tiles with a
+// grid stride, the next tile's first weights in flight through this tile's epilogue, so the per-block
+// start, exit and first round trip are paid once per wave slot rather than once per tile (the waves'
+// tail is then a fraction of one tile, not of one block's whole share). The epilogue is the plain
+// strided loop of decode_linear_kernel; persistent blocks alternate two partial buffers (one barrier a
+// tile).
+template <int RT_, int MT_, int J_, int WARPS_, int MIN_BLOCKS_, int STAGES_, bool PERSISTENT_>
+struct PipelinedGemvConfig : GemvConfig<RT_, MT_, J_, WARPS_, MIN_BLOCKS_> {
+  static_assert(STAGES_ == 1 || STAGES_ == 2, "one or two register stages");
+  static constexpr int STAGES = STAGES_;
+  static constexpr bool PERSISTENT = PERSISTENT_;
+};
+
+// Grid: ceil(N / (16 * RT)) blocks, or with PERSISTENT at most MIN_BLOCKS per SM (each with a tile).
+template <typename T, typename OutT, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
+    decode_linear_pipelined_kernel(const DecodeLinearParams p) {
+  constexpr int RT = Cfg::RT, MT = Cfg::MT, J = Cfg::J, WARPS = Cfg::WARPS, S = Cfg::STAGES;
+  constexpr int kBufs = Cfg::PERSISTENT ? 2 : 1;
+  constexpr int kVals = RT * MT * 4;
+  __shared__ float s_partial[kBufs][WARPS][kVals][32];
+
+  pdl_launch_dependents();
+
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int g = lane / 4;
+  const int q = lane % 4;
+  const int K = p.K;
+  const int tiles = static_cast<int>(ceil_div(p.N, Cfg::kRowsPerBlock));
+  const int my_tiles =
+      Cfg::PERSISTENT ? (tiles - 1 - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x) + 1 : 1;
+
+  // This warp's contiguous share of the chunks, walked in steps of J (chunks past it predicated off). In
+  // a persistent block every warp walks the same number of steps, since each tile ends in a barrier.
+  const int chunks = (K + kChunk - 1) / kChunk;
+  const int per_warp = (chunks + WARPS - 1) / WARPS;
+  const int c_begin = warp * per_warp;
+  const int c_end = min(chunks, c_begin + per_warp);
+  const int steps = (per_warp + J - 1) / J;
+  const int items = Cfg::PERSISTENT ? my_tiles * steps : max(0, (c_end - c_begin + J - 1) / J);
+  const auto in_range = [&](int c) { return c < c_end && c * kChunk + 8 * q < K; };
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+  // Weight loads one step at a time in (tile, step) order; a persistent block keeps a cursor.
+  int ld_tile = blockIdx.x, ld_step = 0;
+  const auto load_weights = [&](uint4 (&w)[J][RT][2], int item) {
+    const int64_t n0 = static_cast<int64_t>(Cfg::PERSISTENT ? ld_tile : blockIdx.x) * Cfg::kRowsPerBlock;
+    const int c0 = c_begin + (Cfg::PERSISTENT ? ld_step : item) * J;
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t n = n0 + 16 * rt + 8 * h + g;
+        const bool row_ok = n < p.N;
+        const T* row = static_cast<const T*>(p.weight) + (row_ok ? n : 0) * K + 8 * q;
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+          w[j][rt][h] = row_ok && in_range(c0 + j) ? ld_weight_16<Cfg::L2_256B>(row + (c0 + j) * kChunk) : zero;
+      }
+    if (Cfg::PERSISTENT && ++ld_step == steps) {
+      ld_step = 0;
+      ld_tile += gridDim.x;
+    }
+  };
+
+  const T* x_row[MT];
+  bool x_ok[MT];
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    const int m = 8 * t + g;
+    x_ok[t] = m < p.M;
+    x_row[t] = static_cast<const T*>(p.x) + (x_ok[t] ? m : 0) * p.ldx + 8 * q;
+  }
+
+  float acc[RT][MT][4];
+  const auto clear = [&] {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int t = 0; t < MT; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[rt][t][i] = 0.f;
+  };
+  // One step: its x fragments (L1 / L2) requested together, then the mma of decode_linear_kernel.
+  const auto mma_step = [&](const uint4 (&w)[J][RT][2], int step) {
+    uint4 xv[J][MT];
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int c = c_begin + step * J + j;
+#pragma unroll
+      for (int t = 0; t < MT; ++t) xv[j][t] = in_range(c) && x_ok[t] ? ld_x_16(x_row[t] + c * kChunk) : zero;
+    }
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) {
+        const uint32_t a0[4] = {w[j][rt][0].x, w[j][rt][1].x, w[j][rt][0].y, w[j][rt][1].y};
+        const uint32_t a1[4] = {w[j][rt][0].z, w[j][rt][1].z, w[j][rt][0].w, w[j][rt][1].w};
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+          mma_m16n8k16<T>(acc[rt][t], a0, xv[j][t].x, xv[j][t].y);
+          mma_m16n8k16<T>(acc[rt][t], a1, xv[j][t].z, xv[j][t].w);
+        }
+      }
+  };
+
+  const T* bias = static_cast<const T*>(p.bias);
+  const T* residual = static_cast<const T*>(p.residual);
+  OutT* out = static_cast<OutT*>(p.out);
+  const auto finish_tile = [&](int tile, int buf) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int t = 0; t < MT; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s_partial[buf][warp][(rt * MT + t) * 4 + i][lane] = acc[rt][t][i];
+    __syncthreads();
+    const int64_t n0 = static_cast<int64_t>(tile) * Cfg::kRowsPerBlock;
+    for (int idx = threadIdx.x; idx < kVals * 32; idx += Cfg::kThreads) {
+      int64_t n;
+      int m;
+      epilogue_slot<Cfg>(idx, n0, n, m);
+      if (n >= p.N || m >= p.M) continue;
+      float y = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) y += s_partial[buf][w][idx / 32][idx % 32];
+      if (bias != nullptr) y += to_float(bias[n]);
+      if (p.relu2) {
+        const float r = y < 0.f ? 0.f : y;  // not fmaxf: relu must keep a NaN, as torch.relu does
+        y = r * r;
+      }
+      const int64_t o = static_cast<int64_t>(m) * p.N + n;
+      if (residual != nullptr) y += to_float(residual[o]);
+      store_out(out + o, y);
+    }
+  };
+
+  clear();
+  // The first S steps' weights go out before the wait: constants, their latency under the predecessor's
+  // tail.
+  uint4 wv[S][J][RT][2];
+#pragma unroll
+  for (int s = 0; s < S; ++s)
+    if (s < items) load_weights(wv[s], s);
+  pdl_wait();
+
+  int tile = blockIdx.x, step = 0, buf = 0;  // the tile and step being computed (persistent walk)
+  for (int base = 0; base < items; base += S) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int item = base + s;
+      if (item >= items) break;  // block-uniform when persistent (no barrier in the loop otherwise)
+      mma_step(wv[s], Cfg::PERSISTENT ? step : item);
+      if (item + S < items) load_weights(wv[s], item + S);  // in flight through the epilogue below
+      if constexpr (Cfg::PERSISTENT) {
+        if (++step < steps) continue;
+        finish_tile(tile, buf);
+        clear();
+        buf ^= 1;
+        tile += gridDim.x;
+        step = 0;
+      }
+    }
+  }
+  if constexpr (!Cfg::PERSISTENT) finish_tile(blockIdx.x, 0);  // the block's one tile
+}
+
 }  // namespace gemv
 }  // namespace persimmon_rt
