@@ -339,7 +339,7 @@ def parse_args(argv=None):
     p.add_argument("--output-range", default=None, help="min,max output tokens (default 32,512; quick 8,64)")
     p.add_argument("--stream-tokens", type=int, default=None, help="output length of the bare/streams runs "
                    "(default 512; quick 32; at most the longest output)")
-    p.add_argument("--prefill-budget", default="256", help="prompt tokens per step while rows decode, one run "
+    p.add_argument("--prefill-budget", default="192", help="prompt tokens per step while rows decode, one run "
                    "per value (0: no limit; default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--switch-interval", type=float, default=None, metavar="MS",

@@ -11,6 +11,8 @@ Each call of `Scheduler.step()` is one step boundary:
               (max_new_tokens) would be overrun leaves first, so no row ever writes past its cache row.
     process   the oldest queued result (a prefill's first tokens or a decode step) is read and turned into
               events; finished rows leave the decode state (from the next launch on) and are free again.
+              First tokens are followed by the decode step behind them when that step has rows that were
+              already running, so those rows get a token at every boundary that reads a result.
 
 Results are processed in launch order, each against the rows it was launched with: a row that finished,
 or was reused by a newer request, while later steps were already queued simply has those tokens dropped.
@@ -143,7 +145,16 @@ class Scheduler:
         self._admit()
         self._launch()
         if self.queued:
-            events += self._process(self.queued.popleft())
+            oldest = self.queued.popleft()
+            events += self._process(oldest)
+            # A prefill's first tokens are no decode step: where rows were already running, the step queued
+            # behind them is read in the same boundary, so those rows get a token every boundary rather than
+            # wait one out (with a prefill chunk launched in it, ~2x the step on the H200:
+            # benchmarks/RESULTS.md, run S).
+            behind = self.queued[0] if self.queued else None
+            if not oldest.decode and behind is not None and behind.decode and \
+                    any(r not in oldest.members for r in behind.members):
+                events += self._process(self.queued.popleft())
         return events
 
     def _drop_cancelled(self) -> list[TokenEvent]:

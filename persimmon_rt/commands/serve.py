@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences decoded together (rows of the KV cache)")
     parser.add_argument("--max-queue", type=int, default=256, metavar="N",
                         help="sequences that may wait for a row; beyond it requests get 429")
-    parser.add_argument("--prefill-budget", type=int, default=256, metavar="TOKENS",
+    parser.add_argument("--prefill-budget", type=int, default=192, metavar="TOKENS",
                         help="prompt tokens prefilled per step while other rows decode (0: no limit)")
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="the model name clients use (default: the model directory's name)")
