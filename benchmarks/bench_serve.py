@@ -16,7 +16,10 @@ default), random token ids, no stop tokens (every request generates exactly its 
                     output (a static batch): the requested tokens over the time.
     continuous      the workload through the scheduler thread, arrivals Poisson at each rate ("burst": all at
                     once): output tokens/s, time to first token and inter-token latency (p50, p99), and
-                    inter-token p99 over the intervals in which a prompt was being prefilled (see summarize).
+                    inter-token p99 over the intervals in which a prompt was being prefilled (see summarize);
+                    the running streams' share of it from the client's receipt times and, in the last
+                    column, from the times the scheduler thread handed the tokens over (a gap between the
+                    two is the event loop's, not the scheduler's).
 The continuous runs are repeated once per prefill budget (prompt tokens prefilled per step while rows decode).
 """
 
