@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
-import sys
 import weakref
-from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,7 +40,7 @@ from .sharding import FIRST_RANK, REPLICATE, SPLIT_COLUMNS, SPLIT_ROWS, check_tp
     shard_rule, take_shard
 
 NVLS_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-# Set by `persimmon-rt generate --tp N` in the processes it launches under torchrun.
+# Set by `persimmon-rt generate|serve --tp N` in the rank processes it starts (tp_launch.py).
 TP_CHILD_ENV = "PERSIMMON_RT_TP_CHILD"
 # How long a collective may wait for the other ranks before the group gives up (seconds): a rank that
 # failed must not leave the others blocked forever.
@@ -198,22 +195,5 @@ class TensorParallel:
         return int(t.item())
 
 
-# ----------------------------------------------------------------------------------------------- launching
-def in_launched_run() -> bool:
-    """True in a process started by `persimmon-rt ... --tp N` (or by torchrun with more than one process)."""
-    return os.environ.get(TP_CHILD_ENV) == "1" or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def launch(nproc: int, argv: Sequence[str]) -> int:
-    """Run `python -m persimmon_rt <argv>` in nproc processes under torchrun (standalone: a free local port)
-    with the child marker and NVLink multicast off; returns torchrun's exit status."""
-    env = {**os.environ, **NVLS_OFF_ENV, TP_CHILD_ENV: "1"}
-    env.setdefault("OMP_NUM_THREADS", "1")           # torchrun's own default, without its warning
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(int(nproc)),
-           "-m", "persimmon_rt", *argv]
-    return subprocess.run(cmd, env=env).returncode
-
-
-__all__ = ["TensorParallel", "shard_rule", "take_shard", "shard_range", "check_tp_config", "launch",
-           "in_launched_run", "NVLS_OFF_ENV", "TP_CHILD_ENV", "TIMEOUT_ENV", "REPLICATE", "SPLIT_ROWS",
-           "SPLIT_COLUMNS", "FIRST_RANK"]
+__all__ = ["TensorParallel", "shard_rule", "take_shard", "shard_range", "check_tp_config", "NVLS_OFF_ENV",
+           "TP_CHILD_ENV", "TIMEOUT_ENV", "REPLICATE", "SPLIT_ROWS", "SPLIT_COLUMNS", "FIRST_RANK"]

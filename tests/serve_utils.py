@@ -22,8 +22,8 @@ MODEL = "demo"
 MAX_SEQ_LEN = 256
 
 
-def demo_engine(max_batch_size: int = 8, max_seq_len: int = MAX_SEQ_LEN) -> Engine:
-    return Engine.from_pretrained(demo_model_path(), dtype=torch.float32, device="cpu",
+def demo_engine(max_batch_size: int = 8, max_seq_len: int = MAX_SEQ_LEN, device: str = "cpu") -> Engine:
+    return Engine.from_pretrained(demo_model_path(), dtype=torch.float32, device=device,
                                   max_batch_size=max_batch_size, max_seq_len=max_seq_len)
 
 
@@ -64,8 +64,8 @@ class InProcessServer:
 class ChildServer:
     """`python -m persimmon_rt serve --port 0 ...` in a child process; the port is read from its log."""
 
-    def __init__(self, *args: str):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    def __init__(self, *args: str, env: dict | None = None):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "persimmon_rt", "serve", "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.log: list[str] = []

@@ -143,7 +143,7 @@ def test_a_full_queue_answers_429_with_retry_after(server):
 
 
 @pytest.mark.parametrize("flag, words", [("--quantize=int4", "int4"),
-                                         ("--tp=2", "serve runs on one device")])
+                                         ("--tp=0", "--tp must be >= 1")])
 def test_serve_refuses_what_it_cannot_do_in_one_line(flag, words, capsys):
     assert cli.main(["serve", flag]) == 1
     err = capsys.readouterr().err.strip()

@@ -273,28 +273,35 @@ def test_init_from_env_switches_nvlink_multicast_off(tp2):
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
-def test_generate_tp_builds_the_torchrun_command(monkeypatch, capsys):
-    from persimmon_rt import cli
+def test_generate_tp_launches_one_rank_per_process(monkeypatch, capsys):
+    from persimmon_rt import cli, tp_launch
 
     calls = []
     monkeypatch.delenv(tpm.TP_CHILD_ENV, raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(tpm.subprocess, "run",
-                        lambda cmd, env: calls.append((cmd, env)) or SimpleNamespace(returncode=0))
+    monkeypatch.setattr(tp_launch, "launch", lambda nproc, argv: calls.append((nproc, argv)) or 0)
     code = cli.main(["generate", "--tp", "2", "--device", "cpu", "--temperature", "0.5", "--seed", "3",
                      "--stop=-x", "--json", "--max-new-tokens", "4", "--", "-prompt"])
     assert code == 0 and len(calls) == 1
-    cmd, env = calls[0]
-    assert cmd[:8] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                       "-m", "persimmon_rt"]
-    child = cmd[8:]
-    assert child[0] == "generate" and "--tp" not in " ".join(child) and child[-2:] == ["--", "-prompt"]
+    nproc, child = calls[0]
+    assert nproc == 2 and child[0] == "generate" and "--tp" not in " ".join(child) and child[-2:] == ["--", "-prompt"]
     assert {"--device=cpu", "--temperature=0.5", "--seed=3", "--stop=-x", "--json", "--max-new-tokens=4"} <= set(child)
     args = cli.build_parser().parse_args(child)           # the child parses back to the same request
     assert (args.prompt, args.stop, args.temperature, args.seed, args.tp) == ("-prompt", ["-x"], 0.5, 3, None)
-    assert env[tpm.TP_CHILD_ENV] == "1" and all(env[k] == v for k, v in tpm.NVLS_OFF_ENV.items())
     assert cli.main(["generate", "hi", "--tp", "3"]) == 1
     assert "num_attention_heads divisible by 3" in capsys.readouterr().err
+
+
+def test_rank_environment_and_exit_statuses(monkeypatch):
+    from persimmon_rt import tp_launch
+
+    env = tp_launch.rank_env(1, 2, 29511, base={"PATH": "/bin"})
+    assert env[tpm.TP_CHILD_ENV] == "1" and all(env[k] == v for k, v in tpm.NVLS_OFF_ENV.items())
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == \
+        ("1", "1", "2", "127.0.0.1", "29511")
+    monkeypatch.delenv(tpm.TP_CHILD_ENV, raising=False)
+    assert tp_launch.launch(2, ["--version"]) == 0
+    assert tp_launch.launch(2, ["nosuchcommand"]) == 2            # argparse's status, from the first to fail
 
 
 def test_generate_tp2_on_the_demo_model_prints_once_and_matches_tp1():
@@ -358,7 +365,7 @@ def test_tp2_on_two_gpus_captures_nccl_in_the_decode_graph(tmp_path):
 
 # --------------------------------------------------------------------------------------- exiting cleanly
 # Every path out of a tensor-parallel run ends by itself within a bound: a normal end (above and the GPU
-# test below), an error on one rank, Ctrl-C under torchrun. On the CPU (gloo) here; on two GPUs (NCCL,
+# test below), an error on one rank, Ctrl-C under torchrun or the command's launcher. On the CPU (gloo) here; on two GPUs (NCCL,
 # graphs) where they exist.
 EXIT_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.device_count() >= 2 and ops.HAVE_CUDA_EXT else [])
 
@@ -383,13 +390,22 @@ def test_an_error_on_one_rank_ends_the_run_and_names_the_rank(device):
     assert "persimmon-rt: error (rank 1 of 2): prompt" in err and "exceeds" in err
 
 
+def _launcher(args):
+    """`persimmon-rt <args> --tp 2`: the command's own launcher (tp_launch.py) in place of torchrun."""
+    env = {k: v for k, v in os.environ.items() if k not in (tpm.TP_CHILD_ENV, "WORLD_SIZE", "RANK")}
+    env.update(OMP_NUM_THREADS="1", PERSIMMON_RT_TP_TIMEOUT="60")
+    return subprocess.Popen([sys.executable, "-m", "persimmon_rt", *args, "--tp", "2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.parametrize("launcher", [_torchrun, _launcher], ids=["torchrun", "tp_launch"])
 @pytest.mark.parametrize("device", EXIT_DEVICES)
-def test_ctrl_c_under_torchrun_ends_every_rank(device):
+def test_ctrl_c_ends_every_rank(device, launcher):
     import signal
     import time
 
-    proc = _torchrun(["-m", "persimmon_rt", "generate", "--device", device, "--temperature", "0",
-                      "--max-new-tokens", "240", "--", "ROMEO:"])
+    generate = ["generate", "--device", device, "--temperature", "0", "--max-new-tokens", "240", "--", "ROMEO:"]
+    proc = launcher(["-m", "persimmon_rt", *generate] if launcher is _torchrun else generate[:-2] + ["ROMEO:"])
     try:
         first = proc.stdout.read(1)                     # rank 0 is streaming: the ranks are mid-decode
         if not first:
@@ -402,5 +418,5 @@ def test_ctrl_c_under_torchrun_ends_every_rank(device):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
-            pytest.fail("torchrun still running 90 s after Ctrl-C")
+            pytest.fail("the ranks were still running 90 s after Ctrl-C")
     assert proc.returncode != 0

@@ -100,11 +100,16 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 1, tp=None):
     return engine
 
 
-def model_and_sampling_argv(args: argparse.Namespace) -> list[str]:
-    """The options of add_model_arguments and add_sampling_arguments that reproduce `args` (for re-launching
-    a command in other processes). Values go as --opt=value so ones starting with '-' survive."""
-    argv = [f"--{name.replace('_', '-')}={getattr(args, name)}"
+def model_argv(args: argparse.Namespace) -> list[str]:
+    """The options of add_model_arguments that reproduce `args` (for re-launching a command in other
+    processes). Values go as --opt=value so ones starting with '-' survive."""
+    return [f"--{name.replace('_', '-')}={getattr(args, name)}"
             for name in ("model", "device", "dtype", "max_seq_len", "quantize") if getattr(args, name, None) is not None]
+
+
+def model_and_sampling_argv(args: argparse.Namespace) -> list[str]:
+    """model_argv, and the options of add_sampling_arguments that reproduce `args`."""
+    argv = model_argv(args)
     argv += [f"--max-new-tokens={args.max_new_tokens}", f"--temperature={args.temperature!r}",
              f"--top-k={args.top_k}", f"--top-p={args.top_p!r}"]
     if args.seed is not None:

@@ -23,33 +23,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=None, metavar="PATH",
                         help="an image for the prompt (multimodal models: Fuyu); needs the fuyu extra")
     parser.add_argument("--tp", type=int, default=None, metavar="N",
-                        help="tensor parallelism over N GPUs (N processes under torchrun; rank 0 prints)")
+                        help="tensor parallelism over N GPUs (one process per GPU; rank 0 prints)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import tensor_parallel
+    from .. import tensor_parallel, tp_launch
 
     prompt = read_prompt(args.prompt)
     if not prompt:
         raise ValueError("empty prompt: pass it as an argument or on standard input")
     if args.tp is not None and args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
-    if not tensor_parallel.in_launched_run():
+    if not tp_launch.in_launched_run():
         if args.tp is not None and args.tp > 1 and args.image is not None:
             raise ValueError("--image does not support --tp yet")
         if args.tp is not None and args.tp > 1:      # re-run this command in N processes, prompt as argument
             tensor_parallel.check_tp_config(PersimmonConfig.from_pretrained(model_dir(args)), args.tp)
             flags = ["--json"] * args.json + ["--debug"] * bool(getattr(args, "debug", False))
-            return tensor_parallel.launch(args.tp, ["generate", *model_and_sampling_argv(args), *flags, "--", prompt])
+            return tp_launch.launch(args.tp, ["generate", *model_and_sampling_argv(args), *flags, "--", prompt])
         return _generate(args, prompt, load_engine(args), sys.stdout)
     tp = tensor_parallel.TensorParallel.init_from_env("cpu" if args.device == "cpu" else None)
     if args.tp is not None and args.tp != tp.world_size:
-        raise ValueError(f"--tp {args.tp} but torchrun started {tp.world_size} processes")
+        raise ValueError(f"--tp {args.tp} but the run has {tp.world_size} processes")
     engine = load_engine(args, tp=tp)
     with contextlib.nullcontext(sys.stdout) if tp.rank == 0 else open(os.devnull, "w") as out:
         code = _generate(args, prompt, engine, out)           # every rank generates; rank 0 prints
     # Only after success: shutdown's barrier would wait forever for a rank that failed. On an error the
-    # process exits with the group still up and torchrun stops the other ranks.
+    # process exits with the group still up and the launcher (or torchrun) stops the other ranks.
     tp.shutdown()
     return code
 

@@ -1,13 +1,19 @@
 """`persimmon-rt serve`: an OpenAI-compatible HTTP server with continuous batching (persimmon_rt.serving).
 
 Needs the `serve` extra (`pip install -e ".[serve]"`); the demo model by default, so it runs on any machine.
+With `--tp N` the command starts N ranks (tp_launch.py): rank 0 serves HTTP, the others follow its
+scheduler (serving/replicated.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 
-from ._common import add_model_arguments, load_engine, model_dir
+import torch
+
+from ._common import add_model_arguments, load_engine, model_argv, model_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,13 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, how long requests in flight may go on before they are cancelled")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level")
-    parser.add_argument("--tp", type=int, default=None, metavar="N", help="tensor parallelism (serve: 1 only)")
+    parser.add_argument("--tp", type=int, default=None, metavar="N",
+                        help="tensor parallelism over N GPUs (one process per GPU; rank 0 serves HTTP)")
+
+
+# The options of add_arguments after the model's, passed on to the ranks of a --tp run.
+_SERVE_OPTIONS = ("host", "port", "max_batch_size", "max_queue", "prefill_budget", "served_model_name",
+                  "shutdown_timeout", "log_level")
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.tp is not None and args.tp != 1:
-        raise ValueError(f"--tp {args.tp}: serve runs on one device for now (tensor-parallel serving would need "
-                         "one process per GPU under torchrun)")
+    if args.tp is not None and args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
     if args.max_batch_size < 1 or args.max_queue < 1 or args.prefill_budget < 0:
         raise ValueError("--max-batch-size and --max-queue must be >= 1, --prefill-budget >= 0")
     try:
@@ -44,10 +55,58 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    from .. import tp_launch
+
+    if tp_launch.in_launched_run():
+        return _run_rank(args)
+    if args.tp is not None and args.tp > 1:
+        from ..config import PersimmonConfig
+        from ..tensor_parallel import check_tp_config
+
+        check_tp_config(PersimmonConfig.from_pretrained(model_dir(args)), args.tp)
+        options = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in _SERVE_OPTIONS
+                   if getattr(args, name) is not None]
+        return tp_launch.launch(args.tp, ["serve", *model_argv(args), *options])
+    return _serve(args, load_engine(args, max_batch_size=args.max_batch_size))
+
+
+def _serve(args: argparse.Namespace, engine, channel=None) -> int:
+    """Serve HTTP until SIGTERM; 1 if the engine failed on the way."""
     from ..serving import create_app, default_model_name, make_server
 
-    engine = load_engine(args, max_batch_size=args.max_batch_size)
     app = create_app(engine, args.served_model_name or default_model_name(model_dir(args)), args.max_queue,
-                     prefill_budget=args.prefill_budget or None, drain_timeout=args.shutdown_timeout)
-    make_server(app, args.host, args.port, args.log_level).run()
-    return 0
+                     prefill_budget=args.prefill_budget or None, drain_timeout=args.shutdown_timeout,
+                     channel=channel)
+    server = make_server(app, args.host, args.port, args.log_level)
+    worker = app.state.serve.worker
+    if channel is not None:             # a failed step ends a tensor-parallel server (serving/worker.py)
+        worker.on_fatal = lambda: setattr(server, "should_exit", True)
+    server.run()
+    return 1 if worker.error is not None else 0
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    """One rank of a tensor-parallel server."""
+    from ..serving.replicated import Channel, follow
+    from ..tensor_parallel import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, TensorParallel
+
+    tp = TensorParallel.init_from_env("cpu" if args.device == "cpu" else None)
+    if args.tp is not None and args.tp != tp.world_size:
+        raise ValueError(f"--tp {args.tp} but the run has {tp.world_size} processes")
+    if tp.rank != 0:
+        # A stop signal is rank 0's to handle (it drains); this rank ends when rank 0 says so.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    engine = load_engine(args, max_batch_size=args.max_batch_size, tp=tp)
+    channel = Channel(tp, float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+    if tp.rank == 0:
+        code = _serve(args, engine, channel)
+    else:
+        with engine.lock:
+            scheduler = engine.scheduler(None, args.prefill_budget or None)
+            torch.manual_seed(channel.seed)           # after capture, as on rank 0 (serving/worker.py)
+            follow(scheduler, channel)
+        code = 0
+    if code == 0:       # a failed rank leaves the group up: the launcher stops the others
+        tp.shutdown()
+    return code

@@ -5,7 +5,8 @@
 
 app.py holds the routes, protocol.py checks request bodies, prompts.py turns them into the engine's requests
 (images included), openai_format.py writes responses, worker.py is the scheduler thread that owns the
-engine, metrics.py the Prometheus metrics, server.py runs uvicorn.
+engine, metrics.py the Prometheus metrics, server.py runs uvicorn, replicated.py keeps the other ranks'
+schedulers in step under tensor parallelism.
 Only app.py and server.py need the HTTP stack, so worker.py can be used (benchmarks/bench_serve.py) where
 it is not installed.
 """

@@ -31,11 +31,11 @@ class ServeState:
     """What the routes share: the engine (read-only here), its worker, the metrics."""
 
     def __init__(self, engine, model_name: str, max_queue: int, rows: int | None, prefill_budget: int | None,
-                 drain_timeout: float):
+                 drain_timeout: float, channel=None):
         self.engine, self.model_name, self.max_queue = engine, model_name, max_queue
         self.drain_timeout = drain_timeout
         self.metrics = Metrics(rows or engine.max_batch_size)
-        self.worker = Worker(engine, self.metrics, max_queue, rows, prefill_budget)
+        self.worker = Worker(engine, self.metrics, max_queue, rows, prefill_budget, channel)
         self.created = int(time.time())
 
     def drain(self) -> None:
@@ -44,14 +44,15 @@ class ServeState:
 
 
 def create_app(engine, model_name: str | None = None, max_queue: int = 256, rows: int | None = None,
-               prefill_budget: int | None = None, drain_timeout: float = 30.0) -> Starlette:
+               prefill_budget: int | None = None, drain_timeout: float = 30.0, channel=None) -> Starlette:
     """The server's ASGI app. `engine` needs a tokenizer; its worker thread starts with the app (lifespan)
-    and owns the engine until the app shuts down."""
+    and owns the engine until the app shuts down. Under tensor parallelism, on rank 0: `channel`
+    (replicated.Channel) to the other ranks, which run `replicated.follow`."""
     if engine.tokenizer is None:
         raise ValueError("serving needs a tokenizer (tokenizer.model in the model directory)")
     if max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-    state = ServeState(engine, model_name or "persimmon", max_queue, rows, prefill_budget, drain_timeout)
+    state = ServeState(engine, model_name or "persimmon", max_queue, rows, prefill_budget, drain_timeout, channel)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -6,6 +6,12 @@ holds `engine.lock` for its whole life, loops `Scheduler.step()` while anything 
 sleeps on a condition otherwise. Cancellations (a client gone) are applied at the next step boundary.
 A step that raises fails the sequences holding rows (the requests answer 500), the scheduler is rebuilt,
 and the ones still waiting for a row go on in the new one.
+
+Under tensor parallelism (`channel`, replicated.py) the scheduler is a `Leader` that replays each boundary on
+the other ranks, which idle boundaries keep alive with a heartbeat. There a step that raises ends the
+server: the ranks may have stopped in different collectives, so no rank can go on; every request fails,
+`on_fatal` is called (the command stops the server and exits non-zero) and the process supervisor restarts
+it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..scheduler import Request, Scheduler, TokenEvent
+from .replicated import Leader
 
 log = logging.getLogger("persimmon_rt.serve")
 
@@ -83,9 +90,10 @@ class _Tag:
 
 class Worker:
     def __init__(self, engine, metrics, max_queue: int = 256, rows: int | None = None,
-                 prefill_budget: int | None = None):
+                 prefill_budget: int | None = None, channel=None, on_fatal=None):
         self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
         self.rows, self.prefill_budget = rows, prefill_budget
+        self.channel, self.on_fatal = channel, on_fatal      # tensor parallelism: see the module's docstring
         self._cond = threading.Condition()
         self._inbox: list[Request] = []
         self._cancels: list[Request] = []
@@ -151,6 +159,9 @@ class Worker:
         with self.engine.lock:
             try:
                 scheduler = self.engine.scheduler(self.rows, self.prefill_budget)
+                if self.channel is not None:
+                    torch.manual_seed(self.channel.seed)      # after capture, as on the other ranks
+                    scheduler = Leader(scheduler, self.channel)
             except Exception as exc:
                 self.error = exc
                 return
@@ -161,11 +172,15 @@ class Worker:
                 while scheduler is not None:
                     current = scheduler
                     scheduler = self._boundary(current)
+                if self.channel is not None and self.error is None:
+                    current.stop()
             except Exception as exc:     # a fault outside the step itself: nothing can be served any more
                 log.error("the scheduler thread failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
                 self.error = exc
                 self._fail(current, self._all(current) + self._take_inbox(),
                            StepFailed(f"the scheduler thread failed: {exc}"), "error")
+            if self.error is not None and self.on_fatal is not None:
+                self.on_fatal()
 
     def _boundary(self, scheduler: Scheduler) -> Scheduler | None:
         """Take what the event loop sent, run one step, publish its events; the scheduler to go on with."""
@@ -176,6 +191,8 @@ class Worker:
         try:
             events = scheduler.step()
         except Exception as exc:
+            if self.channel is not None:
+                raise
             return self._recover(scheduler, exc)
         with self._cond:                 # before the events go out: a reader acting on them sees these
             self._waiting = len(scheduler.waiting)
@@ -188,7 +205,8 @@ class Worker:
         """Wait for work; move new sequences and cancellations into the scheduler. False: stop now."""
         with self._cond:
             while not (self._inbox or self._cancels or self._stop or scheduler.busy()):
-                self._cond.wait()
+                if not self._cond.wait(self.channel.heartbeat if self.channel is not None else None):
+                    scheduler.heartbeat()         # idle under tensor parallelism: the other ranks wait on it
             if self._stop:
                 return False
             inbox, self._inbox = self._inbox, []
