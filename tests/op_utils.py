@@ -1,5 +1,5 @@
 """Helpers shared by the op tests: a CUDA skip marker that never touches a GPU at collection, the
-derived tolerance check, and a CUDA-graph capture helper.
+derived tolerance check, a CUDA-graph capture helper, and the QK-LayerNorm parameters.
 """
 
 from __future__ import annotations
@@ -56,3 +56,14 @@ def capture_graph(fn) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         fn()
     return graph
+
+
+def qk_layernorm_params(D: int, dtype, device, layernorm: bool = True, with_bias: bool = True):
+    """Random QK-LayerNorm (q_weight, k_weight, q_bias, k_bias) over head_dim D, weights around 1; None
+    where the case has no LayerNorm (or no bias)."""
+    affine = lambda scale, shift: (torch.randn(D, device=device) * scale + shift).to(dtype)  # noqa: E731
+    q_weight = affine(0.2, 1.0) if layernorm else None
+    k_weight = affine(0.2, 1.0) if layernorm else None
+    q_bias = affine(0.1, 0.0) if layernorm and with_bias else None
+    k_bias = affine(0.1, 0.0) if layernorm and with_bias else None
+    return q_weight, k_weight, q_bias, k_bias

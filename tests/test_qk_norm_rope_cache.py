@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from persimmon_rt import ops, reference
 
-from op_utils import check_against_fp32, capture_graph, requires_cuda
+from op_utils import capture_graph, check_against_fp32, qk_layernorm_params, requires_cuda
 
 EPS = 1e-5          # Persimmon's layer_norm_eps
 THETA = 25000.0     # Persimmon's rope_theta
@@ -34,11 +34,8 @@ class Case:
         self.qkv = proj[:, :width].view(T, H, 3, D)
         self.positions = torch.randint(0, max_position, (T,), device=device, dtype=index_dtype)
         self.inv_freq = reference.rope_inv_freq(R, THETA, device=device)
-        affine = lambda scale, shift: (torch.randn(D, device=device) * scale + shift).to(dtype)  # noqa: E731
-        self.q_weight = affine(0.2, 1.0) if layernorm else None
-        self.k_weight = affine(0.2, 1.0) if layernorm else None
-        self.q_bias = affine(0.1, 0.0) if layernorm and with_bias else None
-        self.k_bias = affine(0.1, 0.0) if layernorm and with_bias else None
+        self.q_weight, self.k_weight, self.q_bias, self.k_bias = qk_layernorm_params(D, dtype, device, layernorm,
+                                                                                     with_bias)
         self.S = math.ceil(T / BATCH) + 5
         self.slots = torch.randperm(BATCH * self.S, device=device)[:T].to(index_dtype)
         self.shape = (T, H, D)

@@ -19,7 +19,7 @@ from persimmon_rt import ops, reference
 from persimmon_rt.engine import Engine
 
 from model_utils import random_model, tiny_config
-from op_utils import capture_graph, check_against_fp32, requires_cuda
+from op_utils import capture_graph, check_against_fp32, qk_layernorm_params, requires_cuda
 
 EPS = 1e-5
 THETA = 25000.0
@@ -37,11 +37,8 @@ class Case:
         pos = [L - 1 if L else 0 for L in lens] if positions is None else positions
         self.positions = torch.tensor(pos, dtype=index_dtype, device=device)
         self.inv_freq = reference.rope_inv_freq(R, THETA, device=device)
-        affine = lambda scale, shift: (torch.randn(D, device=device) * scale + shift).to(dtype)  # noqa: E731
-        self.q_weight = affine(0.2, 1.0) if layernorm else None
-        self.k_weight = affine(0.2, 1.0) if layernorm else None
-        self.q_bias = affine(0.1, 0.0) if layernorm and with_bias else None
-        self.k_bias = affine(0.1, 0.0) if layernorm and with_bias else None
+        self.q_weight, self.k_weight, self.q_bias, self.k_bias = qk_layernorm_params(D, dtype, device, layernorm,
+                                                                                     with_bias)
         self.slots = torch.tensor([b * S + (L - 1 if L else S - 1) for b, L in enumerate(lens)], dtype=index_dtype,
                                   device=device)
         self.seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
