@@ -232,6 +232,73 @@ __device__ __forceinline__ void gemv_epilogue(float (&s_partial)[Cfg::WARPS][Cfg
   }
 }
 
+// The fp16 GEMV's epilogue (the same sum and epilogue as gemv_epilogue, which the int8 GEMV uses, as a
+// plain strided loop: through gemv_epilogue the fp16 decode step measured 0.19 ms slower at one row and
+// 0.22 ms at eight on the H200, benchmarks/RESULTS.md run K). Stores this warp's accumulators into
+// s_partial, waits for the block, then finishes each output of the tile at n0. Every thread of the block
+// must call it (one barrier); s_partial must not be rewritten before the block's next barrier.
+template <typename T, typename OutT, typename Cfg>
+__device__ __forceinline__ void strided_epilogue(float (&s_partial)[Cfg::WARPS][Cfg::RT * Cfg::MT * 4][32],
+                                                 const float (&acc)[Cfg::RT][Cfg::MT][4], int64_t n0,
+                                                 const DecodeLinearParams& p) {
+  constexpr int kVals = Cfg::RT * Cfg::MT * 4;
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int rt = 0; rt < Cfg::RT; ++rt)
+#pragma unroll
+    for (int t = 0; t < Cfg::MT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s_partial[warp][(rt * Cfg::MT + t) * 4 + i][lane] = acc[rt][t][i];
+  __syncthreads();
+
+  const T* bias = static_cast<const T*>(p.bias);
+  const T* residual = static_cast<const T*>(p.residual);
+  OutT* out = static_cast<OutT*>(p.out);
+  for (int idx = threadIdx.x; idx < kVals * 32; idx += Cfg::kThreads) {
+    int64_t n;
+    int m;
+    epilogue_slot<Cfg>(idx, n0, n, m);
+    if (n >= p.N || m >= p.M) continue;
+    float y = 0.f;
+#pragma unroll
+    for (int w = 0; w < Cfg::WARPS; ++w) y += s_partial[w][idx / 32][idx % 32];
+    if (bias != nullptr) y += to_float(bias[n]);
+    if (p.relu2) {
+      const float r = y < 0.f ? 0.f : y;  // not fmaxf: relu must keep a NaN, as torch.relu does
+      y = r * r;
+    }
+    const int64_t o = static_cast<int64_t>(m) * p.N + n;
+    if (residual != nullptr) y += to_float(residual[o]);
+    store_out(out + o, y);
+  }
+}
+
+// A warp's contiguous share of a K range of `chunks` chunks, walked in loop steps of J chunks (chunks past
+// it predicated off), and, in a persistent grid, the block's tiles: the bookkeeping of the pipelined loops
+// (decode_linear_pipelined_kernel, decode_linear_int8_kernel). In a persistent block every warp walks the
+// same number of steps, since each tile ends in a barrier; a block of one tile has no barrier before its
+// epilogue, so each warp walks its own steps there (none for a warp past the end of K).
+struct WarpShare {
+  int my_tiles;  // tiles this block finishes (1 unless persistent)
+  int c_begin, c_end;
+  int steps;     // loop steps per tile
+  int items;     // (tile, step) pairs this warp walks
+};
+
+template <typename Cfg>
+__device__ __forceinline__ WarpShare warp_share(int tiles, int chunks) {
+  WarpShare s;
+  const int warp = threadIdx.x / 32;
+  s.my_tiles = Cfg::PERSISTENT ? (tiles - 1 - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x) + 1 : 1;
+  const int per_warp = (chunks + Cfg::WARPS - 1) / Cfg::WARPS;
+  s.c_begin = warp * per_warp;
+  s.c_end = min(chunks, s.c_begin + per_warp);
+  s.steps = (per_warp + Cfg::J - 1) / Cfg::J;
+  s.items = Cfg::PERSISTENT ? s.my_tiles * s.steps : (s.c_end - s.c_begin + Cfg::J - 1) / Cfg::J;
+  return s;
+}
+
 // Grid: ceil(N / (16 * RT)) blocks of Cfg::kThreads threads. LN: the LayerNorm prologue.
 template <typename T, typename OutT, typename Cfg, bool LN = false>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_kernel(const DecodeLinearParams p) {
@@ -356,37 +423,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
     if (c + J < c_end) load_weights(c + J);
   }
 
-  // The same sum and epilogue as gemv_epilogue (which the int8 GEMV uses), as a plain strided loop: through
-  // gemv_epilogue the fp16 decode step measured 0.19 ms slower at one row and 0.22 ms at eight on the H200
-  // (benchmarks/RESULTS.md, run K).
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int t = 0; t < MT; ++t)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s_partial[warp][(rt * MT + t) * 4 + i][lane] = acc[rt][t][i];
-  __syncthreads();
-
-  const T* bias = static_cast<const T*>(p.bias);
-  const T* residual = static_cast<const T*>(p.residual);
-  OutT* out = static_cast<OutT*>(p.out);
-  for (int idx = threadIdx.x; idx < kVals * 32; idx += Cfg::kThreads) {
-    int64_t n;
-    int m;
-    epilogue_slot<Cfg>(idx, n0, n, m);
-    if (n >= p.N || m >= p.M) continue;
-    float y = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) y += s_partial[w][idx / 32][idx % 32];
-    if (bias != nullptr) y += to_float(bias[n]);
-    if (p.relu2) {
-      const float r = y < 0.f ? 0.f : y;  // not fmaxf: relu must keep a NaN, as torch.relu does
-      y = r * r;
-    }
-    const int64_t o = static_cast<int64_t>(m) * p.N + n;
-    if (residual != nullptr) y += to_float(residual[o]);
-    store_out(out + o, y);
-  }
+  strided_epilogue<T, OutT, Cfg>(s_partial, acc, n0, p);
 }
 
 
@@ -418,22 +455,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
   pdl_launch_dependents();
 
   const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
   const int g = lane / 4;
   const int q = lane % 4;
   const int K = p.K;
-  const int tiles = static_cast<int>(ceil_div(p.N, Cfg::kRowsPerBlock));
-  const int my_tiles =
-      Cfg::PERSISTENT ? (tiles - 1 - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x) + 1 : 1;
-
-  // This warp's contiguous share of the chunks, walked in steps of J (chunks past it predicated off). In
-  // a persistent block every warp walks the same number of steps, since each tile ends in a barrier.
-  const int chunks = (K + kChunk - 1) / kChunk;
-  const int per_warp = (chunks + WARPS - 1) / WARPS;
-  const int c_begin = warp * per_warp;
-  const int c_end = min(chunks, c_begin + per_warp);
-  const int steps = (per_warp + J - 1) / J;
-  const int items = Cfg::PERSISTENT ? my_tiles * steps : max(0, (c_end - c_begin + J - 1) / J);
+  const WarpShare share = warp_share<Cfg>(static_cast<int>(ceil_div(p.N, Cfg::kRowsPerBlock)),
+                                          (K + kChunk - 1) / kChunk);
+  const int c_begin = share.c_begin, c_end = share.c_end, steps = share.steps, items = share.items;
   const auto in_range = [&](int c) { return c < c_end && c * kChunk + 8 * q < K; };
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 
@@ -500,35 +527,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
       }
   };
 
-  const T* bias = static_cast<const T*>(p.bias);
-  const T* residual = static_cast<const T*>(p.residual);
-  OutT* out = static_cast<OutT*>(p.out);
   const auto finish_tile = [&](int tile, int buf) {
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int t = 0; t < MT; ++t)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) s_partial[buf][warp][(rt * MT + t) * 4 + i][lane] = acc[rt][t][i];
-    __syncthreads();
-    const int64_t n0 = static_cast<int64_t>(tile) * Cfg::kRowsPerBlock;
-    for (int idx = threadIdx.x; idx < kVals * 32; idx += Cfg::kThreads) {
-      int64_t n;
-      int m;
-      epilogue_slot<Cfg>(idx, n0, n, m);
-      if (n >= p.N || m >= p.M) continue;
-      float y = 0.f;
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) y += s_partial[buf][w][idx / 32][idx % 32];
-      if (bias != nullptr) y += to_float(bias[n]);
-      if (p.relu2) {
-        const float r = y < 0.f ? 0.f : y;  // not fmaxf: relu must keep a NaN, as torch.relu does
-        y = r * r;
-      }
-      const int64_t o = static_cast<int64_t>(m) * p.N + n;
-      if (residual != nullptr) y += to_float(residual[o]);
-      store_out(out + o, y);
-    }
+    strided_epilogue<T, OutT, Cfg>(s_partial[buf], acc, static_cast<int64_t>(tile) * Cfg::kRowsPerBlock, p);
   };
 
   clear();

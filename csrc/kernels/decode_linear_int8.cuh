@@ -125,25 +125,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
   pdl_launch_dependents();
 
   const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
   const int g = lane / 4;
   const int q = lane % 4;
   const int K = p.K;
   const int tiles = static_cast<int>(ceil_div(p.N, Cfg::kRowsPerBlock));
-  // A non-persistent grid has a block per tile (a compile-time 1, so none of the tile walk is kept).
-  const int my_tiles =
-      Cfg::PERSISTENT ? (tiles - 1 - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x) + 1 : 1;
-
-  // This warp's contiguous share of the chunks; chunks past it are predicated off. In a persistent block
-  // every warp walks the same number of steps (each tile ends in a barrier).
-  const int chunks = (K + kChunk8 - 1) / kChunk8;
-  const int per_warp = (chunks + WARPS - 1) / WARPS;
-  const int c_begin = warp * per_warp;
-  const int c_end = min(chunks, c_begin + per_warp);
-  const int steps = (per_warp + J - 1) / J;
-  // (tile, step) pairs, tile by tile. A block of one tile has no barrier before its epilogue, so each warp
-  // walks its own steps there (none for a warp past the end of K).
-  const int items = Cfg::PERSISTENT ? my_tiles * steps : (c_end - c_begin + J - 1) / J;
+  // This warp's share of the chunks and the block's (tile, step) pairs (a non-persistent grid has a block
+  // per tile: a compile-time 1 tile, so none of the tile walk is kept).
+  const WarpShare share = warp_share<Cfg>(tiles, (K + kChunk8 - 1) / kChunk8);
+  const int c_begin = share.c_begin, c_end = share.c_end, steps = share.steps, items = share.items;
   const auto in_range = [&](int c) { return c < c_end && c * kChunk8 + 16 * q < K; };
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 
