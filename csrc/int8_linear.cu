@@ -190,21 +190,12 @@ void launch_dequantize_int8(const int8_t* weight, const float* scale, void* out,
   PRT_REQUIRE(aligned16(weight) && aligned16(out), "weight and out must be 16-byte aligned");
   const int64_t groups = N * (K / kInt8KMultiple);
   constexpr int kThreads = 256;
-  // Enough blocks to fill the GPU twice over; the grid-stride loop covers the rest.
-  const int64_t wanted = ceil_div(groups, static_cast<int64_t>(kThreads) * kDequantUnroll);
-  const int64_t blocks = wanted < 132 * 16 ? wanted : 132 * 16;
-  // 32-bit indices unless the last step's index (base + 3 strides) could pass 2^32.
-  const bool narrow = groups + kDequantUnroll * blocks * kThreads < (int64_t{1} << 32);
+  // Enough blocks to fill the GPU several times over; the grid-stride loop covers the rest.
+  const int64_t blocks = ceil_div(groups, kThreads) < 132 * 16 ? ceil_div(groups, kThreads) : 132 * 16;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (narrow)
-      launch_kernel(dequantize_int8_kernel<T, uint32_t>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0,
-                    stream, /*pdl=*/true, weight, scale, static_cast<T*>(out), static_cast<uint32_t>(groups),
-                    static_cast<uint32_t>(K / kInt8KMultiple));
-    else
-      launch_kernel(dequantize_int8_kernel<T, int64_t>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0,
-                    stream, /*pdl=*/true, weight, scale, static_cast<T*>(out), groups,
-                    static_cast<int64_t>(K / kInt8KMultiple));
+    launch_kernel(dequantize_int8_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
+                  /*pdl=*/true, weight, scale, static_cast<T*>(out), groups, K / kInt8KMultiple);
   });
 }
 

@@ -22,8 +22,9 @@ MODEL = "demo"
 MAX_SEQ_LEN = 256
 
 
-def demo_engine(max_batch_size: int = 8, max_seq_len: int = MAX_SEQ_LEN, device: str = "cpu") -> Engine:
-    return Engine.from_pretrained(demo_model_path(), dtype=torch.float32, device=device,
+def demo_engine(max_batch_size: int = 8, max_seq_len: int = MAX_SEQ_LEN, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> Engine:
+    return Engine.from_pretrained(demo_model_path(), dtype=dtype, device=device,
                                   max_batch_size=max_batch_size, max_seq_len=max_seq_len)
 
 

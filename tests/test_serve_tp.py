@@ -109,9 +109,18 @@ def test_a_failed_step_under_tensor_parallelism_ends_the_server(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ two processes
-# On two GPUs: NCCL, the fused all-reduce and captured graphs, in fp32 so that one GPU's greedy tokens are
-# the reference (the ranks sum in another order: only a near tie could flip).
+# On two GPUs: NCCL, the fused all-reduce and captured graphs, in fp16 (the kernels' precision): there the
+# ranks sum in another order than one GPU, so a near tie may flip a late token.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.device_count() >= 2 and ops.HAVE_CUDA_EXT else [])
+DTYPE = {"cpu": "float32", "cuda": "float16"}
+
+
+def _same_text(device: str, texts: list[str], expected: list[str]) -> bool:
+    """Exact on the CPU; on GPUs all but one equal and every one agreeing on its first 16 characters."""
+    if device == "cpu":
+        return texts == expected
+    return sum(a == b for a, b in zip(texts, expected)) >= len(texts) - 1 and \
+        all(a[:16] == b[:16] for a, b in zip(texts, expected))
 
 
 def _serve_tp2(device: str):
@@ -120,7 +129,7 @@ def _serve_tp2(device: str):
     from serve_utils import ChildServer
 
     # A 4 s group timeout: rank 0's idle heartbeat (1 s) must keep the other rank's wait from reaching it.
-    return ChildServer("--tp", "2", "--device", device, "--dtype", "float32", "--max-batch-size", "4",
+    return ChildServer("--tp", "2", "--device", device, "--dtype", DTYPE[device], "--max-batch-size", "4",
                        "--max-seq-len", "256", "--prefill-budget", "16", "--served-model-name", MODEL,
                        "--shutdown-timeout", "5", env={"PERSIMMON_RT_TP_TIMEOUT": "4"})
 
@@ -128,7 +137,7 @@ def _serve_tp2(device: str):
 @pytest.mark.parametrize("device", DEVICES)
 def test_serve_tp2_answers_as_one_engine_through_idling_leaving_and_sigterm(device):
     httpx = pytest.importorskip("httpx")
-    reference = demo_engine(max_batch_size=1, device=device)
+    reference = demo_engine(max_batch_size=1, device=device, dtype=getattr(torch, DTYPE[device]))
     with _serve_tp2(device) as server:
         def complete(prompt, max_tokens, **extra):
             body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
@@ -156,15 +165,16 @@ def test_serve_tp2_answers_as_one_engine_through_idling_leaving_and_sigterm(devi
                 return await asyncio.gather(*(one(i) for i in range(len(PROMPTS))), sampled(), leave())
 
         *texts, sampled, _ = asyncio.run(concurrent())
-        for i, text in enumerate(texts):
-            assert text == reference.generate([PROMPTS[i]], max_new_tokens=10 + 7 * i, temperature=0).texts[0]
+        expected = [reference.generate([p], max_new_tokens=10 + 7 * i, temperature=0).texts[0]
+                    for i, p in enumerate(PROMPTS)]
+        assert _same_text(device, texts, expected), (texts, expected)
         assert [c["finish_reason"] for c in sampled["choices"]] == ["length", "length"]
         assert sampled["usage"]["completion_tokens"] == 48
 
         time.sleep(6)                     # idle past the group's 4 s timeout
         out = complete(PROMPTS[0], 12)
-        assert out["choices"][0]["text"] == reference.generate([PROMPTS[0]], max_new_tokens=12,
-                                                               temperature=0).texts[0]
+        assert _same_text(device, [out["choices"][0]["text"]],
+                          reference.generate([PROMPTS[0]], max_new_tokens=12, temperature=0).texts)
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200
 
         server.proc.send_signal(signal.SIGTERM)

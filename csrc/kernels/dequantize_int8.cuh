@@ -1,10 +1,7 @@
 // Dequantization of an int8 weight with per-row fp32 scales: out[n, k] = round_T(w[n, k] * scale[n]),
 // the product in fp32, rounded once. Prefill runs each projection's dequantized copy through cuBLAS, so
-// this is a pure stream (1 byte read, 2 written per weight). Each thread takes kDequantUnroll groups of 16
-// weights a step, grid-stride, and issues all their 16-byte loads before its first store: with one load in
-// flight per thread the stream was latency-bound (2.65 TB/s on the H200, copy 4.2). Index is 32-bit where
-// the groups fit (the division by the groups of a row is the costliest instruction of the loop).
-// Semantics: persimmon_rt/reference.py::dequantize_int8.
+// this is a pure stream (1 byte read, 2 written per weight): one 16-byte load and two 16-byte stores a
+// thread per step, grid-stride. Semantics: persimmon_rt/reference.py::dequantize_int8.
 #pragma once
 
 #include <cstdint>
@@ -14,44 +11,26 @@
 
 namespace persimmon_rt {
 
-constexpr int kDequantUnroll = 4;
-
 // Grid-stride over the N * K / 16 groups of 16 weights (K % 16 == 0: a group never spans two rows).
-template <typename T, typename Index>
+template <typename T>
 __global__ void __launch_bounds__(256) dequantize_int8_kernel(const int8_t* __restrict__ w,
                                                               const float* __restrict__ scale, T* __restrict__ out,
-                                                              Index groups, Index groups_per_row) {
+                                                              int64_t groups, int groups_per_row) {
   pdl_launch_dependents();
   pdl_wait();  // out may be a buffer the previous kernel still reads
-  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
-  for (Index base = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; base < groups;
-       base += kDequantUnroll * stride) {
-    uint4 raw[kDequantUnroll];
-    float s[kDequantUnroll];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < groups; i += stride) {
+    const uint4 raw = ld_stream_16(w + i * 16);
+    const float s = __ldg(scale + i / groups_per_row);
+    const int8_t* b = reinterpret_cast<const int8_t*>(&raw);
+    float lo[kVec], hi[kVec];
 #pragma unroll
-    for (int u = 0; u < kDequantUnroll; ++u) {
-      const Index i = base + u * stride;
-      if (i < groups) {
-        raw[u] = ld_stream_16(w + static_cast<int64_t>(i) * 16);
-        s[u] = __ldg(scale + i / groups_per_row);
-      }
+    for (int e = 0; e < kVec; ++e) {
+      lo[e] = static_cast<float>(b[e]) * s;
+      hi[e] = static_cast<float>(b[kVec + e]) * s;
     }
-#pragma unroll
-    for (int u = 0; u < kDequantUnroll; ++u) {
-      const Index i = base + u * stride;
-      if (i < groups) {
-        const int8_t* b = reinterpret_cast<const int8_t*>(&raw[u]);
-        float lo[kVec], hi[kVec];
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          lo[e] = static_cast<float>(b[e]) * s[u];
-          hi[e] = static_cast<float>(b[kVec + e]) * s[u];
-        }
-        T* dst = out + static_cast<int64_t>(i) * 16;
-        store8(dst, lo);
-        store8(dst + kVec, hi);
-      }
-    }
+    store8(out + i * 16, lo);
+    store8(out + i * 16 + kVec, hi);
   }
 }
 
