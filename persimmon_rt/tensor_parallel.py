@@ -195,5 +195,28 @@ class TensorParallel:
         return int(t.item())
 
 
-__all__ = ["TensorParallel", "shard_rule", "take_shard", "shard_range", "check_tp_config", "NVLS_OFF_ENV",
+# ------------------------------------------------------------------------------------------ control channel
+class ControlChannel:
+    """Host-side messages from rank 0 to the other ranks of a group (what to run next: a server's step
+    boundaries, a chat's turns), each a pickled object broadcast over a gloo group of the channel's own,
+    so no GPU synchronisation stands in the way of the steps. Every rank builds it (a collective) and then
+    rank 0 calls `send`, the others `recv`, once per message. A wait longer than `timeout_s` fails."""
+
+    def __init__(self, tp: TensorParallel, timeout_s: float):
+        ranks = list(range(tp.world_size)) if tp.group is None else dist.get_process_group_ranks(tp.group)
+        self.rank = tp.rank
+        self._src = ranks[0]
+        self._group = dist.new_group(ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        self.timeout_s = timeout_s
+
+    def send(self, message) -> None:
+        dist.broadcast_object_list([message], src=self._src, group=self._group)
+
+    def recv(self):
+        box = [None]
+        dist.broadcast_object_list(box, src=self._src, group=self._group)
+        return box[0]
+
+
+__all__ = ["TensorParallel", "ControlChannel", "shard_rule", "take_shard", "shard_range", "check_tp_config", "NVLS_OFF_ENV",
            "TP_CHILD_ENV", "TIMEOUT_ENV", "REPLICATE", "SPLIT_ROWS", "SPLIT_COLUMNS", "FIRST_RANK"]

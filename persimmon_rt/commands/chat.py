@@ -4,26 +4,93 @@ Each turn is rendered as `human: {prompt}\\n\\nadept: {reply}\\n\\n`; the reply 
 when the model starts the next `human:` turn. `/reset` clears the history, `/quit` (or Ctrl-D) leaves,
 `/help` lists the commands, Ctrl-C stops the reply being written without ending the session. Any other line
 starting with `/` is taken for a mistyped command and not sent; `//` sends a message that starts with `/`.
+
+With `--tp N` the command runs as N ranks (tp_launch.py): rank 0 reads, writes and keeps the history, and
+sends each turn's token ids to the other ranks (a tensor_parallel.ControlChannel), which generate along.
+There Ctrl-C stops the reply being written while the ranks finish its tokens together (they cannot leave a
+generation one by one), so the session goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 
-from ._common import add_model_arguments, add_sampling_arguments, as_utf8, load_engine, sampling_kwargs
+from ..config import PersimmonConfig
+from ._common import (add_model_arguments, add_sampling_arguments, as_utf8, load_engine, model_and_sampling_argv,
+                      model_dir, sampling_kwargs)
 
 TURN_END = "\n\nhuman:"
 COMMANDS = "/reset clears the history, /quit (or Ctrl-D) leaves, /help lists these, Ctrl-C stops a reply"
+# Under --tp the other ranks wait for rank 0's next turn for as long as the person at the keyboard takes.
+TURN_WAIT_S = 30 * 24 * 3600
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_sampling_arguments(parser, temperature=0.7)
+    parser.add_argument("--tp", type=int, default=None, metavar="N",
+                        help="tensor parallelism over N GPUs (one process per GPU; rank 0 talks to you)")
 
 
 def run(args: argparse.Namespace) -> int:
-    engine = load_engine(args)
+    from .. import tensor_parallel, tp_launch
+
+    if args.tp is not None and args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    if not tp_launch.in_launched_run():
+        if args.tp is not None and args.tp > 1:
+            tensor_parallel.check_tp_config(PersimmonConfig.from_pretrained(model_dir(args)), args.tp)
+            return tp_launch.launch(args.tp, ["chat", *model_and_sampling_argv(args)])
+        return _chat(args, load_engine(args))
+    tp = tensor_parallel.TensorParallel.init_from_env("cpu" if args.device == "cpu" else None)
+    if args.tp is not None and args.tp != tp.world_size:
+        raise ValueError(f"--tp {args.tp} but the run has {tp.world_size} processes")
+    if tp.rank != 0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is rank 0's to act on
+    engine = load_engine(args, tp=tp)
+    channel = tensor_parallel.ControlChannel(tp, TURN_WAIT_S)
+    if tp.rank == 0:
+        # After an error rank 0 just exits: the other ranks may be inside a generation, and the launcher
+        # (or torchrun) stops them.
+        code = _chat(args, engine, channel)
+        channel.send(None)                              # the other ranks leave with rank 0
+    else:
+        while (ids := channel.recv()) is not None:
+            for _ in engine.generate([ids], stream=True, **_turn_kwargs(args)):
+                pass
+        code = 0
+    tp.shutdown()
+    return code
+
+
+def _turn_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = sampling_kwargs(args)
+    kwargs["stop_strings"] = list(kwargs["stop_strings"]) + [TURN_END]
+    return kwargs
+
+
+class _CtrlC:
+    """While active, SIGINT sets `pressed` instead of raising (a rank may not leave a generation alone)."""
+
+    def __init__(self):
+        self.pressed = False
+
+    @contextlib.contextmanager
+    def active(self):
+        def handler(signum, frame):
+            self.pressed = True
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _chat(args: argparse.Namespace, engine, channel=None) -> int:
+    """The conversation loop; with `channel` (rank 0 under --tp) each turn's ids go to the other ranks."""
     tokenizer = engine.tokenizer
     history: list[dict] = []
     interactive = sys.stdin.isatty()
@@ -73,14 +140,20 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("adept:")
         sys.stdout.flush()
         reply = ""
-        kwargs = sampling_kwargs(args)
-        kwargs["stop_strings"] = list(kwargs["stop_strings"]) + [TURN_END]
+        ctrl_c = _CtrlC()
+        if channel is not None:
+            channel.send(ids)
         try:
-            for event in engine.generate([ids], stream=True, **kwargs):
-                reply += event.text
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
+            with ctrl_c.active() if channel is not None else contextlib.nullcontext():
+                for event in engine.generate([ids], stream=True, **_turn_kwargs(args)):
+                    if ctrl_c.pressed:
+                        continue                    # the other ranks generate on: finish together, silently
+                    reply += event.text
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
         except KeyboardInterrupt:
+            ctrl_c.pressed = True
+        if ctrl_c.pressed:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": reply.strip()})

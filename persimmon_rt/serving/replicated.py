@@ -16,13 +16,12 @@ reaches the group's timeout.
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from ..scheduler import Request, Scheduler
+from ..tensor_parallel import ControlChannel
 
 # A request's fields that the other ranks need (the rest is output, or rank 0's own bookkeeping).
 _REQUEST_FIELDS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "stop_strings",
@@ -35,24 +34,14 @@ class Boundary:
     step: bool
 
 
-class Channel:
-    """Rank 0's broadcasts to the other ranks of a tensor-parallel group, over a gloo group of their own."""
+class Channel(ControlChannel):
+    """The server's control channel: rank 0's boundaries, a heartbeat interval well inside the timeout,
+    and rank 0's seed (every rank seeds its generator with it once its graphs exist)."""
 
     def __init__(self, tp, timeout_s: float):
-        self.rank = tp.rank
-        ranks = list(range(tp.world_size)) if tp.group is None else dist.get_process_group_ranks(tp.group)
-        self._src = ranks[0]
-        self._group = dist.new_group(ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        super().__init__(tp, timeout_s)
         self.heartbeat = max(min(timeout_s / 4, 30.0), 0.5)
-        self.seed = tp.shared_seed()          # every rank seeds its generator with this once its graphs exist
-
-    def send(self, message) -> None:
-        dist.broadcast_object_list([message], src=self._src, group=self._group)
-
-    def recv(self):
-        box = [None]
-        dist.broadcast_object_list(box, src=self._src, group=self._group)
-        return box[0]
+        self.seed = tp.shared_seed()
 
 
 def _holding(scheduler: Scheduler, request: Request) -> bool:
