@@ -218,5 +218,5 @@ class ControlChannel:
         return box[0]
 
 
-__all__ = ["TensorParallel", "ControlChannel", "shard_rule", "take_shard", "shard_range", "check_tp_config", "NVLS_OFF_ENV",
-           "TP_CHILD_ENV", "TIMEOUT_ENV", "REPLICATE", "SPLIT_ROWS", "SPLIT_COLUMNS", "FIRST_RANK"]
+__all__ = ["TensorParallel", "ControlChannel", "shard_rule", "take_shard", "shard_range", "check_tp_config",
+           "NVLS_OFF_ENV", "TP_CHILD_ENV", "TIMEOUT_ENV", "REPLICATE", "SPLIT_ROWS", "SPLIT_COLUMNS", "FIRST_RANK"]

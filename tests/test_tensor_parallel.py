@@ -386,8 +386,8 @@ def test_tp2_on_two_gpus_captures_nccl_in_the_decode_graph(tmp_path):
 
 # --------------------------------------------------------------------------------------- exiting cleanly
 # Every path out of a tensor-parallel run ends by itself within a bound: a normal end (above and the GPU
-# test below), an error on one rank, Ctrl-C under torchrun or the command's launcher. On the CPU (gloo) here; on two GPUs (NCCL,
-# graphs) where they exist.
+# test below), an error on one rank, Ctrl-C under torchrun or the command's launcher. On the CPU (gloo)
+# here; on two GPUs (NCCL, graphs) where they exist.
 EXIT_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.device_count() >= 2 and ops.HAVE_CUDA_EXT else [])
 
 
