@@ -58,11 +58,11 @@ def in_launched_run() -> bool:
     return os.environ.get(TP_CHILD_ENV) == "1" or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def launch(nproc: int, argv: Sequence[str]) -> int:
-    """Run `python -m persimmon_rt <argv>` as ranks 0..nproc-1 on this machine; the exit status of the first
+def launch(nproc: int, argv: Sequence[str], module: str = "persimmon_rt") -> int:
+    """Run `python -m <module> <argv>` as ranks 0..nproc-1 on this machine; the exit status of the first
     rank that fails (the others are then stopped; 128 + N for a rank killed by signal N), else 0."""
     port = free_port()
-    cmd = [sys.executable, "-m", "persimmon_rt", *argv]
+    cmd = [sys.executable, "-m", module, *argv]
     procs = [subprocess.Popen(cmd, env=rank_env(r, nproc, port), start_new_session=True,
                               preexec_fn=_die_with_parent if sys.platform == "linux" else None)
              for r in range(nproc)]

@@ -304,6 +304,24 @@ def test_rank_environment_and_exit_statuses(monkeypatch):
     assert tp_launch.launch(2, ["nosuchcommand"]) == 2            # argparse's status, from the first to fail
 
 
+@pytest.mark.parametrize("actions, status, most_s", [
+    (["1:3", "0:sleep"], 3, 30),        # a failed rank ends the run; the sleeping one is stopped (SIGTERM)
+    (["1:hang"], 1, 30),                # rank 0 ended, rank 1 never does: stopped (SIGKILL) after the bound
+    ([], 0, 30),
+], ids=["a-rank-fails", "a-rank-never-ends", "all-end"])
+def test_the_launcher_ends_every_rank(monkeypatch, actions, status, most_s):
+    import time
+
+    from persimmon_rt import tp_launch
+
+    monkeypatch.setattr(tp_launch, "_FOLLOW_S", 2.0)
+    monkeypatch.setattr(tp_launch, "_GRACE_S", 2.0)
+    monkeypatch.setenv("PYTHONPATH", os.path.join(os.path.dirname(__file__), "tp_scripts"))
+    started = time.monotonic()
+    assert tp_launch.launch(2, actions, module="rank_behaviour") == status
+    assert time.monotonic() - started < most_s
+
+
 def test_generate_tp2_on_the_demo_model_prints_once_and_matches_tp1():
     argv = ["generate", "ROMEO:", "--device", "cpu", "--json", "--temperature", "0", "--max-new-tokens", "8"]
     env = {k: v for k, v in os.environ.items() if k not in (tpm.TP_CHILD_ENV, "WORLD_SIZE")}
