@@ -100,6 +100,39 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 1, tp=None):
     return engine
 
 
+# ------------------------------------------------------------------------------------- tensor parallelism
+def add_tp_argument(parser: argparse.ArgumentParser, what_rank_0_does: str) -> None:
+    parser.add_argument("--tp", type=int, default=None, metavar="N",
+                        help=f"tensor parallelism over N GPUs (one process per GPU; rank 0 {what_rank_0_does})")
+
+
+def tp_requested(args: argparse.Namespace) -> bool:
+    """Whether --tp asks for more than one rank (checked: --tp must be >= 1)."""
+    if args.tp is not None and args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    return args.tp is not None and args.tp > 1
+
+
+def launch_ranks(args: argparse.Namespace, argv: list[str]) -> int:
+    """Re-run the command as args.tp ranks (tp_launch.launch) once the model is known to split that way."""
+    from ..config import PersimmonConfig
+    from ..tensor_parallel import check_tp_config
+    from ..tp_launch import launch
+
+    check_tp_config(PersimmonConfig.from_pretrained(model_dir(args)), args.tp)
+    return launch(args.tp, argv)
+
+
+def init_rank(args: argparse.Namespace):
+    """This process's TensorParallel in a launched run (gloo for --device cpu, NCCL on its GPU otherwise)."""
+    from ..tensor_parallel import TensorParallel
+
+    tp = TensorParallel.init_from_env("cpu" if args.device == "cpu" else None)
+    if args.tp is not None and args.tp != tp.world_size:
+        raise ValueError(f"--tp {args.tp} but the run has {tp.world_size} processes")
+    return tp
+
+
 def model_argv(args: argparse.Namespace) -> list[str]:
     """The options of add_model_arguments that reproduce `args` (for re-launching a command in other
     processes). Values go as --opt=value so ones starting with '-' survive."""

@@ -18,9 +18,8 @@ import contextlib
 import signal
 import sys
 
-from ..config import PersimmonConfig
-from ._common import (add_model_arguments, add_sampling_arguments, as_utf8, load_engine, model_and_sampling_argv,
-                      model_dir, sampling_kwargs)
+from ._common import (add_model_arguments, add_sampling_arguments, add_tp_argument, as_utf8, init_rank,
+                      launch_ranks, load_engine, model_and_sampling_argv, sampling_kwargs, tp_requested)
 
 TURN_END = "\n\nhuman:"
 COMMANDS = "/reset clears the history, /quit (or Ctrl-D) leaves, /help lists these, Ctrl-C stops a reply"
@@ -31,27 +30,22 @@ TURN_WAIT_S = 30 * 24 * 3600
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_sampling_arguments(parser, temperature=0.7)
-    parser.add_argument("--tp", type=int, default=None, metavar="N",
-                        help="tensor parallelism over N GPUs (one process per GPU; rank 0 talks to you)")
+    add_tp_argument(parser, "talks to you")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import tensor_parallel, tp_launch
+    from ..tensor_parallel import ControlChannel
+    from ..tp_launch import in_launched_run
 
-    if args.tp is not None and args.tp < 1:
-        raise ValueError(f"--tp must be >= 1, got {args.tp}")
-    if not tp_launch.in_launched_run():
-        if args.tp is not None and args.tp > 1:
-            tensor_parallel.check_tp_config(PersimmonConfig.from_pretrained(model_dir(args)), args.tp)
-            return tp_launch.launch(args.tp, ["chat", *model_and_sampling_argv(args)])
+    if not in_launched_run():
+        if tp_requested(args):
+            return launch_ranks(args, ["chat", *model_and_sampling_argv(args)])
         return _chat(args, load_engine(args))
-    tp = tensor_parallel.TensorParallel.init_from_env("cpu" if args.device == "cpu" else None)
-    if args.tp is not None and args.tp != tp.world_size:
-        raise ValueError(f"--tp {args.tp} but the run has {tp.world_size} processes")
+    tp = init_rank(args)
     if tp.rank != 0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is rank 0's to act on
     engine = load_engine(args, tp=tp)
-    channel = tensor_parallel.ControlChannel(tp, TURN_WAIT_S)
+    channel = ControlChannel(tp, TURN_WAIT_S)
     if tp.rank == 0:
         # After an error rank 0 just exits: the other ranks may be inside a generation, and the launcher
         # (or torchrun) stops them.

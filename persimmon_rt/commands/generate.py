@@ -9,9 +9,8 @@ import os
 import sys
 import time
 
-from ..config import PersimmonConfig
-from ._common import (add_model_arguments, add_sampling_arguments, load_engine, model_and_sampling_argv, model_dir,
-                      read_prompt, sampling_kwargs)
+from ._common import (add_model_arguments, add_sampling_arguments, add_tp_argument, init_rank, launch_ranks,
+                      load_engine, model_and_sampling_argv, read_prompt, sampling_kwargs, tp_requested)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,29 +21,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON object (text, token ids, finish reason, timings) instead of streaming")
     parser.add_argument("--image", default=None, metavar="PATH",
                         help="an image for the prompt (multimodal models: Fuyu); needs the fuyu extra")
-    parser.add_argument("--tp", type=int, default=None, metavar="N",
-                        help="tensor parallelism over N GPUs (one process per GPU; rank 0 prints)")
+    add_tp_argument(parser, "prints")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import tensor_parallel, tp_launch
+    from ..tp_launch import in_launched_run
 
     prompt = read_prompt(args.prompt)
     if not prompt:
         raise ValueError("empty prompt: pass it as an argument or on standard input")
-    if args.tp is not None and args.tp < 1:
-        raise ValueError(f"--tp must be >= 1, got {args.tp}")
-    if not tp_launch.in_launched_run():
-        if args.tp is not None and args.tp > 1 and args.image is not None:
-            raise ValueError("--image does not support --tp yet")
-        if args.tp is not None and args.tp > 1:      # re-run this command in N processes, prompt as argument
-            tensor_parallel.check_tp_config(PersimmonConfig.from_pretrained(model_dir(args)), args.tp)
+    if not in_launched_run():
+        if tp_requested(args):      # re-run this command in N processes, the prompt as an argument
+            if args.image is not None:
+                raise ValueError("--image does not support --tp yet")
             flags = ["--json"] * args.json + ["--debug"] * bool(getattr(args, "debug", False))
-            return tp_launch.launch(args.tp, ["generate", *model_and_sampling_argv(args), *flags, "--", prompt])
+            return launch_ranks(args, ["generate", *model_and_sampling_argv(args), *flags, "--", prompt])
         return _generate(args, prompt, load_engine(args), sys.stdout)
-    tp = tensor_parallel.TensorParallel.init_from_env("cpu" if args.device == "cpu" else None)
-    if args.tp is not None and args.tp != tp.world_size:
-        raise ValueError(f"--tp {args.tp} but the run has {tp.world_size} processes")
+    tp = init_rank(args)
     engine = load_engine(args, tp=tp)
     with contextlib.nullcontext(sys.stdout) if tp.rank == 0 else open(os.devnull, "w") as out:
         code = _generate(args, prompt, engine, out)           # every rank generates; rank 0 prints

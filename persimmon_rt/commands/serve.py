@@ -13,7 +13,8 @@ import signal
 
 import torch
 
-from ._common import add_model_arguments, load_engine, model_argv, model_dir
+from ._common import (add_model_arguments, add_tp_argument, init_rank, launch_ranks, load_engine, model_argv,
+                      model_dir, tp_requested)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,8 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, how long requests in flight may go on before they are cancelled")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level")
-    parser.add_argument("--tp", type=int, default=None, metavar="N",
-                        help="tensor parallelism over N GPUs (one process per GPU; rank 0 serves HTTP)")
+    add_tp_argument(parser, "serves HTTP")
 
 
 # The options of add_arguments after the model's, passed on to the ranks of a --tp run.
@@ -42,8 +42,6 @@ _SERVE_OPTIONS = ("host", "port", "max_batch_size", "max_queue", "prefill_budget
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.tp is not None and args.tp < 1:
-        raise ValueError(f"--tp must be >= 1, got {args.tp}")
     if args.max_batch_size < 1 or args.max_queue < 1 or args.prefill_budget < 0:
         raise ValueError("--max-batch-size and --max-queue must be >= 1, --prefill-budget >= 0")
     try:
@@ -55,18 +53,14 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    from .. import tp_launch
+    from ..tp_launch import in_launched_run
 
-    if tp_launch.in_launched_run():
+    if in_launched_run():
         return _run_rank(args)
-    if args.tp is not None and args.tp > 1:
-        from ..config import PersimmonConfig
-        from ..tensor_parallel import check_tp_config
-
-        check_tp_config(PersimmonConfig.from_pretrained(model_dir(args)), args.tp)
+    if tp_requested(args):
         options = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in _SERVE_OPTIONS
                    if getattr(args, name) is not None]
-        return tp_launch.launch(args.tp, ["serve", *model_argv(args), *options])
+        return launch_ranks(args, ["serve", *model_argv(args), *options])
     return _serve(args, load_engine(args, max_batch_size=args.max_batch_size))
 
 
@@ -88,11 +82,9 @@ def _serve(args: argparse.Namespace, engine, channel=None) -> int:
 def _run_rank(args: argparse.Namespace) -> int:
     """One rank of a tensor-parallel server."""
     from ..serving.replicated import Channel, follow
-    from ..tensor_parallel import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, TensorParallel
+    from ..tensor_parallel import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 
-    tp = TensorParallel.init_from_env("cpu" if args.device == "cpu" else None)
-    if args.tp is not None and args.tp != tp.world_size:
-        raise ValueError(f"--tp {args.tp} but the run has {tp.world_size} processes")
+    tp = init_rank(args)
     if tp.rank != 0:
         # A stop signal is rank 0's to handle (it drains); this rank ends when rank 0 says so.
         for sig in (signal.SIGINT, signal.SIGTERM):
