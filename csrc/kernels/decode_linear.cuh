@@ -191,14 +191,10 @@ __device__ __forceinline__ void epilogue_slot(int idx, int64_t n0, int64_t& n, i
   m = 8 * t + 2 * (ln % 4) + i % 2;
 }
 
-// Stores this warp's accumulators, waits for the block, then finishes each output of the tile at n0:
-// y = sum of the warps' partials, y = head(round, n, y) (bias; the int8 GEMV's scale too), relu^2,
-// + residual, one rounding into out. Every thread of the block must call it (one barrier); s_partial
-// must not be rewritten before the block's next barrier.
-template <typename T, typename OutT, typename Cfg, typename Head>
-__device__ __forceinline__ void gemv_epilogue(float (&s_partial)[Cfg::WARPS][Cfg::RT * Cfg::MT * 4][32],
-                                              const float (&acc)[Cfg::RT][Cfg::MT][4], int64_t n0, int M, int N,
-                                              bool relu2, const void* residual_, void* out_, Head head) {
+// Stores this warp's accumulators into s_partial and waits for the block (the epilogues' first step).
+template <typename Cfg>
+__device__ __forceinline__ void store_partials(float (&s_partial)[Cfg::WARPS][Cfg::RT * Cfg::MT * 4][32],
+                                               const float (&acc)[Cfg::RT][Cfg::MT][4]) {
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
 #pragma unroll
@@ -208,6 +204,17 @@ __device__ __forceinline__ void gemv_epilogue(float (&s_partial)[Cfg::WARPS][Cfg
 #pragma unroll
       for (int i = 0; i < 4; ++i) s_partial[warp][(rt * Cfg::MT + t) * 4 + i][lane] = acc[rt][t][i];
   __syncthreads();
+}
+
+// Stores this warp's accumulators, waits for the block, then finishes each output of the tile at n0:
+// y = sum of the warps' partials, y = head(round, n, y) (bias; the int8 GEMV's scale too), relu^2,
+// + residual, one rounding into out. Every thread of the block must call it (one barrier); s_partial
+// must not be rewritten before the block's next barrier.
+template <typename T, typename OutT, typename Cfg, typename Head>
+__device__ __forceinline__ void gemv_epilogue(float (&s_partial)[Cfg::WARPS][Cfg::RT * Cfg::MT * 4][32],
+                                              const float (&acc)[Cfg::RT][Cfg::MT][4], int64_t n0, int M, int N,
+                                              bool relu2, const void* residual_, void* out_, Head head) {
+  store_partials<Cfg>(s_partial, acc);
 
   const T* residual = static_cast<const T*>(residual_);
   OutT* out = static_cast<OutT*>(out_);
@@ -242,15 +249,7 @@ __device__ __forceinline__ void strided_epilogue(float (&s_partial)[Cfg::WARPS][
                                                  const float (&acc)[Cfg::RT][Cfg::MT][4], int64_t n0,
                                                  const DecodeLinearParams& p) {
   constexpr int kVals = Cfg::RT * Cfg::MT * 4;
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-#pragma unroll
-  for (int rt = 0; rt < Cfg::RT; ++rt)
-#pragma unroll
-    for (int t = 0; t < Cfg::MT; ++t)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s_partial[warp][(rt * Cfg::MT + t) * 4 + i][lane] = acc[rt][t][i];
-  __syncthreads();
+  store_partials<Cfg>(s_partial, acc);
 
   const T* bias = static_cast<const T*>(p.bias);
   const T* residual = static_cast<const T*>(p.residual);
