@@ -40,7 +40,7 @@ from .sharding import FIRST_RANK, REPLICATE, SPLIT_COLUMNS, SPLIT_ROWS, check_tp
     shard_rule, take_shard
 
 NVLS_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-# Set by `persimmon-rt generate|serve --tp N` in the rank processes it starts (tp_launch.py).
+# Set by `persimmon-rt generate|chat|serve --tp N` in the rank processes it starts (tp_launch.py).
 TP_CHILD_ENV = "PERSIMMON_RT_TP_CHILD"
 # How long a collective may wait for the other ranks before the group gives up (seconds): a rank that
 # failed must not leave the others blocked forever.

@@ -1,4 +1,4 @@
-"""Starting a command's N tensor-parallel ranks (`persimmon-rt generate|serve --tp N`).
+"""Starting a command's N tensor-parallel ranks (`persimmon-rt generate|chat|serve --tp N`).
 
 One child process per rank, `python -m persimmon_rt <argv>`, with the variables `TensorParallel.init_from_env`
 reads (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free local port), NVLink multicast off
