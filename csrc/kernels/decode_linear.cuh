@@ -96,6 +96,25 @@ __device__ __forceinline__ void store_out(OutT* p, float v) {
   }
 }
 
+// The mma of one 32-k chunk: each 16-row weight tile (w[rt][0] rows g, w[rt][1] rows g + 8, 8 consecutive
+// k a lane) times each 8-row x fragment. A fragment: a[0] rows g / k-slots 2q..2q+1, a[1] rows g+8, a[2]
+// rows g / slots 2q+8..2q+9, a[3] rows g+8. Step 0 takes the lane's k 0..3 (.x, .y), step 1 its k 4..7
+// (.z, .w).
+template <typename T, int RT, int MT>
+__device__ __forceinline__ void mma_chunk(float (&acc)[RT][MT][4], const uint4 (&w)[RT][2],
+                                          const uint4 (&xv)[MT]) {
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+    const uint32_t a0[4] = {w[rt][0].x, w[rt][1].x, w[rt][0].y, w[rt][1].y};
+    const uint32_t a1[4] = {w[rt][0].z, w[rt][1].z, w[rt][0].w, w[rt][1].w};
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      mma_m16n8k16<T>(acc[rt][t], a0, xv[t].x, xv[t].y);
+      mma_m16n8k16<T>(acc[rt][t], a1, xv[t].z, xv[t].w);
+    }
+  }
+}
+
 // LayerNorm statistics of x's M rows: s_stats[m] = (mean, rstd), fp32, two passes. Rows spread over
 // the warps: P = WARPS / M (a power of two, at least 1) warps share a row, so one row (batch 1) is read
 // by the whole block at two 16-byte loads a lane (K = 4096); more rows than warps take several rounds.
@@ -406,18 +425,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
         for (int t = 0; t < MT; ++t)
           if (ok[j] && x_ok[t]) xv[j][t] = ln_apply<T>(xv[j][t], lw, lb, ln_mean[t], ln_rstd[t]);
       }
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt) {
-        // A fragment: a[0] rows g / k-slots 2q..2q+1, a[1] rows g+8, a[2] rows g / slots 2q+8..2q+9,
-        // a[3] rows g+8. Step 0 takes the lane's k 0..3 (.x, .y), step 1 its k 4..7 (.z, .w).
-        const uint32_t a0[4] = {wv[j][rt][0].x, wv[j][rt][1].x, wv[j][rt][0].y, wv[j][rt][1].y};
-        const uint32_t a1[4] = {wv[j][rt][0].z, wv[j][rt][1].z, wv[j][rt][0].w, wv[j][rt][1].w};
-#pragma unroll
-        for (int t = 0; t < MT; ++t) {
-          mma_m16n8k16<T>(acc[rt][t], a0, xv[j][t].x, xv[j][t].y);
-          mma_m16n8k16<T>(acc[rt][t], a1, xv[j][t].z, xv[j][t].w);
-        }
-      }
+      mma_chunk<T, RT, MT>(acc, wv[j], xv[j]);
     }
     if (c + J < c_end) load_weights(c + J);
   }
@@ -513,17 +521,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
       for (int t = 0; t < MT; ++t) xv[j][t] = in_range(c) && x_ok[t] ? ld_x_16(x_row[t] + c * kChunk) : zero;
     }
 #pragma unroll
-    for (int j = 0; j < J; ++j)
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt) {
-        const uint32_t a0[4] = {w[j][rt][0].x, w[j][rt][1].x, w[j][rt][0].y, w[j][rt][1].y};
-        const uint32_t a1[4] = {w[j][rt][0].z, w[j][rt][1].z, w[j][rt][0].w, w[j][rt][1].w};
-#pragma unroll
-        for (int t = 0; t < MT; ++t) {
-          mma_m16n8k16<T>(acc[rt][t], a0, xv[j][t].x, xv[j][t].y);
-          mma_m16n8k16<T>(acc[rt][t], a1, xv[j][t].z, xv[j][t].w);
-        }
-      }
+    for (int j = 0; j < J; ++j) mma_chunk<T, RT, MT>(acc, w[j], xv[j]);
   };
 
   const auto finish_tile = [&](int tile, int buf) {
