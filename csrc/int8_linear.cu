@@ -3,6 +3,7 @@
 #include "int8_linear.h"
 
 #include <algorithm>
+#include <climits>
 #include <array>
 #include <cstdio>
 #include <cstdlib>
@@ -188,14 +189,21 @@ void launch_dequantize_int8(const int8_t* weight, const float* scale, void* out,
                             cudaStream_t stream) {
   PRT_REQUIRE(N >= 1 && K >= kInt8KMultiple && K % kInt8KMultiple == 0, "N must be >= 1 and K a positive multiple of 16");
   PRT_REQUIRE(aligned16(weight) && aligned16(out), "weight and out must be 16-byte aligned");
-  const int64_t groups = N * (K / kInt8KMultiple);
+  const int64_t groups = N * (K / kVec);
   constexpr int kThreads = 256;
-  // Enough blocks to fill the GPU several times over; the grid-stride loop covers the rest.
-  const int64_t blocks = ceil_div(groups, kThreads) < 132 * 16 ? ceil_div(groups, kThreads) : 132 * 16;
+  // 32 blocks of 256 per SM (four waves of resident blocks): the fastest of 4-32 on the H200, each thread
+  // with kDequantizeUnroll groups in flight; the grid-stride loop covers the rest.
+  const int64_t blocks = std::min<int64_t>(ceil_div(groups, kThreads * kDequantizeUnroll), 32 * multiprocessors());
+  // 32-bit indices where the loop's largest index (below groups + kDequantizeUnroll * grid) fits.
+  const bool narrow = groups + kDequantizeUnroll * blocks * kThreads <= INT32_MAX;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_kernel(dequantize_int8_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
-                  /*pdl=*/true, weight, scale, static_cast<T*>(out), groups, K / kInt8KMultiple);
+    const auto run = [&](auto kernel, auto index) {
+      using Index = decltype(index);
+      launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, /*pdl=*/true, weight,
+                    scale, static_cast<T*>(out), static_cast<Index>(groups), static_cast<Index>(K / kVec));
+    };
+    narrow ? run(dequantize_int8_kernel<T, int>, int{}) : run(dequantize_int8_kernel<T, int64_t>, int64_t{});
   });
 }
 

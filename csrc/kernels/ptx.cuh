@@ -81,6 +81,13 @@ __device__ __forceinline__ uint4 ld_stream_16(const void* p) {
   return v;
 }
 
+// 8-byte read-only global load that skips L1.
+__device__ __forceinline__ uint2 ld_stream_8(const void* p) {
+  uint2 v;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
 // As ld_stream_16, and asks L2 to fetch the whole 256-byte segment (for warps that read long
 // contiguous runs of each row).
 __device__ __forceinline__ uint4 ld_stream_16_l2_256(const void* p) {
