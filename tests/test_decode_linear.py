@@ -394,7 +394,8 @@ def test_every_config(dtype, ln):
     """Every compiled tile configuration (the sweep's candidates) is correct at its row limits."""
     for config, name in enumerate(ops.DECODE_LINEAR_CONFIGS):
         for M in sorted({1, 7, _config_rows(name)}):
-            for N, K in [(83, 264), (300, 16392)]:
+            # 8200 rows: more 16-row tiles (513) than a persistent grid has blocks, so each walks several.
+            for N, K in [(83, 264), (300, 16392), (8200, 264)]:
                 run_and_check(M, N, K, dtype, True, True, True, ln=ln, config=config)
                 run_and_check(M, N, K, dtype, False, False, False, out_dtype=torch.float32, ln=ln, config=config)
 
