@@ -317,6 +317,42 @@ __device__ __forceinline__ WarpShare warp_share(int tiles, int chunks) {
   return s;
 }
 
+// x rows 8t + g of a lane's fragments (t < MT), offset by its column slot `col`: rows past M are never
+// read (clamped to row 0, predicated off by ok).
+template <typename T, int MT>
+struct XRows {
+  const T* row[MT];
+  bool ok[MT];
+  __device__ __forceinline__ XRows(const void* x, int64_t ldx, int M, int g, int col) {
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      const int m = 8 * t + g;
+      ok[t] = m < M;
+      row[t] = static_cast<const T*>(x) + (ok[t] ? m : 0) * ldx + col;
+    }
+  }
+};
+
+// One loop step's weights for the pipelined loops (fp16 and int8): J chunks x RT tiles x 2 rows
+// (n0 + 16 rt + 8 h + g) of 16 bytes a lane, chunk c at element (c * CHUNK + col) of its row; rows past
+// N and chunks outside the warp's share (in_range) read as zeros.
+template <typename Cfg, int CHUNK, typename E, typename InRange>
+__device__ __forceinline__ void load_weight_step(uint4 (&w)[Cfg::J][Cfg::RT][2], const E* weight, int64_t n0, int N,
+                                                 int K, int g, int col, int c0, InRange in_range) {
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int rt = 0; rt < Cfg::RT; ++rt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = n0 + 16 * rt + 8 * h + g;
+      const bool row_ok = n < N;
+      const E* row = weight + (row_ok ? n : 0) * K + col;
+#pragma unroll
+      for (int j = 0; j < Cfg::J; ++j)
+        w[j][rt][h] = row_ok && in_range(c0 + j) ? ld_weight_16<Cfg::L2_256B>(row + (c0 + j) * CHUNK) : zero;
+    }
+}
+
 // Grid: ceil(N / (16 * RT)) blocks of Cfg::kThreads threads. LN: the LayerNorm prologue.
 template <typename T, typename OutT, typename Cfg, bool LN = false>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_kernel(const DecodeLinearParams p) {
@@ -336,8 +372,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * Cfg::kRowsPerBlock;
   const int K = p.K;
 
-  // Row pointers of this lane's weight rows (n0 + 16 rt + 8 h + g) and x rows (8 t + g), already
-  // offset by its 8-element column slot; rows past the end are never read (clamped, predicated off).
+  // Row pointers of this lane's weight rows (n0 + 16 rt + 8 h + g), already offset by its 8-element column
+  // slot; rows past the end are never read (clamped, predicated off). x rows: XRows.
   const T* w_row[RT][2];
   bool w_ok[RT][2];
 #pragma unroll
@@ -348,14 +384,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
       w_ok[rt][h] = n < p.N;
       w_row[rt][h] = static_cast<const T*>(p.weight) + (w_ok[rt][h] ? n : 0) * K + 8 * q;
     }
-  const T* x_row[MT];
-  bool x_ok[MT];
-#pragma unroll
-  for (int t = 0; t < MT; ++t) {
-    const int m = 8 * t + g;
-    x_ok[t] = m < p.M;
-    x_row[t] = static_cast<const T*>(p.x) + (x_ok[t] ? m : 0) * p.ldx + 8 * q;
-  }
+  const XRows<T, MT> xr(p.x, p.ldx, p.M, g, 8 * q);
 
   // This warp's contiguous share of the chunks.
   const int chunks = (K + kChunk - 1) / kChunk;
@@ -397,7 +426,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
     ln_row_stats<T, WARPS>(p, s_stats, s_part);
 #pragma unroll
     for (int t = 0; t < MT; ++t) {
-      const float2 st = s_stats[x_ok[t] ? 8 * t + g : 0];
+      const float2 st = s_stats[xr.ok[t] ? 8 * t + g : 0];
       ln_mean[t] = st.x;
       ln_rstd[t] = st.y;
     }
@@ -414,7 +443,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
 #pragma unroll
     for (int j = 0; j < J; ++j)
 #pragma unroll
-      for (int t = 0; t < MT; ++t) xv[j][t] = ok[j] && x_ok[t] ? ld_x_16(x_row[t] + (c + j) * kChunk) : zero;
+      for (int t = 0; t < MT; ++t) xv[j][t] = ok[j] && xr.ok[t] ? ld_x_16(xr.row[t] + (c + j) * kChunk) : zero;
 
 #pragma unroll
     for (int j = 0; j < J; ++j) {
@@ -423,7 +452,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
         const uint4 lb = ok[j] && ln_b != nullptr ? ld_x_16(ln_b + (c + j) * kChunk) : zero;
 #pragma unroll
         for (int t = 0; t < MT; ++t)
-          if (ok[j] && x_ok[t]) xv[j][t] = ln_apply<T>(xv[j][t], lw, lb, ln_mean[t], ln_rstd[t]);
+          if (ok[j] && xr.ok[t]) xv[j][t] = ln_apply<T>(xv[j][t], lw, lb, ln_mean[t], ln_rstd[t]);
       }
       mma_chunk<T, RT, MT>(acc, wv[j], xv[j]);
     }
@@ -474,33 +503,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
   // Weight loads one step at a time in (tile, step) order; a persistent block keeps a cursor.
   int ld_tile = blockIdx.x, ld_step = 0;
   const auto load_weights = [&](uint4 (&w)[J][RT][2], int item) {
-    const int64_t n0 = static_cast<int64_t>(Cfg::PERSISTENT ? ld_tile : blockIdx.x) * Cfg::kRowsPerBlock;
-    const int c0 = c_begin + (Cfg::PERSISTENT ? ld_step : item) * J;
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t n = n0 + 16 * rt + 8 * h + g;
-        const bool row_ok = n < p.N;
-        const T* row = static_cast<const T*>(p.weight) + (row_ok ? n : 0) * K + 8 * q;
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-          w[j][rt][h] = row_ok && in_range(c0 + j) ? ld_weight_16<Cfg::L2_256B>(row + (c0 + j) * kChunk) : zero;
-      }
+    load_weight_step<Cfg, kChunk>(w, static_cast<const T*>(p.weight),
+                                  static_cast<int64_t>(Cfg::PERSISTENT ? ld_tile : blockIdx.x) * Cfg::kRowsPerBlock,
+                                  p.N, K, g, 8 * q, c_begin + (Cfg::PERSISTENT ? ld_step : item) * J, in_range);
     if (Cfg::PERSISTENT && ++ld_step == steps) {
       ld_step = 0;
       ld_tile += gridDim.x;
     }
   };
 
-  const T* x_row[MT];
-  bool x_ok[MT];
-#pragma unroll
-  for (int t = 0; t < MT; ++t) {
-    const int m = 8 * t + g;
-    x_ok[t] = m < p.M;
-    x_row[t] = static_cast<const T*>(p.x) + (x_ok[t] ? m : 0) * p.ldx + 8 * q;
-  }
+  const XRows<T, MT> xr(p.x, p.ldx, p.M, g, 8 * q);
 
   float acc[RT][MT][4];
   const auto clear = [&] {
@@ -518,7 +530,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
     for (int j = 0; j < J; ++j) {
       const int c = c_begin + step * J + j;
 #pragma unroll
-      for (int t = 0; t < MT; ++t) xv[j][t] = in_range(c) && x_ok[t] ? ld_x_16(x_row[t] + c * kChunk) : zero;
+      for (int t = 0; t < MT; ++t) xv[j][t] = in_range(c) && xr.ok[t] ? ld_x_16(xr.row[t] + c * kChunk) : zero;
     }
 #pragma unroll
     for (int j = 0; j < J; ++j) mma_chunk<T, RT, MT>(acc, w[j], xv[j]);

@@ -140,34 +140,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
   // tile and step to load); a block of one tile loads step `item`.
   int ld_tile = blockIdx.x, ld_step = 0;
   const auto load_weights = [&](uint4 (&w)[J][RT][2], int item) {
-    const int64_t n0 = static_cast<int64_t>(Cfg::PERSISTENT ? ld_tile : blockIdx.x) * Cfg::kRowsPerBlock;
-    const int c0 = c_begin + (Cfg::PERSISTENT ? ld_step : item) * J;
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t n = n0 + 16 * rt + 8 * h + g;
-        const bool row_ok = n < p.N;
-        const int8_t* row = p.weight + (row_ok ? n : 0) * K + 16 * q;
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-          w[j][rt][h] = row_ok && in_range(c0 + j) ? ld_weight_16<Cfg::L2_256B>(row + (c0 + j) * kChunk8) : zero;
-      }
+    load_weight_step<Cfg, kChunk8>(w, p.weight,
+                                   static_cast<int64_t>(Cfg::PERSISTENT ? ld_tile : blockIdx.x) * Cfg::kRowsPerBlock,
+                                   p.N, K, g, 16 * q, c_begin + (Cfg::PERSISTENT ? ld_step : item) * J, in_range);
     if (Cfg::PERSISTENT && ++ld_step == steps) {
       ld_step = 0;
       ld_tile += gridDim.x;
     }
   };
 
-  // x rows 8t + g, offset by the lane's 16-k slot; rows past M are never read.
-  const T* x_row[MT];
-  bool x_ok[MT];
-#pragma unroll
-  for (int t = 0; t < MT; ++t) {
-    const int m = 8 * t + g;
-    x_ok[t] = m < p.M;
-    x_row[t] = static_cast<const T*>(p.x) + (x_ok[t] ? m : 0) * p.ldx + 16 * q;
-  }
+  const XRows<T, MT> xr(p.x, p.ldx, p.M, g, 16 * q);  // offset by the lane's 16-k slot
   // Chunk c's x fragments (L1 / L2 hits). A step's are requested together at its start, while its
   // weights may still be arriving, unless they would take more than 32 registers (J x MT x 8): then
   // each chunk's go out just before its mma (measured by ptxas: either placement alone spills in some
@@ -178,7 +160,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
     for (int t = 0; t < MT; ++t)
 #pragma unroll
       for (int e = 0; e < 2; ++e)
-        xv[t][e] = in_range(c) && x_ok[t] ? ld_x_16(x_row[t] + c * kChunk8 + 8 * e) : zero;
+        xv[t][e] = in_range(c) && xr.ok[t] ? ld_x_16(xr.row[t] + c * kChunk8 + 8 * e) : zero;
   };
 
   // Scale and bias of a tile are requested a tile ahead. With one x fragment they go into registers
