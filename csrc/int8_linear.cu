@@ -3,8 +3,8 @@
 #include "int8_linear.h"
 
 #include <algorithm>
-#include <climits>
 #include <array>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>

@@ -42,6 +42,7 @@
 
 #include "common.cuh"
 #include "decode_linear.cuh"
+#include "dequantize_int8.cuh"
 #include "ptx.cuh"
 
 namespace persimmon_rt {
@@ -91,12 +92,8 @@ __device__ __forceinline__ void int8x4_to_pairs<__half>(uint32_t w, uint32_t& lo
 
 template <>
 __device__ __forceinline__ void int8x4_to_pairs<__nv_bfloat16>(uint32_t w, uint32_t& lo, uint32_t& hi) {
-  const uint32_t u = w ^ 0x80808080u;
-  constexpr float kMagic = 8388736.f;  // 2^23 + 128: the float 0x4B0000uu is 2^23 + u
   float f[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-    f[i] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440 + i)) - kMagic;
+  int8x4_to_floats(w, f);
   // Integers of at most 8 significant bits: their bf16 is the fp32's upper half, exactly.
   lo = __byte_perm(__float_as_uint(f[0]), __float_as_uint(f[1]), 0x7632);
   hi = __byte_perm(__float_as_uint(f[2]), __float_as_uint(f[3]), 0x7632);

@@ -20,9 +20,9 @@ namespace persimmon_rt {
 
 constexpr int kDequantizeUnroll = 4;  // groups of 8 in flight per thread
 
-// The four int8 of a word (k order) as exact floats.
+// The four int8 of a word (k order) as exact floats (also the bf16 int8 GEMV's conversion).
 __device__ __forceinline__ void int8x4_to_floats(uint32_t word, float* f) {
-  const uint32_t u = word ^ 0x80808080u;  // v + 128, as unsigned bytes
+  const uint32_t u = word ^ 0x80808080u;  // v + 128, as unsigned bytes; the float 0x4B0000uu is 2^23 + u
 #pragma unroll
   for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440 + i)) - 8388736.f;
 }
