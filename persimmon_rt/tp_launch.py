@@ -78,8 +78,7 @@ def launch(nproc: int, argv: Sequence[str], module: str = "persimmon_rt") -> int
         while True:
             codes = [p.poll() for p in procs]
             failed = next((c for c in codes if c not in (None, 0)), None)
-            if failed is not None:
-                _stop(procs)
+            if failed is not None:                  # the others are stopped below
                 return failed if failed > 0 else 128 - failed
             if all(c == 0 for c in codes):
                 return 0
@@ -88,13 +87,12 @@ def launch(nproc: int, argv: Sequence[str], module: str = "persimmon_rt") -> int
                 if time.monotonic() - rank0_done > _FOLLOW_S:
                     print(f"persimmon-rt: rank 0 ended but other ranks were still running {_FOLLOW_S:.0f} s later; "
                           "stopping them", file=sys.stderr)
-                    _stop(procs)
                     return 1
             time.sleep(0.05)
     finally:
+        _stop(procs)                                # every rank still running: a signal meanwhile is forwarded
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _stop(procs)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

@@ -133,11 +133,16 @@ def init_rank(args: argparse.Namespace):
     return tp
 
 
+def options_argv(args: argparse.Namespace, names) -> list[str]:
+    """The options `names` (attribute names) that reproduce `args`, those set (for re-launching a command in
+    other processes). Values go as --opt=value so ones starting with '-' survive."""
+    return [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in names
+            if getattr(args, name, None) is not None]
+
+
 def model_argv(args: argparse.Namespace) -> list[str]:
-    """The options of add_model_arguments that reproduce `args` (for re-launching a command in other
-    processes). Values go as --opt=value so ones starting with '-' survive."""
-    return [f"--{name.replace('_', '-')}={getattr(args, name)}"
-            for name in ("model", "device", "dtype", "max_seq_len", "quantize") if getattr(args, name, None) is not None]
+    """The options of add_model_arguments that reproduce `args`."""
+    return options_argv(args, ("model", "device", "dtype", "max_seq_len", "quantize"))
 
 
 def model_and_sampling_argv(args: argparse.Namespace) -> list[str]:

@@ -14,7 +14,7 @@ import signal
 import torch
 
 from ._common import (add_model_arguments, add_tp_argument, init_rank, launch_ranks, load_engine, model_argv,
-                      model_dir, tp_requested)
+                      model_dir, options_argv, tp_requested)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,9 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if in_launched_run():
         return _run_rank(args)
     if tp_requested(args):
-        options = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in _SERVE_OPTIONS
-                   if getattr(args, name) is not None]
-        return launch_ranks(args, ["serve", *model_argv(args), *options])
+        return launch_ranks(args, ["serve", *model_argv(args), *options_argv(args, _SERVE_OPTIONS)])
     return _serve(args, load_engine(args, max_batch_size=args.max_batch_size))
 
 
