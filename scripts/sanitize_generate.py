@@ -1,6 +1,7 @@
-"""One end-to-end generation on the GPU, small enough to run under compute-sanitizer: the demo model in fp16
-and bf16; a batch of 3 prompts (packed, chunked prefill, decode graph of 4 rows) and one of 20 (a 32-row
-graph, the 17..32-row GEMV); greedy and sampled. Exits non-zero if a generation comes out malformed.
+"""One end-to-end generation on the GPU, small enough to run under compute-sanitizer: the demo model in fp16,
+bf16 and fp16 with int8 weights; a batch of 3 prompts (packed, chunked prefill, decode graph of 4 rows) and
+one of 20 (a 32-row graph, the 17..32-row GEMV); greedy and sampled. Exits non-zero if a generation comes
+out malformed.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_generate.py
 """
@@ -12,9 +13,9 @@ from persimmon_rt.engine import Engine
 
 
 def main() -> None:
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype, quantize in ((torch.float16, None), (torch.bfloat16, None), (torch.float16, "int8")):
         engine = Engine.from_pretrained(demo_model_path(), dtype=dtype, device="cuda", max_batch_size=32,
-                                        max_seq_len=256, prefill_chunk_tokens=48)
+                                        max_seq_len=256, prefill_chunk_tokens=48, quantize=quantize)
         small = ["BRUTUS:\n", "PORTIA:\nO my lord, ", "CASSIUS:\n" * 12]
         large = [f"{name}:\n" for name in ("BRUTUS", "CASSIUS", "CASCA", "PORTIA", "LUCIUS")] * 4
         for prompts in (small, large):
@@ -22,7 +23,7 @@ def main() -> None:
                 result = engine.generate(prompts, max_new_tokens=10, stop_token_ids=[], **sampling)
                 assert [len(ids) for ids in result.token_ids] == [10] * len(prompts)
         torch.cuda.synchronize()
-        print(f"{dtype}: ok", flush=True)
+        print(f"{dtype}{' int8' if quantize else ''}: ok", flush=True)
 
 
 if __name__ == "__main__":
