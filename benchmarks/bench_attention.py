@@ -1,6 +1,7 @@
 """Attention kernels against SDPA's flash (FA2) and cuDNN backends, in the same process on the same card.
 
-Prefill: causal, batch 1, 64 heads x 64, fp16; TFLOP/s with FLOPs = 4 * T^2 * H * D / 2. Both of our
+Prefill: causal, batch 1, 64 heads x 64 (or 32 x 128 with --head-dim 128), fp16; TFLOP/s with
+FLOPs = 4 * T^2 * H * D / 2. Both of our
 prefill kernels run, each asked for through PERSIMMON_RT_PREFILL_ATTENTION: wgmma (Hopper; shown as n/a
 where the build or the GPU lacks it) and mma_sync.
 Decode: one query per sequence, 64 heads x 64, fp16; TB/s on the K and V bytes read
@@ -9,7 +10,7 @@ Decode inputs rotate through enough cache copies that L2 (50 MB on an H100) cann
 candidate runs as a CUDA graph of back-to-back calls, so launch gaps are those of a captured decode step.
 Times are medians of CUDA-event timings.
 
-    python benchmarks/bench_attention.py [--dtype float16|bfloat16] [--only prefill|decode]
+    python benchmarks/bench_attention.py [--dtype float16|bfloat16] [--only prefill|decode] [--head-dim 64|128]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from timing import copy_tbps, graph_ms_per_call, median_ms
 
 from persimmon_rt import ops
 
-HEADS, HEAD_DIM = 64, 64
+HEADS, HEAD_DIM = 64, 64   # --head-dim 128 makes them 32, 128 (the same model width)
 SCALE = 1.0 / math.sqrt(HEAD_DIM)
 
 
@@ -151,7 +152,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--only", choices=["prefill", "decode"], help="run one section")
+    parser.add_argument("--head-dim", type=int, default=64, choices=[64, 128],
+                        help="head_dim (heads = 4096 / head_dim)")
     args = parser.parse_args()
+    global HEADS, HEAD_DIM, SCALE
+    HEADS, HEAD_DIM, SCALE = 4096 // args.head_dim, args.head_dim, 1.0 / math.sqrt(args.head_dim)
     if not ops.HAVE_CUDA_EXT or not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU and the built persimmon_rt._C")
     dtype = getattr(torch, args.dtype)

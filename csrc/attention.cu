@@ -81,13 +81,16 @@ void prefill(const PrefillParams& p, int batch, int max_q_len, cudaStream_t stre
   PRT_CUDA_CHECK(cudaGetLastError());
 }
 
-// The Hopper prefill kernel (head_dim 64; attention_prefill_sm90.cuh): 3 consumer warpgroups (192 queries
+// The Hopper prefill kernel (attention_prefill_sm90.cuh), head_dim 64: 3 consumer warpgroups (192 queries
 // a block), 128-key tiles, 2-slot K and V rings, issue turns between the consumers. Fastest of the
 // variants benchmarks/attention_variants.cu times, at every length (H200, benchmarks/RESULTS.md run P:
 // 340 / 427 / 451 TFLOP/s at 2K / 8K / 16K against 324 / 392 / 395 for the 2-warpgroup, 3-slot config).
 // The softmax options (a share of exp2 on the FMA pipe, a max with slack, row sums on the tensor cores)
 // stay off: each was slower on top of either shape.
-using PrefillSm90Tile = PrefillSm90Config<3, 128, 2, true>;
+using PrefillSm90Tile64 = PrefillSm90Config<3, 128, 2, true>;
+// head_dim 128: O takes 64 accumulators a thread, twice head_dim 64's, so 2 consumer warpgroups (128
+// queries a block, 240 registers each) instead of 3; 128-key tiles, 2-slot rings (160 KB of shared memory).
+using PrefillSm90Tile128 = PrefillSm90Config<2, 128, 2, true, 1, 0, -1, false, 3, 128>;
 
 enum class PrefillKernel { kMmaSync, kWgmma };
 
@@ -127,9 +130,10 @@ PrefillKernel requested_prefill_kernel() {
 }
 
 // The kernel attention_prefill runs for head_dim on the current device: wgmma where requested and
-// available (an sm_90a build on a 9.0 device, head_dim 64), mma.sync otherwise.
+// available (an sm_90a build on a 9.0 device, head_dim 64 or 128), mma.sync otherwise.
 PrefillKernel prefill_kernel(int head_dim) {
-  const bool wgmma_fits = kBuiltForSm90a && head_dim == PrefillSm90Tile::kHeadDim && device_compute_capability() == 90;
+  const bool wgmma_fits = kBuiltForSm90a && (head_dim == PrefillSm90Tile64::kHeadDim || head_dim == PrefillSm90Tile128::kHeadDim) &&
+                          device_compute_capability() == 90;
   return requested_prefill_kernel() == PrefillKernel::kWgmma && wgmma_fits ? PrefillKernel::kWgmma
                                                                            : PrefillKernel::kMmaSync;
 }
@@ -221,7 +225,11 @@ void launch_attention_prefill(const void* q, const void* k_cache, const void* v_
   if (prefill_kernel(head_dim) == PrefillKernel::kWgmma && cache_rows >= 1 && cache_rows <= INT32_MAX - 256) {
     dispatch_dtype(dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      attention::launch_attention_prefill_sm90<T, PrefillSm90Tile>(p, num_tokens, batch, max_q_len, stream);
+      if (head_dim == PrefillSm90Tile64::kHeadDim) {
+        attention::launch_attention_prefill_sm90<T, PrefillSm90Tile64>(p, num_tokens, batch, max_q_len, stream);
+      } else {
+        attention::launch_attention_prefill_sm90<T, PrefillSm90Tile128>(p, num_tokens, batch, max_q_len, stream);
+      }
     });
     return;
   }

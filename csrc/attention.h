@@ -37,7 +37,7 @@ void launch_attention_prefill(const void* q,               // [T, H, D]
                               int head_dim, float scale, DType dtype, cudaStream_t stream);
 
 // The kernel launch_attention_prefill runs for head_dim on the current device: "wgmma" where it is asked
-// for and available (an sm_90a build on a compute capability 9.0 device, head_dim 64), else "mma_sync".
+// for and available (an sm_90a build on a compute capability 9.0 device, head_dim 64 or 128), else "mma_sync".
 // PERSIMMON_RT_PREFILL_ATTENTION=wgmma|mma_sync asks, read at every call; unset, attention.cu's default
 // applies. (Caches of more than about INT32_MAX positions in all take mma_sync whatever the answer here.)
 const char* attention_prefill_kernel_name(int head_dim);

@@ -85,7 +85,7 @@ def kernel(request, monkeypatch):
 
 
 def expect_kernel(kernel: str, head_dim: int) -> None:
-    """Skips where the asked-for kernel does not exist (wgmma off Hopper, or for head_dim 128); otherwise
+    """Skips where the asked-for kernel does not exist (wgmma off Hopper); otherwise
     asserts it is the one the op will run, so no case silently tests the other kernel twice."""
     got = ops.attention_prefill_kernel_name(head_dim)
     if kernel == "wgmma" and got != "wgmma":
@@ -165,17 +165,19 @@ def test_chunked_prefill_with_cached_prefix(head_dim, dtype, kernel):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_long_chunk_after_long_prefix(dtype, kernel):
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["hd64", "hd128"])
+def test_long_chunk_after_long_prefix(head_dim, dtype, kernel):
     """The second chunk of a 16K prompt (12000 tokens cached) packed with a shorter chunk."""
-    run_and_check(kernel, [4384, 1000], [16384, 9001], 2, 64, dtype)
+    run_and_check(kernel, [4384, 1000], [16384, 9001], 2, head_dim, dtype)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_cache_without_padding(dtype, kernel):
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["hd64", "hd128"])
+def test_cache_without_padding(head_dim, dtype, kernel):
     """Caches exactly as long as their longest sequence: the last row's last key tile runs past the end
-    of the whole cache tensor."""
-    run_and_check(kernel, [77, 200], [77, 200], 4, 64, dtype, pad=0)
+    of the whole cache tensor (and its rows past the end are NaN in every half of the tile)."""
+    run_and_check(kernel, [77, 200], [77, 200], 4, head_dim, dtype, pad=0)
 
 
 @requires_cuda
@@ -187,11 +189,12 @@ def test_persimmon_shape(dtype, kernel):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_graph_replay_with_new_inputs(dtype, kernel):
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["hd64", "hd128"])
+def test_graph_replay_with_new_inputs(head_dim, dtype, kernel):
     """Captured once, then replayed over new contents of the same buffers: other prompts, lengths and
     prefixes (the same token count), as a captured prefill would be reused."""
-    expect_kernel(kernel, 64)
-    heads, head_dim, cache_len = 4, 64, 2100
+    expect_kernel(kernel, head_dim)
+    heads, cache_len = 4, 2100
     cases = [([300, 129, 40], [700, 129, 2048]), ([100, 329, 40], [1000, 400, 41]), ([1, 1, 467], [2000, 9, 467])]
     buffers = make_case(*cases[0], heads, head_dim, dtype, "cuda", cache_len=cache_len)
     q, k_cache, v_cache, cu, seq_lens = buffers
@@ -212,16 +215,16 @@ def test_graph_replay_with_new_inputs(dtype, kernel):
 @requires_cuda
 def test_kernel_choice(monkeypatch):
     """The environment picks the kernel where both exist; the wgmma kernel exists on Hopper (an sm_90a
-    build on a 9.0 GPU) for head_dim 64 only and is the default there; anything but the two names is an
+    build on a 9.0 GPU) for head_dim 64 and 128 and is the default there; anything but the two names is an
     error."""
     hopper = torch.cuda.get_device_capability() == (9, 0) and "90a" in ops.CUDA_ARCHS
-    monkeypatch.setenv(KERNEL_ENV, "wgmma")
-    assert ops.attention_prefill_kernel_name(64) == ("wgmma" if hopper else "mma_sync")
-    assert ops.attention_prefill_kernel_name(128) == "mma_sync"
-    monkeypatch.setenv(KERNEL_ENV, "mma_sync")
-    assert ops.attention_prefill_kernel_name(64) == "mma_sync"
-    monkeypatch.delenv(KERNEL_ENV)
-    assert ops.attention_prefill_kernel_name(64) == ("wgmma" if hopper else "mma_sync")    # the default
+    for head_dim in (64, 128):
+        monkeypatch.setenv(KERNEL_ENV, "wgmma")
+        assert ops.attention_prefill_kernel_name(head_dim) == ("wgmma" if hopper else "mma_sync")
+        monkeypatch.setenv(KERNEL_ENV, "mma_sync")
+        assert ops.attention_prefill_kernel_name(head_dim) == "mma_sync"
+        monkeypatch.delenv(KERNEL_ENV)
+        assert ops.attention_prefill_kernel_name(head_dim) == ("wgmma" if hopper else "mma_sync")  # the default
     monkeypatch.setenv(KERNEL_ENV, "fast")
     with pytest.raises(RuntimeError, match=KERNEL_ENV):
         ops.attention_prefill_kernel_name(64)

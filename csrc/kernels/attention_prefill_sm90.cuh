@@ -1,6 +1,6 @@
 // Causal flash attention of packed new tokens over their sequence's KV cache on Hopper (sm_90a): the op
 // of attention_prefill.cuh (semantics: persimmon_rt/reference.py::attention_prefill) on warpgroup MMA
-// fed by the bulk tensor copy engine. head_dim 64.
+// fed by the bulk tensor copy engine. head_dim 64 or 128.
 //
 // One block owns BLOCK_M = 64 * CONSUMERS consecutive queries of one (sequence, head), in warpgroups:
 // - warpgroup 0, the producer: one thread copies the block's Q tile once, then the K and V tiles of
@@ -16,6 +16,10 @@
 //   PINGPONG the consumers also take turns issuing (named barriers), so that one's softmax overlaps the
 //   others' products rather than coinciding with them.
 // The producer gives most of its registers to the consumers (setmaxnreg).
+//
+// head_dim 128: Q, K and V tiles are kept as two 64-column halves, each laid out exactly as a head_dim 64
+// tile (one 128-byte swizzle row per key or query, its own bulk copy). S = Q K^T walks the k steps of both
+// halves; O += P V is two m64n64k16 products per 16 keys, one per half of V, into the two halves of O.
 //
 // At head_dim 64 a tile's exponentials (MUFU, 16 a clock per SM) take about as long as its tensor-core
 // work, and the softmax's other instructions fill most of the remaining issue slots, so the config also
@@ -43,10 +47,11 @@ namespace attention {
 //   keys) instead of one FADD per element; they are then sums of P as rounded to T, as P V uses it.
 // - POLY_DEGREE: degree of exp2_poly's polynomial (3, 4 or 5).
 template <int CONSUMERS, int BLOCK_N, int STAGES, bool PINGPONG, int BLOCKS_PER_SM = 1, int EXP_POLY16 = 0,
-          int MAX_SLACK = -1, bool ROWSUM_MMA = false, int POLY_DEGREE = 3>
+          int MAX_SLACK = -1, bool ROWSUM_MMA = false, int POLY_DEGREE = 3, int HEAD_DIM = 64>
 struct PrefillSm90Config {
-  static constexpr int kHeadDim = 64;  // one 128-byte swizzle row per key / query
-  static constexpr int kRowBytes = kHeadDim * 2;
+  static constexpr int kHeadDim = HEAD_DIM;
+  static constexpr int kHalves = HEAD_DIM / 64;  // 64-column halves of a tile (above)
+  static constexpr int kRowBytes = 128;          // a key's or query's row within one half: one swizzle row
   static constexpr int kConsumers = CONSUMERS;
   static constexpr int kBlockM = 64 * CONSUMERS;
   static constexpr int kBlockN = BLOCK_N;
@@ -64,10 +69,13 @@ struct PrefillSm90Config {
   static constexpr bool kRowsumMma = ROWSUM_MMA;
   static constexpr int kPolyDegree = POLY_DEGREE;
   // Shared memory, byte offsets from a 1024-aligned base: Q, the K ring, the V ring, the tile of ones
-  // (ROWSUM_MMA), then the mbarriers (Q full; K full, V full, K empty, V empty per stage).
-  static constexpr int kTileBytes = kBlockN * kRowBytes;
+  // (ROWSUM_MMA), then the mbarriers (Q full; K full, V full, K empty, V empty per stage). Each Q tile and
+  // ring slot holds its halves one after the other.
+  static constexpr int kQHalfBytes = kBlockM * kRowBytes;
+  static constexpr int kHalfTileBytes = kBlockN * kRowBytes;
+  static constexpr int kTileBytes = kHalves * kHalfTileBytes;
   static constexpr int kQOffset = 0;
-  static constexpr int kKOffset = kBlockM * kRowBytes;
+  static constexpr int kKOffset = kHalves * kQHalfBytes;
   static constexpr int kVOffset = kKOffset + STAGES * kTileBytes;
   static constexpr int kOnesOffset = kVOffset + STAGES * kTileBytes;
   static constexpr int kOnesBytes = ROWSUM_MMA ? 1024 : 0;  // 8 rows of 128 bytes: B of m64n8k16, K-major
@@ -78,6 +86,7 @@ struct PrefillSm90Config {
   static constexpr int kConsumerBarrier = 1 + CONSUMERS;
 
   static_assert(BLOCK_N == 64 || BLOCK_N == 128, "S tiles are wgmma m64n64 or m64n128 (ptx_sm90.cuh)");
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "head_dim 64 or 128: one or two 64-column halves");
   static_assert(STAGES >= 2, "the producer fills one slot while the consumers read another");
   static_assert(kBlockM <= 256 && kBlockN <= 256, "a TMA box has at most 256 rows");
   static_assert(kConsumerBarrier <= 15, "named barrier ids end at 15");
@@ -93,7 +102,7 @@ struct PrefillSm90Config {
 // The Q, K and V tensor maps are built on the host per launch (they hold the global addresses) and passed
 // by value as a __grid_constant__ parameter, where the copy engine reads them.
 struct PrefillSm90Params {
-  CUtensorMap q_map;  // q as [T, H * D], boxes of [kBlockM, 64]
+  CUtensorMap q_map;  // q as [T, H * D], boxes of [kBlockM, 64] (one half of a tile)
   CUtensorMap k_map;  // k_cache as [B * S, H * D], boxes of [kBlockN, 64]
   CUtensorMap v_map;  // v_cache likewise
   PrefillParams p;
@@ -119,9 +128,10 @@ struct PrefillSm90Smem {
   __device__ uint64_t* v_full(int s) const { return bars() + 1 + Cfg::kStages + s; }
   __device__ uint64_t* k_empty(int s) const { return bars() + 1 + 2 * Cfg::kStages + s; }
   __device__ uint64_t* v_empty(int s) const { return bars() + 1 + 3 * Cfg::kStages + s; }
-  __device__ unsigned char* q() const { return base + Cfg::kQOffset; }
+  __device__ unsigned char* q() const { return base + Cfg::kQOffset; }  // half h at + h * kQHalfBytes
   __device__ unsigned char* k(int s) const { return base + Cfg::kKOffset + s * Cfg::kTileBytes; }
   __device__ unsigned char* v(int s) const { return base + Cfg::kVOffset + s * Cfg::kTileBytes; }
+  // (half h of a slot at + h * kHalfTileBytes)
   __device__ unsigned char* ones() const { return base + Cfg::kOnesOffset; }
 };
 
@@ -147,8 +157,10 @@ __device__ __forceinline__ void prefill_sm90_produce(const PrefillSm90Params& pr
   prefetch_tensor_map(&prm.k_map);
   prefetch_tensor_map(&prm.v_map);
   const int col = b.head * Cfg::kHeadDim;
-  mbar_arrive_expect_tx(sm.q_full(), Cfg::kBlockM * Cfg::kRowBytes);
-  tma_load_2d(sm.q(), &prm.q_map, col, b.q_begin + b.m0, sm.q_full());
+  mbar_arrive_expect_tx(sm.q_full(), Cfg::kHalves * Cfg::kQHalfBytes);
+#pragma unroll
+  for (int h = 0; h < Cfg::kHalves; ++h)
+    tma_load_2d(sm.q() + h * Cfg::kQHalfBytes, &prm.q_map, col + 64 * h, b.q_begin + b.m0, sm.q_full());
   int row = b.seq * prm.p.cache_len;  // the launcher checks B * S fits an int
   PrefillSm90Ring<Cfg::kStages> ring;
   for (int t = 0; t < b.n_tiles; ++t, row += Cfg::kBlockN, ring.advance()) {
@@ -156,10 +168,14 @@ __device__ __forceinline__ void prefill_sm90_produce(const PrefillSm90Params& pr
     const uint32_t empty_parity = ring.phase ^ 1;
     mbar_wait(sm.k_empty(s), empty_parity);
     mbar_arrive_expect_tx(sm.k_full(s), Cfg::kTileBytes);
-    tma_load_2d(sm.k(s), &prm.k_map, col, row, sm.k_full(s));
+#pragma unroll
+    for (int h = 0; h < Cfg::kHalves; ++h)
+      tma_load_2d(sm.k(s) + h * Cfg::kHalfTileBytes, &prm.k_map, col + 64 * h, row, sm.k_full(s));
     mbar_wait(sm.v_empty(s), empty_parity);
     mbar_arrive_expect_tx(sm.v_full(s), Cfg::kTileBytes);
-    tma_load_2d(sm.v(s), &prm.v_map, col, row, sm.v_full(s));
+#pragma unroll
+    for (int h = 0; h < Cfg::kHalves; ++h)
+      tma_load_2d(sm.v(s) + h * Cfg::kHalfTileBytes, &prm.v_map, col + 64 * h, row, sm.v_full(s));
   }
 }
 
@@ -332,26 +348,31 @@ __device__ __forceinline__ void prefill_sm90_softmax_tile(float (&s)[Cfg::kBlock
   }
 }
 
-// S = Q K^T for one key tile: head_dim / 16 k steps, each 32 bytes further along both operands' rows.
-// q_lo and k_lo: the low words of the tiles' descriptors (sw128_desc_lo).
+// S = Q K^T for one key tile: head_dim / 16 k steps, each 32 bytes further along both operands' rows (four
+// a half, then on to the next half). q_lo and k_lo: the low words of the tiles' descriptors (sw128_desc_lo).
 template <typename T, typename Cfg>
 __device__ __forceinline__ void prefill_sm90_scores(float (&s)[Cfg::kBlockN / 2], uint32_t q_lo, uint32_t k_lo) {
 #pragma unroll
-  for (int j = 0; j < Cfg::kHeadDim / 16; ++j)
-    sm90::WgmmaSS<T, Cfg::kBlockN>::run(s, sm90::sw128_desc_of_lo(q_lo + 2 * j), sm90::sw128_desc_of_lo(k_lo + 2 * j),
-                                         j > 0);
+  for (int j = 0; j < Cfg::kHeadDim / 16; ++j) {
+    const uint32_t q_at = q_lo + (j / 4) * (Cfg::kQHalfBytes >> 4) + 2 * (j % 4);
+    const uint32_t k_at = k_lo + (j / 4) * (Cfg::kHalfTileBytes >> 4) + 2 * (j % 4);
+    sm90::WgmmaSS<T, Cfg::kBlockN>::run(s, sm90::sw128_desc_of_lo(q_at), sm90::sw128_desc_of_lo(k_at), j > 0);
+  }
 }
 
-// O += P V for one key tile: BLOCK_N / 16 k steps of 16 keys, each 16 rows (2048 bytes) further into V;
-// with ROWSUM_MMA also the row sums of P into ls, from the ones tile.
+// O += P V for one key tile: BLOCK_N / 16 k steps of 16 keys, each 16 rows (2048 bytes) further into V,
+// one m64n64k16 per half of V into that half of O; with ROWSUM_MMA also the row sums of P into ls, from
+// the ones tile.
 template <typename T, typename Cfg>
-__device__ __forceinline__ void prefill_sm90_values(float (&o)[Cfg::kHeadDim / 2], float (&ls)[4],
+__device__ __forceinline__ void prefill_sm90_values(float (&o)[Cfg::kHalves][32], float (&ls)[4],
                                                     const uint32_t (&pa)[Cfg::kBlockN / 16][4], uint32_t v_lo,
                                                     uint32_t ones_lo) {
 #pragma unroll
   for (int kk = 0; kk < Cfg::kBlockN / 16; ++kk) {
-    sm90::WgmmaRS<T, Cfg::kHeadDim>::run(o, pa[kk], sm90::sw128_desc_of_lo(v_lo + kk * (16 * Cfg::kRowBytes >> 4)),
-                                         1);
+#pragma unroll
+    for (int h = 0; h < Cfg::kHalves; ++h)
+      sm90::WgmmaRS<T, 64>::run(
+          o[h], pa[kk], sm90::sw128_desc_of_lo(v_lo + ((h * Cfg::kHalfTileBytes + kk * 16 * Cfg::kRowBytes) >> 4)), 1);
     if constexpr (Cfg::kRowsumMma) sm90::WgmmaRSKMajor<T, 8>::run(ls, pa[kk], sm90::sw128_desc_of_lo(ones_lo), 1);
   }
 }
@@ -390,18 +411,20 @@ __device__ __forceinline__ void prefill_sm90_zero_tail(const PrefillSm90Block& b
   const int first_bad = b.kv_len - (b.n_tiles - 1) * Cfg::kBlockN;  // >= 1: the tile holds key pos0 + rows - 1
   if (first_bad >= Cfg::kBlockN) return;                             // the same in every consumer thread
   constexpr int kChunksPerRow = Cfg::kRowBytes / 16;
-  for (int i = first_bad * kChunksPerRow + c * 128 + int(threadIdx.x % 128); i < Cfg::kBlockN * kChunksPerRow;
-       i += 128 * Cfg::kConsumers)
-    *reinterpret_cast<uint4*>(v_tile + 16 * i) = make_uint4(0, 0, 0, 0);  // whole rows: the swizzle stays inside
+  for (int h = 0; h < Cfg::kHalves; ++h)
+    for (int i = first_bad * kChunksPerRow + c * 128 + int(threadIdx.x % 128); i < Cfg::kBlockN * kChunksPerRow;
+         i += 128 * Cfg::kConsumers)  // whole rows: the swizzle stays inside
+      *reinterpret_cast<uint4*>(v_tile + h * Cfg::kHalfTileBytes + 16 * i) = make_uint4(0, 0, 0, 0);
   sm90::fence_proxy_async_smem();
   sm90::named_barrier_sync<Cfg::kConsumerBarrier>(128 * Cfg::kConsumers);
 }
 
 // O / l, rounded to T, for this thread's two rows (those inside the block's queries). l: this thread's
-// share of the row sums (summed over the quad here), or with ROWSUM_MMA the whole sums.
+// share of the row sums (summed over the quad here), or with ROWSUM_MMA the whole sums. o[h][4i + 2r + e]
+// is column 64h + 8i + 2(lane % 4) + e of row r.
 template <typename T, typename Cfg>
 __device__ __forceinline__ void prefill_sm90_store(const PrefillParams& p, const PrefillSm90Block& b,
-                                                   const float (&o)[Cfg::kHeadDim / 2], const float (&l)[2], int row) {
+                                                   const float (&o)[Cfg::kHalves][32], const float (&l)[2], int row) {
   const int lane = threadIdx.x % 32;
   const int64_t tok_stride = int64_t(p.num_heads) * Cfg::kHeadDim;
   T* g_o = static_cast<T*>(p.out) + (b.q_begin + b.m0) * tok_stride + b.head * Cfg::kHeadDim + 2 * (lane % 4);
@@ -416,8 +439,11 @@ __device__ __forceinline__ void prefill_sm90_store(const PrefillParams& p, const
     if (row + 8 * r < b.rows) {
       T* dst = g_o + (row + 8 * r) * tok_stride;
 #pragma unroll
-      for (int i = 0; i < Cfg::kHeadDim / 8; ++i)
-        *reinterpret_cast<uint32_t*>(dst + 8 * i) = pack2<T>(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+      for (int h = 0; h < Cfg::kHalves; ++h)
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          *reinterpret_cast<uint32_t*>(dst + 64 * h + 8 * i) =
+              pack2<T>(o[h][4 * i + 2 * r] * inv, o[h][4 * i + 2 * r + 1] * inv);
     }
   }
 }
@@ -440,7 +466,7 @@ __device__ __forceinline__ void prefill_sm90_consume(const PrefillSm90Params& pr
   const int wg_pos0 = b.pos0 + 64 * c;
   const int n_full = wg_pos0 + 1 > 0 ? (wg_pos0 + 1) / BN : 0;  // tiles visible to every row: no mask
   const int col0 = 2 * (lane % 4);
-  const uint32_t q_lo = sw128_desc_lo(smem_addr(sm.q() + 64 * c * Cfg::kRowBytes));
+  const uint32_t q_lo = sw128_desc_lo(smem_addr(sm.q() + 64 * c * Cfg::kRowBytes));  // in half 0
   const uint32_t k_lo = sw128_desc_lo(smem_addr(sm.k(0)));
   const uint32_t v_lo = sw128_desc_lo(smem_addr(sm.v(0)));
   const uint32_t ones_lo = sw128_desc_lo(smem_addr(sm.ones()));
@@ -448,9 +474,11 @@ __device__ __forceinline__ void prefill_sm90_consume(const PrefillSm90Params& pr
 
   float s[BN / 2];
   uint32_t pa[BN / 16][4];
-  float o[Cfg::kHeadDim / 2];
+  float o[Cfg::kHalves][32];  // the m64n64 accumulators of each half of O
 #pragma unroll
-  for (int i = 0; i < Cfg::kHeadDim / 2; ++i) o[i] = 0.f;
+  for (int h = 0; h < Cfg::kHalves; ++h)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[h][i] = 0.f;
   float ls[4] = {0.f, 0.f, 0.f, 0.f};  // ROWSUM_MMA: the row sums, rows r and r + 8 in ls[0] and ls[2]
   PrefillSm90Rows rows{{-INFINITY, -INFINITY}, {0.f, 0.f}, {0.f, 0.f}, false};
 
@@ -464,7 +492,9 @@ __device__ __forceinline__ void prefill_sm90_consume(const PrefillSm90Params& pr
     if (v_free >= 0 && lane == 0) mbar_arrive(sm.v_empty(v_free));
     if (rows.rescale) {
 #pragma unroll
-      for (int i = 0; i < Cfg::kHeadDim / 2; ++i) o[i] *= rows.alpha[(i / 2) % 2];  // o[4j + 2r + e]: row r
+      for (int h = 0; h < Cfg::kHalves; ++h)
+#pragma unroll
+        for (int i = 0; i < 32; ++i) o[h][i] *= rows.alpha[(i / 2) % 2];  // o[h][4j + 2r + e]: row r
       if constexpr (Cfg::kRowsumMma)
 #pragma unroll
         for (int i = 0; i < 4; ++i) ls[i] *= rows.alpha[i / 2];
@@ -591,7 +621,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
 #endif
 }
 
-// Builds the tensor maps and launches. Preconditions (the caller checks): head_dim 64, num_tokens >= 1,
+// Builds the tensor maps and launches. Preconditions (the caller checks): head_dim Cfg::kHeadDim, num_tokens >= 1,
 // batch * cache_len in [1, INT32_MAX], tensors 16-byte aligned; a device and a build with sm_90a.
 template <typename T, typename Cfg>
 void launch_attention_prefill_sm90(const PrefillParams& p, int num_tokens, int batch, int max_q_len,

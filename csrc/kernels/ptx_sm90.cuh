@@ -183,6 +183,12 @@ __device__ __forceinline__ void reg_fence(float (&r)[N]) {
 }
 
 template <int N, int M>
+__device__ __forceinline__ void reg_fence(float (&r)[N][M]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) reg_fence(r[i]);
+}
+
+template <int N, int M>
 __device__ __forceinline__ void reg_fence(uint32_t (&r)[N][M]) {
 #pragma unroll
   for (int i = 0; i < N; ++i)
