@@ -132,8 +132,8 @@ PrefillKernel requested_prefill_kernel() {
 // The kernel attention_prefill runs for head_dim on the current device: wgmma where requested and
 // available (an sm_90a build on a 9.0 device, head_dim 64 or 128), mma.sync otherwise.
 PrefillKernel prefill_kernel(int head_dim) {
-  const bool wgmma_fits = kBuiltForSm90a && (head_dim == PrefillSm90Tile64::kHeadDim || head_dim == PrefillSm90Tile128::kHeadDim) &&
-                          device_compute_capability() == 90;
+  const bool wgmma_head_dim = head_dim == PrefillSm90Tile64::kHeadDim || head_dim == PrefillSm90Tile128::kHeadDim;
+  const bool wgmma_fits = kBuiltForSm90a && wgmma_head_dim && device_compute_capability() == 90;
   return requested_prefill_kernel() == PrefillKernel::kWgmma && wgmma_fits ? PrefillKernel::kWgmma
                                                                            : PrefillKernel::kMmaSync;
 }

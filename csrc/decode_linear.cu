@@ -58,8 +58,8 @@ constexpr ShapeRule kShapeRules[] = {
     {16384, 4096, false, 0, 0, 6},   // MLP up: c6 37.6 us against 46.2 at 16 rows
     {4096, 16384, false, 2, 1, 9},   // MLP down: c2 32.6 / c1 32.5 us against 42.6 (1 / 8 rows); c9 39.1 against 42.1 at 16
     {262144, 4096, false, 5, 0, 6},  // lm_head: c5 472 us against 497 at one row; c6 558 against 609 at 16
-    // One rank of TP=2 (--sweep --tp 2): run H for 1 and 8 rows (QKV, dense and lm_head keep the defaults
-    // there, within 1 %); 16 rows from the sixth session's sweep (run T8, the persistent c9 did not exist at H).
+    // One rank of TP=2 (--sweep --tp 2): 1 and 8 rows from run H (QKV, dense and lm_head keep the defaults
+    // there, within 1 %), 16 rows from run T8 (which had the persistent c9; run H did not).
     {6144, 4096, false, 0, 0, 6},    // QKV: c6 15.5 us against 17.8 at 16 rows
     {4096, 2048, false, 0, 0, 6},    // dense: c6 7.1 us against 7.7
     {8192, 4096, false, 4, 4, 9},    // MLP up: c4 16.8 / 17.6 us against 18.5 / 19.1 (1 / 8 rows); c9 21.9 against 28.2

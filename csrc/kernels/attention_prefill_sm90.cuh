@@ -128,10 +128,10 @@ struct PrefillSm90Smem {
   __device__ uint64_t* v_full(int s) const { return bars() + 1 + Cfg::kStages + s; }
   __device__ uint64_t* k_empty(int s) const { return bars() + 1 + 2 * Cfg::kStages + s; }
   __device__ uint64_t* v_empty(int s) const { return bars() + 1 + 3 * Cfg::kStages + s; }
-  __device__ unsigned char* q() const { return base + Cfg::kQOffset; }  // half h at + h * kQHalfBytes
+  // Half h of the Q tile at q() + h * kQHalfBytes, of a K or V slot at k(s) / v(s) + h * kHalfTileBytes.
+  __device__ unsigned char* q() const { return base + Cfg::kQOffset; }
   __device__ unsigned char* k(int s) const { return base + Cfg::kKOffset + s * Cfg::kTileBytes; }
   __device__ unsigned char* v(int s) const { return base + Cfg::kVOffset + s * Cfg::kTileBytes; }
-  // (half h of a slot at + h * kHalfTileBytes)
   __device__ unsigned char* ones() const { return base + Cfg::kOnesOffset; }
 };
 
@@ -621,8 +621,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kBlocksPerSm)
 #endif
 }
 
-// Builds the tensor maps and launches. Preconditions (the caller checks): head_dim Cfg::kHeadDim, num_tokens >= 1,
-// batch * cache_len in [1, INT32_MAX], tensors 16-byte aligned; a device and a build with sm_90a.
+// Builds the tensor maps and launches. Preconditions (the caller checks): head_dim Cfg::kHeadDim,
+// num_tokens >= 1, batch * cache_len in [1, INT32_MAX], tensors 16-byte aligned; a device and a build with sm_90a.
 template <typename T, typename Cfg>
 void launch_attention_prefill_sm90(const PrefillParams& p, int num_tokens, int batch, int max_q_len,
                                    cudaStream_t stream) {
