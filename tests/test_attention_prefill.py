@@ -138,10 +138,11 @@ def test_single_sequence(n, head_dim, dtype, kernel):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["hd64", "hd128"])
 @pytest.mark.parametrize("n", [8192, 16384])
-def test_long_sequence(n, dtype, kernel):
+def test_long_sequence(n, head_dim, dtype, kernel):
     """Prompts as long as the engine's: 16K tokens, all of it in one chunk."""
-    run_and_check(kernel, [n], [n], 2, 64, dtype)
+    run_and_check(kernel, [n], [n], 2, head_dim, dtype)
 
 
 @requires_cuda
