@@ -27,6 +27,22 @@ out="${OUT:-gpu-logs}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 pytest=(python3 -m pytest -q -rs -p no:cacheprovider)
+sanitize_limit=${SANITIZE_TIMEOUT:-400}
+sanitize_tools=${SANITIZE_TOOLS:-memcheck racecheck synccheck}
+
+# sanitize LOG TOOL COMMAND...: COMMAND under compute-sanitizer's TOOL, within sanitize_limit seconds, into
+# $out/LOG_TOOL.log; prints its exit status, its last lines and what it reported outside cuBLAS. racecheck
+# does not set the exit status: it reports hazards inside cuBLAS's own GEMMs (nvjet_*, which the tests call
+# for their low-precision baselines), which are not ours.
+sanitize() {
+  local log="$out/$1_$2.log" tool=$2 flags=(--error-exitcode 1)
+  shift 2
+  [ "$tool" = racecheck ] && flags=()
+  timeout "$sanitize_limit" compute-sanitizer --tool "$tool" "${flags[@]}" "$@" > "$log" 2>&1
+  local rc=$?
+  echo "$(basename "$log" .log): exit $rc"; tail -3 "$log"
+  grep -E "Race reported|Error:" "$log" | grep -v nvjet_ | sort | uniq -c | head -20
+}
 
 for mode in "$@"; do
   start=$(date +%s)
@@ -58,37 +74,21 @@ for mode in "$@"; do
     sanitize)
       "$0" sanitize-generate sanitize-ops ;;
     sanitize-generate)
-      limit=${SANITIZE_TIMEOUT:-400}
-      for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
-        flags=(--error-exitcode 1); [ "$tool" = racecheck ] && flags=()  # cuBLAS's own hazards: see sanitize-ops
-        timeout "$limit" compute-sanitizer --tool "$tool" "${flags[@]}" python3 scripts/sanitize_generate.py \
-          > "$out/sanitize_generate_$tool.log" 2>&1
-        echo "sanitize_generate $tool: exit $?"; tail -3 "$out/sanitize_generate_$tool.log"
-        grep -E "Race reported|Error:" "$out/sanitize_generate_$tool.log" | grep -v nvjet_ | sort | uniq -c | head -20
-      done ;;
+      for tool in $sanitize_tools; do sanitize sanitize_generate "$tool" python3 scripts/sanitize_generate.py; done ;;
     sanitize-ops)
-      limit=${SANITIZE_TIMEOUT:-400}
-      ops=(tests/test_layernorm.py tests/test_bias_relu2.py tests/test_qk_norm_rope_cache.py
-           tests/test_attention_prefill.py tests/test_attention_decode.py tests/test_qkv_attention_decode.py
-           tests/test_decode_linear.py tests/test_int8_cuda.py)
+      # The attention and GEMV kernels first, in case the time limit stops a slow tool.
+      ops=(tests/test_attention_decode.py tests/test_qkv_attention_decode.py tests/test_attention_prefill.py
+           tests/test_decode_linear.py tests/test_int8_cuda.py tests/test_layernorm.py tests/test_bias_relu2.py
+           tests/test_qk_norm_rope_cache.py)
       small="awkward_shape_every_epilogue or packed_sequences or chunked_prefill or mixed_lengths or single_split
              or batch8_with_idle_rows or all_rows_idle or (dequantize_kernel and 83) or kernel_matches_reference"
-      # racecheck runs the shared-memory kernels tens of times slower: fp16, one epilogue of each GEMV; its
-      # hazards inside cuBLAS (nvjet_*, the tests' low-precision baselines) are not ours and are filtered out.
+      # racecheck runs the shared-memory kernels tens of times slower: fp16 and one epilogue of each GEMV.
       race="(awkward_shape_every_epilogue and bias1 and res1 and dtype0) or (packed_sequences and fp16)
             or (chunked_prefill and fp16) or mixed_lengths or single_split or batch8_with_idle_rows or all_rows_idle
             or (kernel_matches_reference and float16)"
-      # racecheck: the attention and GEMV kernels first, in case the time limit stops it.
-      race_ops=(tests/test_attention_decode.py tests/test_qkv_attention_decode.py tests/test_attention_prefill.py
-                tests/test_decode_linear.py tests/test_int8_cuda.py tests/test_layernorm.py tests/test_bias_relu2.py
-                tests/test_qk_norm_rope_cache.py)
-      for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
-        if [ "$tool" = racecheck ]; then flags=(); tests=("${race_ops[@]}" -k "$(echo $race)")
-        else flags=(--error-exitcode 1); tests=("${ops[@]}" -k "$(echo $small)"); fi
-        timeout "$limit" compute-sanitizer --tool "$tool" "${flags[@]}" "${pytest[@]}" "${tests[@]}" \
-          > "$out/sanitize_ops_$tool.log" 2>&1
-        echo "sanitize_ops $tool: exit $?"; tail -3 "$out/sanitize_ops_$tool.log"
-        grep -E "Race reported|ERROR SUMMARY|Error:" "$out/sanitize_ops_$tool.log" | grep -v nvjet_ | sort | uniq -c | head -20
+      for tool in $sanitize_tools; do
+        filter=$small; [ "$tool" = racecheck ] && filter=$race
+        sanitize sanitize_ops "$tool" "${pytest[@]}" "${ops[@]}" -k "$(echo $filter)"
       done ;;
     prefill)
       export PERSIMMON_RT_PREFILL_ATTENTION=wgmma
