@@ -23,7 +23,10 @@ bandwidth. One compact table: pick the fastest config per shape and M into kShap
 (csrc/decode_linear.cu). Run it twice, with PERSIMMON_RT_PDL=0 and without, to see what the
 programmatic dependent launch is worth.
 
-    python benchmarks/bench_decode_linear.py --sweep [--rows 1 8 16] [--tp 2]
+    python benchmarks/bench_decode_linear.py --sweep [--rows 1 8 16] [--tp 2] [--fold | --prologue]
+
+With --fold the sweep takes QKV, MLP-up and lm_head with their LayerNorm folded in
+(decode_linear_folded_ln, as the engine's one-GPU decode calls them).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from persimmon_rt import ops, reference  # ops imports the extension (registers torch.ops.persimmon_rt)
+from persimmon_rt.folded_layernorm import fold_layernorm
 from timing import median_ms
 
 # name: (N, K, bias, residual, relu2, fp32 out)
@@ -167,15 +171,25 @@ PROLOGUE_SHAPES = {
 }
 
 
+# The projections after a LayerNorm with it folded in (decode_linear_folded_ln, the engine's one-GPU decode).
+FOLD_SHAPES = {
+    "qkv+fold": (12288, 4096, True, False, False, False, True),
+    "up+fold+relu2": (16384, 4096, True, False, True, False, True),
+    "lm_head+fold": (262144, 4096, False, False, False, True, True),
+}
+
+
 # Which dim of each shape a tensor-parallel rank holds 1/tp of (sharding.py): column-parallel N, row-parallel K.
 TP_SPLIT = {"qkv": "N", "dense": "K", "up+relu2": "N", "down": "K", "lm_head": "N", "qkv+LN": "N",
-            "dense+res": "K", "up+LN+relu2": "N", "down+res": "K", "lm_head+LN": "N"}
+            "dense+res": "K", "up+LN+relu2": "N", "down+res": "K", "lm_head+LN": "N", "qkv+fold": "N",
+            "up+fold+relu2": "N", "lm_head+fold": "N"}
 
 
 def sweep_shape(name, M, dtype, launches, reps, tp=1):
     """{config: seconds per call} for config -1 (default) and every config taking M rows, plus cuBLAS; the
     shape one rank of a `tp`-way tensor-parallel group runs."""
-    N, K, has_bias, has_res, relu2, fp32_out, ln = {**SWEEP_SHAPES, **PROLOGUE_SHAPES}[name]
+    N, K, has_bias, has_res, relu2, fp32_out, ln = {**SWEEP_SHAPES, **PROLOGUE_SHAPES, **FOLD_SHAPES}[name]
+    fold = name in FOLD_SHAPES
     N, K = (N // tp, K) if TP_SPLIT[name] == "N" else (N, K // tp)
     dev = "cuda"
     w_bytes = N * K * dtype.itemsize
@@ -196,9 +210,16 @@ def sweep_shape(name, M, dtype, launches, reps, tp=1):
     configs = [-1] + [i for i, n in enumerate(ops.DECODE_LINEAR_CONFIGS) if int(n.split()[0][1:]) >= M]
     times = {}
     n_launch = max(launches, nbuf)
+    # Every rotated weight stands for the first here: the fold's constants are those of weights[0] (the time
+    # does not depend on their values).
+    f = fold_layernorm(weights[0], ln_w, ln_b, bias) if fold else None
     for config in configs:
         def call(i, config=config):
-            op.decode_linear(x, weights[i % nbuf], bias, residual, out, relu2, ln_w, ln_b, 1e-5, config)
+            if fold:
+                op.decode_linear_folded_ln(x, weights[i % nbuf], f.ln_weight, f.scale, f.shift, residual, out, relu2,
+                                           1e-5, f.unscale, config)
+            else:
+                op.decode_linear(x, weights[i % nbuf], bias, residual, out, relu2, ln_w, ln_b, 1e-5, config)
         call(0)
         err = ((out.float() - want).norm() / want.norm()).item()
         assert err < 1e-2, f"{name} M={M} config {config}: relative error {err:.2e}"
@@ -218,7 +239,7 @@ def run_sweep(args, dtype):
               + " | ".join(f"c{i} us" for i in range(len(names))) + " |")
     lines = []
     for M in args.rows:
-        for name in PROLOGUE_SHAPES if args.prologue else SWEEP_SHAPES:
+        for name in PROLOGUE_SHAPES if args.prologue else FOLD_SHAPES if args.fold else SWEEP_SHAPES:
             w_bytes, t = sweep_shape(name, M, dtype, args.launches, args.reps, args.tp)
             ours = {k: v for k, v in t.items() if isinstance(k, int) and k >= 0}
             best = min(ours, key=ours.get)
@@ -247,6 +268,8 @@ def main():
     parser.add_argument("--tp", type=int, default=1, help="sweep the shapes of one rank of TP=N (default 1)")
     parser.add_argument("--prologue", action="store_true",
                         help="sweep the shapes with the LayerNorm prologue / residual epilogue (not the engine's)")
+    parser.add_argument("--fold", action="store_true",
+                        help="sweep QKV, MLP-up and lm_head with the LayerNorm folded in (the engine's decode)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)

@@ -5,6 +5,7 @@
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --use_fast_math -Icsrc \
 //        -o build/dev/decode_linear_variants benchmarks/decode_linear_variants.cu
 //   build/dev/decode_linear_variants            # all shapes, M = 1, 8, 16, 32
+//   build/dev/decode_linear_variants 16 32      # only these M
 //
 // Timing: a CUDA graph of kLaunches launches, each on the next of several weight buffers (together
 // well over the 50 MB L2), replayed kReps times; the median replay / kLaunches is one launch.
@@ -130,7 +131,7 @@ float time_graph(cudaStream_t s, F fn) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   cudaStream_t s;
@@ -164,8 +165,20 @@ int main() {
       variant<2, 2, 4, 8, 2, true>(),  variant<1, 2, 4, 16, 1, true>(),  variant<1, 4, 2, 8, 2, true>(),
       variant<1, 4, 2, 8, 3, true>(),  variant<1, 4, 4, 8, 2, true>(),  variant<1, 4, 1, 8, 4, true>(),
       variant<1, 4, 2, 16, 1, true>(),
+      // 16 and 32 rows with 2 or 4 tiles a block: each x fragment serves more weight rows, so the x
+      // re-read from L2 per weight byte falls by RT (RT * MT * WARPS <= 96 keeps the partial sums within
+      // 48 KB of static shared memory).
+      variant<2, 2, 2, 16, 1, true>(), variant<2, 2, 1, 8, 3, true>(), variant<4, 2, 1, 8, 2, true>(),
+      variant<4, 2, 2, 8, 1, true>(),  variant<4, 2, 2, 4, 3, true>(), variant<4, 2, 1, 4, 4, true>(),
+      variant<2, 4, 1, 8, 2, true>(),  variant<2, 4, 2, 8, 1, true>(), variant<2, 4, 1, 4, 4, true>(),
+      variant<4, 4, 1, 4, 3, true>(),  variant<4, 4, 2, 4, 2, true>(),
   };
-  const int ms_[] = {1, 8, 16, 32};
+  // Rows to run: the command line's (e.g. `16 32`), else all.
+  std::vector<int> ms_ = {1, 8, 16, 32};
+  if (argc > 1) {
+    ms_.clear();
+    for (int i = 1; i < argc; ++i) ms_.push_back(std::atoi(argv[i]));
+  }
 
   printf("%-22s %3s  %-22s %9s %8s %7s %9s\n", "shape", "M", "variant", "us", "GB/s", "%copy", "max_err");
   int failures = 0;

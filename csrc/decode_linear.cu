@@ -95,15 +95,20 @@ void launch(const DecodeLinearParams& p, DType dtype, bool out_fp32, cudaStream_
   PRT_REQUIRE(p.M <= Cfg::kMaxM, "config " + config_name<Cfg>() + " takes at most " + std::to_string(Cfg::kMaxM) +
                                      " rows, got " + std::to_string(p.M));
   const int tiles = static_cast<int>(ceil_div(p.N, Cfg::kRowsPerBlock));
-  const bool ln = p.ln_weight != nullptr;
+  const bool fold = p.ln_fold_scale != nullptr;
+  const bool ln = p.ln_weight != nullptr && !fold;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const auto run = [&](auto kernel, int grid) {
-      launch_kernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(Cfg::kThreads), 0, stream, /*pdl=*/true, p);
+    const auto run = [&](auto kernel, int grid, size_t smem = 0) {
+      if (smem > 0) {
+        PRT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      }
+      launch_kernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(Cfg::kThreads), smem, stream, /*pdl=*/true, p);
     };
-    // With the LayerNorm prologue a pipelined configuration runs the one-stage loop of its tile shape.
+    // With a LayerNorm (prologue or folded) a pipelined configuration runs the one-stage loop of its tile
+    // shape.
     if constexpr (IsPipelined<Cfg>::value) {
-      if (!ln) {
+      if (!ln && !fold) {
         // One persistent wave: MIN_BLOCKS per SM, which the launch bounds leave room for, each with a tile.
         const int grid = Cfg::PERSISTENT ? std::min(tiles, Cfg::MIN_BLOCKS * multiprocessors()) : tiles;
         out_fp32 ? run(gemv::decode_linear_pipelined_kernel<T, float, Cfg>, grid)
@@ -111,7 +116,11 @@ void launch(const DecodeLinearParams& p, DType dtype, bool out_fp32, cudaStream_
         return;
       }
     }
-    if (out_fp32) {
+    if (fold) {
+      const size_t smem = static_cast<size_t>(p.M) * gemv::fold_stage_stride(p.K) * sizeof(T);
+      out_fp32 ? run(gemv::decode_linear_kernel<T, float, Cfg, false, true>, tiles, smem)
+               : run(gemv::decode_linear_kernel<T, T, Cfg, false, true>, tiles, smem);
+    } else if (out_fp32) {
       ln ? run(gemv::decode_linear_kernel<T, float, Cfg, true>, tiles)
          : run(gemv::decode_linear_kernel<T, float, Cfg, false>, tiles);
     } else {
@@ -136,26 +145,58 @@ std::vector<std::string> names(std::index_sequence<I...>) {
 
 std::vector<std::string> decode_linear_config_names() { return names(std::make_index_sequence<kNumConfigs>{}); }
 
-void launch_decode_linear(const void* x, const void* weight, const void* bias, const void* residual, void* out,
-                          const void* ln_weight, const void* ln_bias, float eps, int64_t ldx, int M, int N, int K,
-                          bool relu2, DType dtype, bool out_fp32, int config, cudaStream_t stream) {
+namespace {
+
+void check_gemv_shape(const void* x, const void* weight, int64_t ldx, int M, int N, int K, int config) {
   PRT_REQUIRE(M >= 1 && M <= kDecodeLinearMaxRows, "M must be in [1, " + std::to_string(kDecodeLinearMaxRows) + "]");
   PRT_REQUIRE(N >= 1, "N must be >= 1");
   PRT_REQUIRE(K >= 8 && K % kVec == 0, "K must be a positive multiple of 8");
   PRT_REQUIRE(ldx >= K && ldx % kVec == 0, "x row stride must be >= K and a multiple of 8");
   PRT_REQUIRE(reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(weight) % 16 == 0,
               "x and weight must be 16-byte aligned");
+  PRT_REQUIRE(config >= -1 && config < kNumConfigs,
+              "config must be -1 or in [0, " + std::to_string(kNumConfigs) + "), got " + std::to_string(config));
+}
+
+}  // namespace
+
+void launch_decode_linear(const void* x, const void* weight, const void* bias, const void* residual, void* out,
+                          const void* ln_weight, const void* ln_bias, float eps, int64_t ldx, int M, int N, int K,
+                          bool relu2, DType dtype, bool out_fp32, int config, cudaStream_t stream) {
+  check_gemv_shape(x, weight, ldx, M, N, K, config);
   PRT_REQUIRE(ln_bias == nullptr || ln_weight != nullptr, "ln_bias needs ln_weight");
   PRT_REQUIRE(ln_weight == nullptr || (reinterpret_cast<uintptr_t>(ln_weight) % 16 == 0 &&
                                        reinterpret_cast<uintptr_t>(ln_bias) % 16 == 0),
               "ln_weight and ln_bias must be 16-byte aligned");
-  PRT_REQUIRE(config >= -1 && config < kNumConfigs,
-              "config must be -1 or in [0, " + std::to_string(kNumConfigs) + "), got " + std::to_string(config));
   DecodeLinearParams p{x, weight, bias, residual, out, ldx, M, N, K, relu2};
   p.ln_weight = ln_weight;
   p.ln_bias = ln_bias;
   p.eps = eps;
   launch_config(config < 0 ? choose_config(M, N, K, ln_weight != nullptr) : config, p, dtype, out_fp32, stream,
+                std::make_index_sequence<kNumConfigs>{});
+}
+
+void launch_decode_linear_folded_ln(const void* x, const void* weight, const void* ln_weight, const float* fold_scale,
+                                    const float* fold_shift, float unscale, const void* residual, void* out, float eps,
+                                    int64_t ldx, int M, int N, int K, bool relu2, DType dtype, bool out_fp32,
+                                    int config, cudaStream_t stream) {
+  check_gemv_shape(x, weight, ldx, M, N, K, config);
+  PRT_REQUIRE(ln_weight != nullptr && fold_scale != nullptr && fold_shift != nullptr,
+              "the folded LayerNorm needs ln_weight, fold_scale and fold_shift");
+  PRT_REQUIRE(reinterpret_cast<uintptr_t>(ln_weight) % 16 == 0, "ln_weight must be 16-byte aligned");
+  PRT_REQUIRE(K % kFoldedLnKMultiple == 0,
+              "the folded LayerNorm needs K a multiple of " + std::to_string(kFoldedLnKMultiple));
+  const int64_t smem = static_cast<int64_t>(M) * gemv::fold_stage_stride(K) * 2;  // fp16 and bf16 alike
+  PRT_REQUIRE(smem <= kFoldedLnMaxStageBytes, "the folded LayerNorm stages M x (K + 8) activations in shared memory: " +
+                                                  std::to_string(smem) + " bytes, at most " +
+                                                  std::to_string(kFoldedLnMaxStageBytes));
+  DecodeLinearParams p{x, weight, nullptr, residual, out, ldx, M, N, K, relu2};
+  p.ln_weight = ln_weight;
+  p.eps = eps;
+  p.ln_fold_scale = fold_scale;
+  p.ln_fold_shift = fold_shift;
+  p.ln_fold_unscale = unscale;
+  launch_config(config < 0 ? choose_config(M, N, K, true) : config, p, dtype, out_fp32, stream,
                 std::make_index_sequence<kNumConfigs>{});
 }
 

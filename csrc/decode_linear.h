@@ -14,6 +14,11 @@
 namespace persimmon_rt {
 
 constexpr int kDecodeLinearMaxRows = 16;
+// The folded LayerNorm (launch_decode_linear_folded_ln) stages x * ln_weight, M rows of K + 8 elements, in
+// shared memory: at most this many bytes (16 rows of 4096; with the kernel's own up to 16 KB, within the
+// per-block limit of sm_80 and sm_90 GPUs), and K a multiple of this.
+constexpr int kFoldedLnMaxStageBytes = 144 * 1024;
+constexpr int kFoldedLnKMultiple = 256;
 
 // Names of the compiled tile configurations, indexed by launch_decode_linear's `config` (for sweeps:
 // benchmarks/bench_decode_linear.py --sweep); each states the most rows it takes ("m8 ...", "m16 ...").
@@ -36,5 +41,17 @@ void launch_decode_linear(const void* x,          // [M, K]  row stride ldx elem
                           const void* ln_bias,    // [K]  or nullptr; only with ln_weight
                           float eps, int64_t ldx, int M, int N, int K, bool relu2, DType dtype, bool out_fp32,
                           int config, cudaStream_t stream);
+
+// The decode GEMV with its LayerNorm folded into the weight-side constants (reference.py:
+// decode_linear_folded_ln): out = act(unscale * rstd * (round(x * ln_weight) W^T - mean * fold_scale) +
+// fold_shift) + residual, mean and rstd x's row statistics over K (fp32, eps). With fold_scale = W ln_weight
+// and fold_shift = W ln_bias + bias (fp32) it is act(LN(x) W^T + bias) + residual, but no block waits for the
+// statistics before streaming weights. Preconditions as launch_decode_linear, and K % kFoldedLnKMultiple == 0,
+// M * (K + 8) * element size <= kFoldedLnMaxStageBytes; ln_weight [K] of `dtype`, 16-byte aligned; fold_scale and
+// fold_shift fp32 [N].
+void launch_decode_linear_folded_ln(const void* x, const void* weight, const void* ln_weight, const float* fold_scale,
+                                    const float* fold_shift, float unscale, const void* residual, void* out, float eps,
+                                    int64_t ldx, int M, int N, int K, bool relu2, DType dtype, bool out_fp32,
+                                    int config, cudaStream_t stream);
 
 }  // namespace persimmon_rt

@@ -6,6 +6,7 @@
 
 #include <Python.h>
 
+#include <cmath>
 #include <cstdint>
 #include <exception>
 #include <optional>
@@ -300,39 +301,40 @@ bool overlap(const Tensor& a, const Tensor& b) {
 }
 
 void check_decode_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& residual,
-                         const Tensor& out, const OptTensor& ln_weight, const OptTensor& ln_bias) {
-  TORCH_CHECK(x.dim() == 2, kDl, ": x must have shape [M, K], got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 2, kDl, ": weight must have shape [N, K], got ", weight.sizes());
+                         const Tensor& out, const OptTensor& ln_weight, const OptTensor& ln_bias,
+                         const char* op = kDl) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must have shape [M, K], got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must have shape [N, K], got ", weight.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const at::ScalarType dt = x.scalar_type();
-  activation_dtype(kDl, x, "x");
-  TORCH_CHECK(M >= 1 && M <= kDecodeLinearMaxRows, kDl, ": x must have 1 to ", kDecodeLinearMaxRows,
+  activation_dtype(op, x, "x");
+  TORCH_CHECK(M >= 1 && M <= kDecodeLinearMaxRows, op, ": x must have 1 to ", kDecodeLinearMaxRows,
               " rows (M, the decode batch), got ", M);
-  TORCH_CHECK(K >= 8 && K % 8 == 0 && K <= INT32_MAX, kDl, ": K must be a positive multiple of 8, got ", K);
-  TORCH_CHECK(N >= 1 && N <= INT32_MAX, kDl, ": weight must have 1 to 2^31 - 1 rows (N), got ", N);
+  TORCH_CHECK(K >= 8 && K % 8 == 0 && K <= INT32_MAX, op, ": K must be a positive multiple of 8, got ", K);
+  TORCH_CHECK(N >= 1 && N <= INT32_MAX, op, ": weight must have 1 to 2^31 - 1 rows (N), got ", N);
   // Rows are read with 16-byte loads: unit column stride, row stride a multiple of 8 elements.
-  TORCH_CHECK(x.stride(1) == 1 && (M == 1 || (x.stride(0) % 8 == 0 && x.stride(0) >= K)), kDl,
+  TORCH_CHECK(x.stride(1) == 1 && (M == 1 || (x.stride(0) % 8 == 0 && x.stride(0) >= K)), op,
               ": x must have a unit column stride and a row stride >= K that is a multiple of 8, got strides ",
               x.strides());
-  check_shape(kDl, weight, "weight", "[N, K] (K as x)", {N, K});
-  if (bias.has_value()) check_shape(kDl, *bias, "bias", "[N]", {N});
-  if (residual.has_value()) check_shape(kDl, *residual, "residual", "[M, N]", {M, N});
-  check_shape(kDl, out, "out", "[M, N]", {M, N});
-  TORCH_CHECK(ln_weight.has_value() || !ln_bias.has_value(), kDl, ": ln_bias needs ln_weight (the LayerNorm prologue)");
-  if (ln_weight.has_value()) check_shape(kDl, *ln_weight, "ln_weight", "[K]", {K});
-  if (ln_bias.has_value()) check_shape(kDl, *ln_bias, "ln_bias", "[K]", {K});
-  TORCH_CHECK(out.scalar_type() == dt || out.scalar_type() == at::kFloat, kDl, ": out must be ", dt,
+  check_shape(op, weight, "weight", "[N, K] (K as x)", {N, K});
+  if (bias.has_value()) check_shape(op, *bias, "bias", "[N]", {N});
+  if (residual.has_value()) check_shape(op, *residual, "residual", "[M, N]", {M, N});
+  check_shape(op, out, "out", "[M, N]", {M, N});
+  TORCH_CHECK(ln_weight.has_value() || !ln_bias.has_value(), op, ": ln_bias needs ln_weight (the LayerNorm prologue)");
+  if (ln_weight.has_value()) check_shape(op, *ln_weight, "ln_weight", "[K]", {K});
+  if (ln_bias.has_value()) check_shape(op, *ln_bias, "ln_bias", "[K]", {K});
+  TORCH_CHECK(out.scalar_type() == dt || out.scalar_type() == at::kFloat, op, ": out must be ", dt,
               " (as x) or float32, got ", out.scalar_type());
-  check_args(kDl, x,
+  check_args(op, x,
              {arg("x", x, dt, kAligned16), arg("weight", weight, dt, kContiguous | kAligned16),
               arg("bias", bias, dt, kContiguous), arg("residual", residual, dt, kContiguous),
               arg("out", out, std::nullopt, kContiguous), arg("ln_weight", ln_weight, dt, kContiguous | kAligned16),
               arg("ln_bias", ln_bias, dt, kContiguous | kAligned16)});
   // Each output element is read from residual and written by the same thread: exact aliasing is fine.
-  TORCH_CHECK(!residual.has_value() || residual->data_ptr() == out.data_ptr() || !overlap(*residual, out), kDl,
+  TORCH_CHECK(!residual.has_value() || residual->data_ptr() == out.data_ptr() || !overlap(*residual, out), op,
               ": residual must be out itself or not overlap it");
   // Blocks write out while others still read x.
-  TORCH_CHECK(!overlap(x, out), kDl, ": x must not overlap out");
+  TORCH_CHECK(!overlap(x, out), op, ": x must not overlap out");
 }
 
 void decode_linear_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& residual,
@@ -349,6 +351,31 @@ void decode_linear_cuda(const Tensor& x, const Tensor& weight, const OptTensor& 
                        static_cast<int>(M), static_cast<int>(weight.size(0)), static_cast<int>(K), relu2,
                        activation_dtype(kDl, x, "x"), out.scalar_type() == at::kFloat, static_cast<int>(config),
                        current_stream());
+}
+
+constexpr const char* kDlf = "decode_linear_folded_ln";
+
+void decode_linear_folded_ln_cuda(const Tensor& x, const Tensor& weight, const Tensor& ln_weight,
+                                  const Tensor& fold_scale, const Tensor& fold_shift, const OptTensor& residual,
+                                  Tensor& out, bool relu2, double eps, double unscale, int64_t config) {
+  check_decode_linear(x, weight, std::nullopt, residual, out, ln_weight, std::nullopt, kDlf);
+  const int64_t N = weight.size(0);
+  check_shape(kDlf, fold_scale, "fold_scale", "[N]", {N});
+  check_shape(kDlf, fold_shift, "fold_shift", "[N]", {N});
+  check_args(kDlf, x, {arg("fold_scale", fold_scale, at::kFloat, kContiguous),
+                       arg("fold_shift", fold_shift, at::kFloat, kContiguous)});
+  TORCH_CHECK(std::isfinite(unscale) && unscale > 0, kDlf, ": unscale must be positive and finite, got ", unscale);
+  const int64_t num_configs = static_cast<int64_t>(decode_linear_config_names().size());
+  TORCH_CHECK(config >= -1 && config < num_configs, kDlf, ": config must be -1 (per-shape choice) or in [0, ",
+              num_configs, "), got ", config);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  launch_decode_linear_folded_ln(x.data_ptr(), weight.data_ptr(), ln_weight.data_ptr(), fold_scale.data_ptr<float>(),
+                                 fold_shift.data_ptr<float>(), static_cast<float>(unscale), opt_ptr(residual),
+                                 out.data_ptr(), static_cast<float>(eps), M == 1 ? K : x.stride(0),
+                                 static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), relu2,
+                                 activation_dtype(kDlf, x, "x"), out.scalar_type() == at::kFloat,
+                                 static_cast<int>(config), current_stream());
 }
 
 // ---- int8 weight-only: decode_linear_int8, dequantize_int8 --------------------------------------------
@@ -591,6 +618,10 @@ TORCH_LIBRARY(persimmon_rt, m) {
   m.def(
       "decode_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor(a!) out, bool relu2, "
       "Tensor? ln_weight=None, Tensor? ln_bias=None, float eps=1e-05, int config=-1) -> ()");
+  // The LayerNorm folded into fp32 per-output constants (fold_scale = W ln_weight, fold_shift = W ln_bias + bias).
+  m.def(
+      "decode_linear_folded_ln(Tensor x, Tensor weight, Tensor ln_weight, Tensor fold_scale, Tensor fold_shift, "
+      "Tensor? residual, Tensor(a!) out, bool relu2, float eps, float unscale=1.0, int config=-1) -> ()");
   // int8 weights [N, K] with fp32 per-row scales (weight-only quantization).
   m.def(
       "decode_linear_int8(Tensor x, Tensor weight, Tensor scale, Tensor? bias, Tensor? residual, Tensor(a!) out, "
@@ -614,6 +645,7 @@ TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
   m.impl("bias_relu2", &persimmon_rt::bias_relu2_cuda);
   m.impl("all_reduce_layernorm", &persimmon_rt::all_reduce_layernorm_cuda);
   m.impl("decode_linear", &persimmon_rt::decode_linear_cuda);
+  m.impl("decode_linear_folded_ln", &persimmon_rt::decode_linear_folded_ln_cuda);
   m.impl("decode_linear_int8", &persimmon_rt::decode_linear_int8_cuda);
   m.impl("dequantize_int8", &persimmon_rt::dequantize_int8_cuda);
   m.impl("attention_prefill", &persimmon_rt::attention_prefill_cuda);
@@ -625,7 +657,7 @@ TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
 // shape errors surface when the CUDA impl runs.
 TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
   for (const char* op : {"qk_norm_rope_cache", "layernorm", "bias_relu2", "all_reduce_layernorm", "decode_linear",
-                         "decode_linear_int8", "dequantize_int8", "attention_prefill", "attention_decode",
+                         "decode_linear_folded_ln", "decode_linear_int8", "dequantize_int8", "attention_prefill", "attention_decode",
                          "qkv_attention_decode"})
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&persimmon_rt::meta_noop>());
 }
@@ -639,6 +671,8 @@ TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
 // by persimmon_rt/ops.py:
 //   CUDA_ARCHS              str, the architectures it was built for, comma-separated ("90a", "80,90a")
 //   DECODE_LINEAR_MAX_ROWS  int, rows (decode batch) the decode GEMV takes
+//   FOLDED_LN_MAX_STAGE_BYTES, FOLDED_LN_K_MULTIPLE  int, limits of decode_linear_folded_ln (rows x (K + 8)
+//                           x element size, and K's multiple)
 //   ATTENTION_HEAD_DIMS     tuple of int, head dims the attention kernels are built for
 //   LAYERNORM_MAX_HIDDEN    int, widest row the layernorm op takes
 //   ALL_REDUCE_MAX_ROWS, ALL_REDUCE_MAX_RANKS  int, limits of all_reduce_layernorm
@@ -700,6 +734,8 @@ bool add_names(PyObject* m, const char* key, const std::vector<std::string>& nam
 bool add_limits(PyObject* m) {
   if (PyModule_AddStringConstant(m, "CUDA_ARCHS", PERSIMMON_RT_CUDA_ARCHS) < 0) return false;
   if (PyModule_AddIntConstant(m, "DECODE_LINEAR_MAX_ROWS", persimmon_rt::kDecodeLinearMaxRows) < 0) return false;
+  if (PyModule_AddIntConstant(m, "FOLDED_LN_MAX_STAGE_BYTES", persimmon_rt::kFoldedLnMaxStageBytes) < 0) return false;
+  if (PyModule_AddIntConstant(m, "FOLDED_LN_K_MULTIPLE", persimmon_rt::kFoldedLnKMultiple) < 0) return false;
   if (PyModule_AddIntConstant(m, "LAYERNORM_MAX_HIDDEN", persimmon_rt::kLayerNormMaxHidden) < 0) return false;
   if (PyModule_AddIntConstant(m, "ALL_REDUCE_MAX_ROWS", persimmon_rt::kAllReduceMaxRowsHost) < 0) return false;
   if (PyModule_AddIntConstant(m, "ALL_REDUCE_MAX_RANKS", persimmon_rt::kAllReduceMaxRanksHost) < 0) return false;

@@ -28,6 +28,7 @@ from . import ops
 from .cache import StaticKVCache
 from .config import PersimmonConfig
 from .decode_state import DecodeState
+from .folded_layernorm import FoldedLayerNorm, fold_layernorm
 from .loading import Weights
 from .quantization import QuantizedWeight
 from .reference import rope_inv_freq
@@ -36,6 +37,10 @@ from .transfer import upload, upload_split
 
 
 REFERENCE_DECODE_ROWS = 16
+# Decode buckets of up to this many rows run with the LayerNorms folded into the projections
+# (folded_layernorm.py). Measured on the H200 (benchmarks/RESULTS.md, run U3): 4.46 -> 4.37 ms a token at one
+# row; at eight rows the folding GEMVs' staging of x costs more than the LayerNorm kernels (4.75 -> 7.21 ms).
+FOLDED_LN_MAX_ROWS = 1
 # Decode buckets of up to this many rows take the fused qkv_attention_decode: measured on the H200 it saves
 # 0.07-0.08 ms a token at one row and costs 0.02-0.16 ms a step at eight (each split block recomputes its
 # head's q and k: benchmarks/RESULTS.md, run I); sizes between are unmeasured and keep the unfused pair.
@@ -58,6 +63,29 @@ class Forward:
         # fewer) where the kernels take this model; elsewhere the unfused pair, which the op equals.
         self.fuse_decode_attention = (ops.use_cuda_kernels(weights.embed) and ops.kernels_support(config.head_dim)
                                       and ops.has_op("qkv_attention_decode"))
+        # Decode with each LayerNorm folded into the projection after it (no LayerNorm kernels): on one GPU
+        # with full-precision weights (the int8 GEMV and the tensor-parallel all-reduce keep the kernels).
+        self.folds: list[dict[str, FoldedLayerNorm]] | None = None
+        hidden, element = config.hidden_size, weights.final_ln_w.element_size()     # the activations' dtype
+        if (ops.use_cuda_kernels(weights.embed) and ops.has_op("decode_linear_folded_ln") and tp is None
+                and weights.scheme is None and hidden % ops.FOLDED_LN_K_MULTIPLE == 0
+                and FOLDED_LN_MAX_ROWS * (hidden + 8) * element <= ops.FOLDED_LN_MAX_STAGE_BYTES):
+            self.fold_layernorms(True)
+
+    def fold_layernorms(self, enabled: bool) -> None:
+        """Passes of up to FOLDED_LN_MAX_ROWS tokens with every LayerNorm folded into the next projection
+        (folded_layernorm.py), or with LayerNorm kernels. Call it before any decode graph is captured (the
+        graphs keep the path they were captured with); the weights are read now, once. The folds take (QKV +
+        MLP-up outputs) x 2 fp32 per layer and 2 x vocabulary for lm_head (10 MB for Persimmon-8B)."""
+        if not enabled:
+            self.folds = None
+            return
+        if self.tp is not None or self.weights.scheme is not None:
+            raise ValueError("folded LayerNorms need one device and full-precision weights")
+        w = self.weights
+        self.folds = [{"qkv": fold_layernorm(lw.qkv_w, lw.ln_in_w, lw.ln_in_b, lw.qkv_b),
+                       "up": fold_layernorm(lw.up_w, lw.ln_post_w, lw.ln_post_b, lw.up_b)} for lw in w.layers]
+        self.folds.append({"lm_head": fold_layernorm(w.lm_head, w.final_ln_w, w.final_ln_b, None)})
 
     def _inv_freq(self, seq_len: int) -> torch.Tensor:
         c = self.config
@@ -90,6 +118,11 @@ class Forward:
         """logits() with attention(qkv [T, H, 3, D], layer) -> [T, H, D] doing all of each layer's attention."""
         w = self.weights
         h = self.embed(tokens) if inputs_embeds is None else inputs_embeds
+        if self.folds is not None and h.shape[0] <= FOLDED_LN_MAX_ROWS:
+            h = self._layers_folded(h, attention)
+            if select is not None:
+                h = h[select]
+            return self._folded_linear(h, w.lm_head, self.folds[-1]["lm_head"], out_dtype=torch.float32)
         down, h = self._layers(h, attention)
         if select is not None:
             down, h = down[select], h[select]
@@ -125,6 +158,31 @@ class Forward:
             self._add_layernorm(attn, lw.ln_post_w, lw.ln_post_b, x, h, h)
             down = self._linear(self._linear(x, lw.up_w, lw.up_b, relu2=True), lw.down_w, lw.down_b)
         return down, h
+
+    def _layers_folded(self, h, attention) -> torch.Tensor:
+        """Every layer with the LayerNorms folded into QKV and MLP-up (decode batches): dense and MLP-down add
+        their output into the residual stream in their epilogue. Returns the residual stream after the last
+        layer (a new tensor; h is not written)."""
+        stream = torch.empty_like(h)
+        for i, (lw, fold) in enumerate(zip(self.weights.layers, self.folds)):
+            qkv_in = self._attention_block_folded(h, lw, fold["qkv"], i, attention)
+            ops.decode_linear(qkv_in, lw.dense_w, lw.dense_b, h, stream, False)
+            h = stream
+            up = self._folded_linear(h, lw.up_w, fold["up"], relu2=True)
+            ops.decode_linear(up, lw.down_w, lw.down_b, h, h, False)
+        return h
+
+    def _attention_block_folded(self, h, lw, fold, i, attention) -> torch.Tensor:
+        """_attention_block on the residual stream h, the input LayerNorm folded into QKV."""
+        T, H, D = h.shape[0], self.num_heads, self.config.head_dim
+        qkv = self._folded_linear(h, lw.qkv_w, fold).view(T, H, 3, D)
+        return attention(qkv, i).view(T, H * D)
+
+    def _folded_linear(self, x, weight, fold: FoldedLayerNorm, relu2=False, out_dtype=None) -> torch.Tensor:
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
+        ops.decode_linear_folded_ln(x, weight, fold.ln_weight, fold.scale, fold.shift, None, out, relu2,
+                                    self.config.layer_norm_eps, fold.unscale)
+        return out
 
     def _add_layernorm(self, partial, weight, bias, out, residual, residual_out) -> None:
         """out = LN(residual_out = residual + partial): a projection's output joins the residual stream.

@@ -9,6 +9,8 @@ path by them instead of restating them:
 - ``CUDA_ARCHS``: tuple of the architectures the extension was built for, e.g. ``("90a",)``.
 - ``DECODE_LINEAR_MAX_ROWS``: most rows (decode batch) ``decode_linear`` takes on the GPU; larger
   batches go to cuBLAS.
+- ``FOLDED_LN_MAX_STAGE_BYTES``, ``FOLDED_LN_K_MULTIPLE``: ``decode_linear_folded_ln`` takes x of M rows and K
+  columns on the GPU when M * (K + 8) * element size fits the first and K is a multiple of the second.
 - ``ATTENTION_HEAD_DIMS``: tuple of the head dims the attention kernels are built for, e.g. ``(64, 128)``.
 - ``LAYERNORM_MAX_HIDDEN``: widest row ``layernorm`` takes on the GPU.
 - ``ALL_REDUCE_MAX_ROWS``, ``ALL_REDUCE_MAX_RANKS``, ``ALL_REDUCE_FLAG_BYTES``, ``ALL_REDUCE_SLOTS``: the
@@ -40,7 +42,8 @@ except ImportError:  # not built at install: on a GPU machine, compiled now (cac
     _C = load_on_first_use()
 HAVE_CUDA_EXT = _C is not None
 
-_LIMITS = ("CUDA_ARCHS", "DECODE_LINEAR_MAX_ROWS", "ATTENTION_HEAD_DIMS", "LAYERNORM_MAX_HIDDEN",
+_LIMITS = ("CUDA_ARCHS", "DECODE_LINEAR_MAX_ROWS", "FOLDED_LN_MAX_STAGE_BYTES", "FOLDED_LN_K_MULTIPLE",
+           "ATTENTION_HEAD_DIMS", "LAYERNORM_MAX_HIDDEN",
            "DECODE_LINEAR_CONFIGS", "DECODE_LINEAR_INT8_CONFIGS", "ALL_REDUCE_MAX_ROWS", "ALL_REDUCE_MAX_RANKS",
            "ALL_REDUCE_FLAG_BYTES", "ALL_REDUCE_SLOTS", "attention_prefill_kernel_name", "decode_linear_int8_config")
 if HAVE_CUDA_EXT and not all(hasattr(_C, name) for name in _LIMITS):
@@ -53,6 +56,9 @@ CUDA_ARCHS: tuple[str, ...] = tuple(a for a in _C.CUDA_ARCHS.split(",") if a) if
 # kDecodeLinearMaxRows (csrc/decode_linear.h); cuBLAS is as fast from about 16 rows on
 # (benchmarks/RESULTS.md, decode_linear at 32 rows).
 DECODE_LINEAR_MAX_ROWS: int = int(_C.DECODE_LINEAR_MAX_ROWS) if HAVE_CUDA_EXT else 0
+# kFoldedLnMaxStageBytes, kFoldedLnKMultiple (csrc/decode_linear.h).
+FOLDED_LN_MAX_STAGE_BYTES: int = int(_C.FOLDED_LN_MAX_STAGE_BYTES) if HAVE_CUDA_EXT else 0
+FOLDED_LN_K_MULTIPLE: int = int(_C.FOLDED_LN_K_MULTIPLE) if HAVE_CUDA_EXT else 0
 # kAttentionHeadDims (csrc/attention.h).
 ATTENTION_HEAD_DIMS: tuple[int, ...] = tuple(int(d) for d in _C.ATTENTION_HEAD_DIMS) if HAVE_CUDA_EXT else ()
 # kLayerNormMaxHidden (csrc/layernorm.h).
@@ -169,6 +175,19 @@ def decode_linear(x, weight, bias, residual, out, relu2=False, ln_weight=None, l
         torch.ops.persimmon_rt.decode_linear(x, weight, bias, residual, out, relu2, ln_weight, ln_bias, eps)
     else:
         reference.decode_linear(x, weight, bias, residual, out, relu2, ln_weight, ln_bias, eps)
+
+
+def decode_linear_folded_ln(x, weight, ln_weight, fold_scale, fold_shift, residual, out, relu2=False, eps=1e-5,
+                            unscale=1.0):
+    """decode_linear with the LayerNorm of x folded into fp32 per-output constants
+    (reference.decode_linear_folded_ln; folded_layernorm.fold_layernorm makes them). On the GPU: at most
+    DECODE_LINEAR_MAX_ROWS rows of x, within the FOLDED_LN_* limits."""
+    if use_cuda_kernels(x):
+        torch.ops.persimmon_rt.decode_linear_folded_ln(x, weight, ln_weight, fold_scale, fold_shift, residual, out,
+                                                       relu2, eps, unscale)
+    else:
+        reference.decode_linear_folded_ln(x, weight, ln_weight, fold_scale, fold_shift, residual, out, relu2, eps,
+                                          unscale)
 
 
 def decode_linear_int8(x, weight, scale, bias, residual, out, relu2=False):

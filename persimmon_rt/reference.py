@@ -252,6 +252,34 @@ def decode_linear(
     _linear_epilogue(x.float() @ weight.float().t(), bias, relu2, residual, out)
 
 
+def decode_linear_folded_ln(
+    x: torch.Tensor,              # [M, K]  the residual stream (not normalised)
+    weight: torch.Tensor,         # [N, K]
+    ln_weight: torch.Tensor,      # [K]  the LayerNorm weight, possibly times 1 / unscale (folded_layernorm.py)
+    fold_scale: torch.Tensor,     # [N]  fp32: weight @ ln_weight
+    fold_shift: torch.Tensor,     # [N]  fp32: weight @ ln_bias + bias
+    residual: torch.Tensor | None,  # [M, N]  (may alias out)
+    out: torch.Tensor,            # [M, N]  written
+    relu2: bool = False,
+    eps: float = 1e-5,
+    unscale: float = 1.0,
+) -> None:
+    """decode_linear with its LayerNorm folded into per-output constants:
+        out = act(unscale * rstd * (round(x * ln_weight) W^T - mean * fold_scale) + fold_shift) + residual,
+    mean and rstd = 1 / sqrt(E[x^2] - mean^2 + eps) x's row statistics in fp32 (the variance clamped at 0).
+    Since LN(x) W^T + bias = rstd (x * w) W^T - rstd mean (W w) + W b + bias, with fold_scale = W w and
+    fold_shift = W b + bias this is decode_linear's LayerNorm prologue up to rounding: x * w is rounded to
+    x's dtype instead of LN(x). The statistics are needed only after the product, so the GPU kernel streams
+    weights from its first instruction."""
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf.square().mean(-1, keepdim=True) - mean.square()).clamp_min(0)
+    rstd = torch.rsqrt(var + eps) * unscale
+    scaled = (x * ln_weight.to(x.dtype)).float()
+    y = rstd * (scaled @ weight.float().t() - mean * fold_scale.float()) + fold_shift.float()
+    _linear_epilogue(y, None, relu2, residual, out)
+
+
 def _linear_epilogue(y: torch.Tensor, bias, relu2: bool, residual, out: torch.Tensor) -> None:
     """The decode GEMVs' epilogue on the fp32 product y: + bias, relu², + residual, rounded once into out."""
     if bias is not None:

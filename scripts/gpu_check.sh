@@ -57,8 +57,9 @@ for mode in "$@"; do
     tests)
       "${pytest[@]}" tests > "$out/tests.log" 2>&1; tail -15 "$out/tests.log" ;;
     kernels)
-      "${pytest[@]}" tests/test_decode_linear.py tests/test_engine.py tests/test_reliability_gpu.py \
-        tests/test_demo_model.py > "$out/kernel_tests.log" 2>&1; tail -8 "$out/kernel_tests.log"
+      "${pytest[@]}" tests/test_decode_linear.py tests/test_folded_layernorm.py tests/test_engine.py \
+        tests/test_reliability_gpu.py tests/test_demo_model.py > "$out/kernel_tests.log" 2>&1
+      tail -8 "$out/kernel_tests.log"
       python3 benchmarks/bench_decode_linear.py --rows 1 16 32 > "$out/decode_linear.log" 2>&1
       tail -20 "$out/decode_linear.log" ;;
     generate)
@@ -78,14 +79,15 @@ for mode in "$@"; do
     sanitize-ops)
       # The attention and GEMV kernels first, in case the time limit stops a slow tool.
       ops=(tests/test_attention_decode.py tests/test_qkv_attention_decode.py tests/test_attention_prefill.py
-           tests/test_decode_linear.py tests/test_int8_cuda.py tests/test_layernorm.py tests/test_bias_relu2.py
-           tests/test_qk_norm_rope_cache.py)
+           tests/test_decode_linear.py tests/test_folded_layernorm.py tests/test_int8_cuda.py tests/test_layernorm.py
+           tests/test_bias_relu2.py tests/test_qk_norm_rope_cache.py)
       small="awkward_shape_every_epilogue or packed_sequences or chunked_prefill or mixed_lengths or single_split
              or batch8_with_idle_rows or all_rows_idle or (dequantize_kernel and 83) or kernel_matches_reference"
       # racecheck runs the shared-memory kernels tens of times slower: fp16 and one epilogue of each GEMV.
       race="(awkward_shape_every_epilogue and bias1 and res1 and dtype0) or (packed_sequences and fp16)
             or (chunked_prefill and fp16) or mixed_lengths or single_split or batch8_with_idle_rows or all_rows_idle
-            or (kernel_matches_reference and float16)"
+            or (kernel_matches_reference and float16) or (folded_layernorm and awkward_shape_every_epilogue and dtype0
+            and 83)"
       for tool in $sanitize_tools; do
         filter=$small; [ "$tool" = racecheck ] && filter=$race
         sanitize sanitize_ops "$tool" "${pytest[@]}" "${ops[@]}" -k "$(echo $filter)"

@@ -53,9 +53,14 @@ struct DecodeLinearParams {
   int N;
   int K;                 // multiple of 8
   bool relu2;
-  const void* ln_weight = nullptr;  // [K]  LN prologue (the kernel's LN instance); else unused
+  const void* ln_weight = nullptr;  // [K]  LN prologue (the kernel's LN instance) or folded LN; else unused
   const void* ln_bias = nullptr;    // [K]  or nullptr
   float eps = 0.f;
+  // Folded LN (the kernel's LN_FOLD instance): fp32 [N] each, s = W ln_weight, c = W ln_bias + bias; the
+  // product is multiplied by unscale (ln_weight may be scaled by a power of two to keep x * ln_weight finite).
+  const float* ln_fold_scale = nullptr;
+  const float* ln_fold_shift = nullptr;
+  float ln_fold_unscale = 1.f;
 };
 
 // RT: 16-row tiles per block (each warp covers all of them, reusing its x fragment); MT: 8-row groups
@@ -188,6 +193,61 @@ __device__ __forceinline__ uint4 ln_apply(uint4 xr, uint4 wr, uint4 br, float me
   return pack8<T>(f);
 }
 
+// Folded LayerNorm: LN(x) W^T + bias = rstd (x * w) W^T - rstd mean s + c, with s = W w and c = W b + bias
+// precomputed per weight, so no block needs the statistics before its last mma. One x vector (8 values):
+// returns round(x * w), adds x and x^2 to the running sums. The pair product is exact in fp32 and correctly
+// rounded by __hmul2: the same value as the fp32 product rounded to T.
+template <typename T>
+__device__ __forceinline__ uint4 ln_fold_apply(uint4 xr, uint4 wr, float& sum, float& sq) {
+  using P = Pack2<T>;
+  auto* x2 = reinterpret_cast<typename P::type*>(&xr);
+  const auto* w2 = reinterpret_cast<const typename P::type*>(&wr);
+#pragma unroll
+  for (int i = 0; i < kVec / 2; ++i) {
+    const float2 f = P::to_float2(x2[i]);
+    sum += f.x + f.y;
+    sq = fmaf(f.x, f.x, fmaf(f.y, f.y, sq));
+    x2[i] = __hmul2(x2[i], w2[i]);
+  }
+  return xr;
+}
+
+// Row stride (elements) of the folded LayerNorm's staged x: 16 bytes of padding put rows g = 0..7 of a
+// fragment load in different banks.
+__host__ __device__ constexpr int64_t fold_stage_stride(int64_t K) { return K + kVec; }
+
+// The folded LayerNorm's prologue, per warp: x * w of every row over the warp's own chunks [c_begin, c_end)
+// (the only ones its main loop reads) into shared memory (row stride fold_stage_stride(K)), and the warp's
+// (sum x, sum x^2) of every row into s_rowsum[warp][m] (the epilogue adds the warps'). The warp's lanes
+// share its vectors, so every lane does useful work (in the main loop only the lanes holding x rows would,
+// 4 of 32 at one row: 3-7 us slower per GEMV on the H200), and no warp waits for another.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void fold_stage_x(const DecodeLinearParams& p, int c_begin, int c_end, T* s_x,
+                                             float2 (&s_rowsum)[Cfg::WARPS][Cfg::kMaxM]) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.ln_weight);
+  const int64_t stride = fold_stage_stride(p.K);
+  const int v_begin = c_begin * (kChunk / kVec), v_end = max(v_begin, c_end * (kChunk / kVec));
+#pragma unroll 1
+  for (int m = 0; m < p.M; ++m) {
+    float sum = 0.f, sq = 0.f;
+#pragma unroll 2
+    for (int v = v_begin + lane; v < v_end; v += 32) {
+      const uint4 xs = ln_fold_apply<T>(ld_x_16(x + m * p.ldx + kVec * v), ld_x_16(w + kVec * v), sum, sq);
+      *reinterpret_cast<uint4*>(s_x + m * stride + kVec * v) = xs;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    }
+    if (lane == 0) s_rowsum[warp][m] = make_float2(sum, sq);
+  }
+  __syncwarp();
+}
+
 // ---- the epilogue, shared with decode_linear_int8.cuh ------------------------------------------------
 // The warps' fp32 partial sums meet in shared memory as s_partial[warp][v][lane], v = (rt * MT + t) * 4 + i
 // (accumulator i of tile rt and x fragment t): lane-contiguous stores and loads, free of bank conflicts.
@@ -292,6 +352,49 @@ __device__ __forceinline__ void strided_epilogue(float (&s_partial)[Cfg::WARPS][
   }
 }
 
+// strided_epilogue for the folded LayerNorm: the warps' row sums (fold_stage_x) give each row's mean and
+// rstd (fp32, E[x^2] - mean^2, clamped at 0); then y = unscale rstd (acc - mean s) + c, relu^2, + residual.
+// Every thread must call it.
+template <typename T, typename OutT, typename Cfg>
+__device__ __forceinline__ void folded_ln_epilogue(float (&s_partial)[Cfg::WARPS][Cfg::RT * Cfg::MT * 4][32],
+                                                   const float2 (&s_rowsum)[Cfg::WARPS][Cfg::kMaxM],
+                                                   const float (&acc)[Cfg::RT][Cfg::MT][4], int64_t n0,
+                                                   const DecodeLinearParams& p) {
+  constexpr int kVals = Cfg::RT * Cfg::MT * 4;
+  store_partials<Cfg>(s_partial, acc);
+
+  const float inv_k = 1.f / static_cast<float>(p.K);
+  const float* scale = p.ln_fold_scale;
+  const float* shift = p.ln_fold_shift;
+  const T* residual = static_cast<const T*>(p.residual);
+  OutT* out = static_cast<OutT*>(p.out);
+  for (int idx = threadIdx.x; idx < kVals * 32; idx += Cfg::kThreads) {
+    int64_t n;
+    int m;
+    epilogue_slot<Cfg>(idx, n0, n, m);
+    if (n >= p.N || m >= p.M) continue;
+    float y = 0.f, xs = 0.f, xq = 0.f;
+#pragma unroll
+    for (int w = 0; w < Cfg::WARPS; ++w) {
+      y += s_partial[w][idx / 32][idx % 32];
+      const float2 r = s_rowsum[w][m];
+      xs += r.x;
+      xq += r.y;
+    }
+    const float mean = xs * inv_k;
+    const float var = fmaxf(xq * inv_k - mean * mean, 0.f);
+    const float rstd = rsqrtf(var + p.eps) * p.ln_fold_unscale;
+    y = rstd * (y - mean * scale[n]) + shift[n];
+    if (p.relu2) {
+      const float r = y < 0.f ? 0.f : y;  // not fmaxf: relu must keep a NaN, as torch.relu does
+      y = r * r;
+    }
+    const int64_t o = static_cast<int64_t>(m) * p.N + n;
+    if (residual != nullptr) y += to_float(residual[o]);
+    store_out(out + o, y);
+  }
+}
+
 // A warp's contiguous share of a K range of `chunks` chunks, walked in loop steps of J chunks (chunks past
 // it predicated off), and, in a persistent grid, the block's tiles: the bookkeeping of the pipelined loops
 // (decode_linear_pipelined_kernel, decode_linear_int8_kernel). In a persistent block every warp walks the
@@ -353,15 +456,21 @@ __device__ __forceinline__ void load_weight_step(uint4 (&w)[Cfg::J][Cfg::RT][2],
     }
 }
 
-// Grid: ceil(N / (16 * RT)) blocks of Cfg::kThreads threads. LN: the LayerNorm prologue.
-template <typename T, typename OutT, typename Cfg, bool LN = false>
+// Grid: ceil(N / (16 * RT)) blocks of Cfg::kThreads threads. LN: the LayerNorm prologue; LN_FOLD: the
+// folded LayerNorm (ln_fold_apply; not with LN).
+template <typename T, typename OutT, typename Cfg, bool LN = false, bool LN_FOLD = false>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_kernel(const DecodeLinearParams p) {
+  static_assert(!(LN && LN_FOLD), "one LayerNorm form at a time");
   constexpr int RT = Cfg::RT, MT = Cfg::MT, J = Cfg::J, WARPS = Cfg::WARPS;
   constexpr int kVals = RT * MT * 4;  // accumulator floats per lane
   __shared__ float s_partial[WARPS][kVals][32];
   // LN prologue: per-row (mean, rstd) and per-warp partial sums (empty arrays cost nothing otherwise).
   __shared__ float2 s_stats[LN ? Cfg::kMaxM : 1];
   __shared__ float s_part[LN ? 2 * WARPS : 1];
+  // Folded LN: per-warp (sum x, sum x^2) of each row; x * w staged in dynamic shared memory
+  // (M x fold_stage_stride(K) elements, the launch's dynamic size).
+  __shared__ float2 s_rowsum[LN_FOLD ? WARPS : 1][LN_FOLD ? Cfg::kMaxM : 1];
+  extern __shared__ uint4 s_fold_x[];
 
   pdl_launch_dependents();
 
@@ -421,6 +530,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
 
   float ln_mean[MT], ln_rstd[MT];
   const T* ln_w = LN ? static_cast<const T*>(p.ln_weight) + 8 * q : nullptr;
+  T* const s_x = reinterpret_cast<T*>(s_fold_x);
+  // x fragments of the main loop: row 8t + g of the staged x, or of x.
+  const T* x_frag[MT];
+#pragma unroll
+  for (int t = 0; t < MT; ++t)
+    x_frag[t] = LN_FOLD ? s_x + (xr.ok[t] ? 8 * t + g : 0) * fold_stage_stride(K) + 8 * q : xr.row[t];
+  if constexpr (LN_FOLD) fold_stage_x<T, Cfg>(p, c_begin, c_end, s_x, s_rowsum);
   const T* ln_b = LN && p.ln_bias != nullptr ? static_cast<const T*>(p.ln_bias) + 8 * q : nullptr;
   if constexpr (LN) {
     ln_row_stats<T, WARPS>(p, s_stats, s_part);
@@ -443,7 +559,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
 #pragma unroll
     for (int j = 0; j < J; ++j)
 #pragma unroll
-      for (int t = 0; t < MT; ++t) xv[j][t] = ok[j] && xr.ok[t] ? ld_x_16(xr.row[t] + (c + j) * kChunk) : zero;
+      for (int t = 0; t < MT; ++t) {
+        if constexpr (LN_FOLD) {
+          xv[j][t] = ok[j] && xr.ok[t] ? *reinterpret_cast<const uint4*>(x_frag[t] + (c + j) * kChunk) : zero;
+        } else {
+          xv[j][t] = ok[j] && xr.ok[t] ? ld_x_16(x_frag[t] + (c + j) * kChunk) : zero;
+        }
+      }
 
 #pragma unroll
     for (int j = 0; j < J; ++j) {
@@ -459,7 +581,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
     if (c + J < c_end) load_weights(c + J);
   }
 
-  strided_epilogue<T, OutT, Cfg>(s_partial, acc, n0, p);
+  if constexpr (LN_FOLD) {
+    folded_ln_epilogue<T, OutT, Cfg>(s_partial, s_rowsum, acc, n0, p);
+  } else {
+    strided_epilogue<T, OutT, Cfg>(s_partial, acc, n0, p);
+  }
 }
 
 
