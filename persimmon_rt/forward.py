@@ -9,7 +9,9 @@ Per layer (T packed tokens; the residual stream h is carried between fused Layer
     up    = relu(x W_up^T + b_up)^2            (bias_relu2 epilogue)
     down  = up W_down^T + b_down
 Prefill runs it over packed prompt pieces (causal attention over each row's cached prefix); decode over one
-token per row of a `DecodeState` (split-KV attention), then samples, all capturable in a CUDA graph.
+token per row of a `DecodeState` (split-KV attention), then samples, all capturable in a CUDA graph. A
+one-row pass on one GPU folds each LayerNorm into the projection after it (`_layers_folded`): no LayerNorm
+kernel, dense and MLP-down adding into h themselves.
 With tensor parallelism (`tp`, tensor_parallel.py) each rank runs it over its heads and MLP columns; `a`
 and `down` are all-reduced together with the LayerNorm that takes them (one fused kernel at decode), and
 the logits gathered over the vocabulary.
@@ -144,8 +146,9 @@ class Forward:
 
         The decode GEMV could take each LayerNorm as its prologue and the residual add as its epilogue
         (decode_linear's ln_weight and residual): measured on the H200 that was slower (4.81 -> 5.68
-        ms/token at batch 1: every block recomputes its rows' statistics before streaming weights), so the
-        LayerNorm stays a kernel of its own (benchmarks/RESULTS.md)."""
+        ms/token at batch 1: every block recomputes its rows' statistics before streaming weights), so here
+        the LayerNorm stays a kernel of its own (benchmarks/RESULTS.md); one-row passes fold it instead
+        (_layers_folded)."""
         c = self.config
         x = torch.empty_like(h)
         down = None
