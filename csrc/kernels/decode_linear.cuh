@@ -323,49 +323,18 @@ __device__ __forceinline__ void gemv_epilogue(float (&s_partial)[Cfg::WARPS][Cfg
 // 0.22 ms at eight on the H200, benchmarks/RESULTS.md run K). Stores this warp's accumulators into
 // s_partial, waits for the block, then finishes each output of the tile at n0. Every thread of the block
 // must call it (one barrier); s_partial must not be rewritten before the block's next barrier.
-template <typename T, typename OutT, typename Cfg>
+// FOLD (the folded LayerNorm): the warps' row sums s_rowsum (fold_stage_x, written before the barrier) give
+// each row's mean and rstd (fp32, E[x^2] - mean^2, clamped at 0), and y = unscale rstd (acc - mean s) + c
+// takes the bias's place.
+template <typename T, typename OutT, typename Cfg, bool FOLD = false>
 __device__ __forceinline__ void strided_epilogue(float (&s_partial)[Cfg::WARPS][Cfg::RT * Cfg::MT * 4][32],
                                                  const float (&acc)[Cfg::RT][Cfg::MT][4], int64_t n0,
-                                                 const DecodeLinearParams& p) {
+                                                 const DecodeLinearParams& p, const float2* s_rowsum = nullptr) {
   constexpr int kVals = Cfg::RT * Cfg::MT * 4;
   store_partials<Cfg>(s_partial, acc);
 
+  const float inv_k = 1.f / static_cast<float>(p.K);  // FOLD only
   const T* bias = static_cast<const T*>(p.bias);
-  const T* residual = static_cast<const T*>(p.residual);
-  OutT* out = static_cast<OutT*>(p.out);
-  for (int idx = threadIdx.x; idx < kVals * 32; idx += Cfg::kThreads) {
-    int64_t n;
-    int m;
-    epilogue_slot<Cfg>(idx, n0, n, m);
-    if (n >= p.N || m >= p.M) continue;
-    float y = 0.f;
-#pragma unroll
-    for (int w = 0; w < Cfg::WARPS; ++w) y += s_partial[w][idx / 32][idx % 32];
-    if (bias != nullptr) y += to_float(bias[n]);
-    if (p.relu2) {
-      const float r = y < 0.f ? 0.f : y;  // not fmaxf: relu must keep a NaN, as torch.relu does
-      y = r * r;
-    }
-    const int64_t o = static_cast<int64_t>(m) * p.N + n;
-    if (residual != nullptr) y += to_float(residual[o]);
-    store_out(out + o, y);
-  }
-}
-
-// strided_epilogue for the folded LayerNorm: the warps' row sums (fold_stage_x) give each row's mean and
-// rstd (fp32, E[x^2] - mean^2, clamped at 0); then y = unscale rstd (acc - mean s) + c, relu^2, + residual.
-// Every thread must call it.
-template <typename T, typename OutT, typename Cfg>
-__device__ __forceinline__ void folded_ln_epilogue(float (&s_partial)[Cfg::WARPS][Cfg::RT * Cfg::MT * 4][32],
-                                                   const float2 (&s_rowsum)[Cfg::WARPS][Cfg::kMaxM],
-                                                   const float (&acc)[Cfg::RT][Cfg::MT][4], int64_t n0,
-                                                   const DecodeLinearParams& p) {
-  constexpr int kVals = Cfg::RT * Cfg::MT * 4;
-  store_partials<Cfg>(s_partial, acc);
-
-  const float inv_k = 1.f / static_cast<float>(p.K);
-  const float* scale = p.ln_fold_scale;
-  const float* shift = p.ln_fold_shift;
   const T* residual = static_cast<const T*>(p.residual);
   OutT* out = static_cast<OutT*>(p.out);
   for (int idx = threadIdx.x; idx < kVals * 32; idx += Cfg::kThreads) {
@@ -377,14 +346,20 @@ __device__ __forceinline__ void folded_ln_epilogue(float (&s_partial)[Cfg::WARPS
 #pragma unroll
     for (int w = 0; w < Cfg::WARPS; ++w) {
       y += s_partial[w][idx / 32][idx % 32];
-      const float2 r = s_rowsum[w][m];
-      xs += r.x;
-      xq += r.y;
+      if constexpr (FOLD) {
+        const float2 r = s_rowsum[w * Cfg::kMaxM + m];  // s_rowsum[WARPS][kMaxM]
+        xs += r.x;
+        xq += r.y;
+      }
     }
-    const float mean = xs * inv_k;
-    const float var = fmaxf(xq * inv_k - mean * mean, 0.f);
-    const float rstd = rsqrtf(var + p.eps) * p.ln_fold_unscale;
-    y = rstd * (y - mean * scale[n]) + shift[n];
+    if constexpr (FOLD) {
+      const float mean = xs * inv_k;
+      const float var = fmaxf(xq * inv_k - mean * mean, 0.f);
+      const float rstd = rsqrtf(var + p.eps) * p.ln_fold_unscale;
+      y = rstd * (y - mean * p.ln_fold_scale[n]) + p.ln_fold_shift[n];
+    } else if (bias != nullptr) {
+      y += to_float(bias[n]);
+    }
     if (p.relu2) {
       const float r = y < 0.f ? 0.f : y;  // not fmaxf: relu must keep a NaN, as torch.relu does
       y = r * r;
@@ -581,11 +556,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
     if (c + J < c_end) load_weights(c + J);
   }
 
-  if constexpr (LN_FOLD) {
-    folded_ln_epilogue<T, OutT, Cfg>(s_partial, s_rowsum, acc, n0, p);
-  } else {
-    strided_epilogue<T, OutT, Cfg>(s_partial, acc, n0, p);
-  }
+  strided_epilogue<T, OutT, Cfg, LN_FOLD>(s_partial, acc, n0, p, &s_rowsum[0][0]);
 }
 
 
