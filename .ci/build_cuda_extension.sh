@@ -23,8 +23,9 @@ python - <<'PY'
 import torch
 import persimmon_rt.ops as ops
 assert ops.HAVE_CUDA_EXT, "persimmon_rt._C did not import"
-ops_expected = ["qk_norm_rope_cache", "layernorm", "bias_relu2", "attention_prefill", "attention_decode",
-                "decode_linear"]
+ops_expected = ["qk_norm_rope_cache", "layernorm", "bias_relu2", "all_reduce_layernorm", "attention_prefill",
+                "attention_decode", "qkv_attention_decode", "decode_linear", "decode_linear_folded_ln",
+                "decode_linear_int8", "dequantize_int8"]
 missing = [n for n in ops_expected if not ops.has_op(n)]
 assert not missing, f"ops not registered: {missing}"
 assert ops.CUDA_ARCHS == ("90a",), f"built for {ops.CUDA_ARCHS!r}, expected the default 90a"
@@ -32,6 +33,9 @@ assert ops.CUDA_ARCHS == ("90a",), f"built for {ops.CUDA_ARCHS!r}, expected the 
 assert ops.DECODE_LINEAR_MAX_ROWS >= 1 and ops.LAYERNORM_MAX_HIDDEN >= 4096, (ops.DECODE_LINEAR_MAX_ROWS,
                                                                               ops.LAYERNORM_MAX_HIDDEN)
 assert ops.kernels_support(64) and not ops.kernels_support(96), ops.ATTENTION_HEAD_DIMS
+# The folded LayerNorm takes one row of Persimmon-8B's hidden size (the engine's one-row decode).
+assert 4096 % ops.FOLDED_LN_K_MULTIPLE == 0 and (4096 + 8) * 2 <= ops.FOLDED_LN_MAX_STAGE_BYTES, (
+    ops.FOLDED_LN_K_MULTIPLE, ops.FOLDED_LN_MAX_STAGE_BYTES)
 # The int8 GEMV's per-shape choice is host code: it answers without a GPU.
 assert all(0 <= ops.decode_linear_int8_config(m, 4096, 4096) < len(ops.DECODE_LINEAR_INT8_CONFIGS)
            for m in (1, 8, 16)), ops.DECODE_LINEAR_INT8_CONFIGS
