@@ -2,9 +2,9 @@
 
 LN(x) W^T + bias = rstd (x * w) W^T - rstd mean s + c, with s = W w and c = W b + bias for the LayerNorm's
 weight w and bias b. With s and c computed once per weight, the decode GEMV reads the residual stream
-itself, multiplies each x fragment by w as it loads it and sums x and x^2 on the way; the row statistics
-are needed only in its epilogue. So the one-row LayerNorm kernel before QKV, MLP-up and lm_head goes, and
-the dense / MLP-down GEMVs add their output into the residual stream themselves.
+itself: it stages x * w in shared memory, summing x and x^2 on the way, and needs the row statistics only
+in its epilogue. So the one-row LayerNorm kernel before QKV, MLP-up and lm_head goes, and the dense /
+MLP-down GEMVs add their output into the residual stream themselves.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ class FoldedLayerNorm:
     scale: torch.Tensor      # [N]  fp32: W ln_weight
     shift: torch.Tensor      # [N]  fp32: W ln_bias + bias
     unscale: float           # 2^e
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.ln_weight, self.scale, self.shift))
 
 
 def fold_layernorm(weight: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor | None,

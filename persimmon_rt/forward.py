@@ -163,7 +163,7 @@ class Forward:
         return down, h
 
     def _layers_folded(self, h, attention) -> torch.Tensor:
-        """Every layer with the LayerNorms folded into QKV and MLP-up (decode batches): dense and MLP-down add
+        """Every layer with the LayerNorms folded into QKV and MLP-up (one-row passes): dense and MLP-down add
         their output into the residual stream in their epilogue. Returns the residual stream after the last
         layer (a new tensor; h is not written)."""
         stream = torch.empty_like(h)
