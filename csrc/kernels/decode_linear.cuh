@@ -432,7 +432,7 @@ __device__ __forceinline__ void load_weight_step(uint4 (&w)[Cfg::J][Cfg::RT][2],
 }
 
 // Grid: ceil(N / (16 * RT)) blocks of Cfg::kThreads threads. LN: the LayerNorm prologue; LN_FOLD: the
-// folded LayerNorm (ln_fold_apply; not with LN).
+// folded LayerNorm (fold_stage_x, then the main loop over the staged x; not with LN).
 template <typename T, typename OutT, typename Cfg, bool LN = false, bool LN_FOLD = false>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_kernel(const DecodeLinearParams p) {
   static_assert(!(LN && LN_FOLD), "one LayerNorm form at a time");
