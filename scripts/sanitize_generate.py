@@ -1,8 +1,7 @@
 """One end-to-end generation on the GPU, small enough to run under compute-sanitizer: the demo model in fp16,
 bf16 and fp16 with int8 weights; one prompt (the one-row graph, LayerNorms folded into the GEMVs), a batch of 3
 (packed, chunked prefill, decode graph of 4 rows) and one of 20 (a 32-row graph, the 17..32-row GEMV); greedy
-and sampled. Exits non-zero if a generation comes
-out malformed.
+and sampled. Exits non-zero if a generation comes out malformed.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_generate.py
 """
