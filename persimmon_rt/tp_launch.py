@@ -45,8 +45,14 @@ def rank_env(rank: int, nproc: int, port: int, base: dict | None = None) -> dict
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the launching process dies (Linux; elsewhere a no-op)."""
+def _rank_setup() -> None:
+    """In the child before exec: the forwarded signals back to their defaults (a launcher started with SIGINT
+    ignored, as a shell's background job is, would otherwise pass that on and its ranks could not be
+    interrupted), and SIGKILL when the launching process dies (Linux; elsewhere not available)."""
+    for sig in _FORWARDED:
+        signal.signal(sig, signal.SIG_DFL)
+    if sys.platform != "linux":
+        return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
@@ -64,7 +70,7 @@ def launch(nproc: int, argv: Sequence[str], module: str = "persimmon_rt") -> int
     port = free_port()
     cmd = [sys.executable, "-m", module, *argv]
     procs = [subprocess.Popen(cmd, env=rank_env(r, nproc, port), start_new_session=True,
-                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                              preexec_fn=_rank_setup)
              for r in range(nproc)]
 
     def forward(sig, frame):

@@ -429,15 +429,25 @@ def test_an_error_on_one_rank_ends_the_run_and_names_the_rank(device):
     assert "persimmon-rt: error (rank 1 of 2): prompt" in err and "exceeds" in err
 
 
-def _launcher(args):
+def _launcher(args, preexec_fn=None):
     """`persimmon-rt <args> --tp 2`: the command's own launcher (tp_launch.py) in place of torchrun."""
     env = {k: v for k, v in os.environ.items() if k not in (tpm.TP_CHILD_ENV, "WORLD_SIZE", "RANK")}
     env.update(OMP_NUM_THREADS="1", PERSIMMON_RT_TP_TIMEOUT="60")
     return subprocess.Popen([sys.executable, "-m", "persimmon_rt", *args, "--tp", "2"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=preexec_fn)
 
 
-@pytest.mark.parametrize("launcher", [_torchrun, _launcher], ids=["torchrun", "tp_launch"])
+def _launcher_ignoring_sigint(args):
+    """_launcher started with SIGINT ignored, as a non-interactive shell starts a background job: its ranks
+    must still take the Ctrl-C it forwards."""
+    import signal
+
+    return _launcher(args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+
+
+@pytest.mark.parametrize("launcher", [_torchrun, _launcher, _launcher_ignoring_sigint],
+                         ids=["torchrun", "tp_launch", "tp_launch-sigint-ignored"])
 @pytest.mark.parametrize("device", EXIT_DEVICES)
 def test_ctrl_c_ends_every_rank(device, launcher):
     import signal
