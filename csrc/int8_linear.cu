@@ -11,6 +11,7 @@
 #include <tuple>
 #include <utility>
 
+#include "decode_linear.h"
 #include "kernels/decode_linear_int8.cuh"
 #include "kernels/dequantize_int8.cuh"
 
@@ -125,13 +126,20 @@ std::string config_name() {
 
 template <typename Cfg, typename T, typename OutT>
 void launch_instance(const DecodeLinearInt8Params& p, cudaStream_t stream) {
-  constexpr auto kernel = gemv::decode_linear_int8_kernel<T, OutT, Cfg>;
   const int tiles = static_cast<int>(ceil_div(p.N, Cfg::kRowsPerBlock));
   // A persistent configuration launches one wave, each block with at least one tile: MIN_BLOCKS per SM,
   // which the launch bounds guarantee room for and the register counts of these configurations allow no
   // more of (ptxas -v).
   const int grid = Cfg::PERSISTENT ? std::min(tiles, Cfg::MIN_BLOCKS * multiprocessors()) : tiles;
-  launch_kernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(Cfg::kThreads), 0, stream, /*pdl=*/true, p);
+  if (p.ln_fold_scale != nullptr) {  // the folded LayerNorm: x staged in dynamic shared memory
+    constexpr auto kernel = gemv::decode_linear_int8_kernel<T, OutT, Cfg, true>;
+    const size_t smem = static_cast<size_t>(p.M) * gemv::fold_stage_stride(p.K) * sizeof(T);
+    PRT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    launch_kernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(Cfg::kThreads), smem, stream, /*pdl=*/true, p);
+  } else {
+    constexpr auto kernel = gemv::decode_linear_int8_kernel<T, OutT, Cfg>;
+    launch_kernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(Cfg::kThreads), 0, stream, /*pdl=*/true, p);
+  }
 }
 
 template <typename Cfg>
@@ -168,9 +176,10 @@ int decode_linear_int8_config(int M, int N, int K) {
   return choose_config(M, N, K);
 }
 
-void launch_decode_linear_int8(const void* x, const int8_t* weight, const float* scale, const void* bias,
-                               const void* residual, void* out, int64_t ldx, int M, int N, int K, bool relu2,
-                               DType dtype, bool out_fp32, int config, cudaStream_t stream) {
+namespace {
+
+void check_int8_gemv(const void* x, const int8_t* weight, const float* scale, int64_t ldx, int M, int N, int K,
+                     int config) {
   PRT_REQUIRE(M >= 1 && M <= kDecodeLinearInt8MaxRows,
               "M must be in [1, " + std::to_string(kDecodeLinearInt8MaxRows) + "]");
   PRT_REQUIRE(N >= 1, "N must be >= 1");
@@ -180,7 +189,39 @@ void launch_decode_linear_int8(const void* x, const int8_t* weight, const float*
   PRT_REQUIRE(scale != nullptr, "scale is required");
   PRT_REQUIRE(config >= -1 && config < kNumConfigs,
               "config must be -1 or in [0, " + std::to_string(kNumConfigs) + "), got " + std::to_string(config));
+}
+
+}  // namespace
+
+void launch_decode_linear_int8(const void* x, const int8_t* weight, const float* scale, const void* bias,
+                               const void* residual, void* out, int64_t ldx, int M, int N, int K, bool relu2,
+                               DType dtype, bool out_fp32, int config, cudaStream_t stream) {
+  check_int8_gemv(x, weight, scale, ldx, M, N, K, config);
   const DecodeLinearInt8Params p{x, weight, scale, bias, residual, out, ldx, M, N, K, relu2};
+  launch_config(config < 0 ? choose_config(M, N, K) : config, p, dtype, out_fp32, stream,
+                std::make_index_sequence<kNumConfigs>{});
+}
+
+void launch_decode_linear_int8_folded_ln(const void* x, const int8_t* weight, const float* scale, const void* ln_weight,
+                                         const float* fold_scale, const float* fold_shift, float unscale,
+                                         const void* residual, void* out, float eps, int64_t ldx, int M, int N, int K,
+                                         bool relu2, DType dtype, bool out_fp32, int config, cudaStream_t stream) {
+  check_int8_gemv(x, weight, scale, ldx, M, N, K, config);
+  PRT_REQUIRE(ln_weight != nullptr && fold_scale != nullptr && fold_shift != nullptr,
+              "the folded LayerNorm needs ln_weight, fold_scale and fold_shift");
+  PRT_REQUIRE(aligned16(ln_weight), "ln_weight must be 16-byte aligned");
+  PRT_REQUIRE(K % kFoldedLnKMultiple == 0,
+              "the folded LayerNorm needs K a multiple of " + std::to_string(kFoldedLnKMultiple));
+  const int64_t smem = static_cast<int64_t>(M) * gemv::fold_stage_stride(K) * 2;  // fp16 and bf16 alike
+  PRT_REQUIRE(smem <= kFoldedLnMaxStageBytes, "the folded LayerNorm stages M x (K + 8) activations in shared memory: " +
+                                                  std::to_string(smem) + " bytes, at most " +
+                                                  std::to_string(kFoldedLnMaxStageBytes));
+  DecodeLinearInt8Params p{x, weight, scale, nullptr, residual, out, ldx, M, N, K, relu2};
+  p.ln_weight = ln_weight;
+  p.ln_fold_scale = fold_scale;
+  p.ln_fold_shift = fold_shift;
+  p.ln_fold_unscale = unscale;
+  p.eps = eps;
   launch_config(config < 0 ? choose_config(M, N, K) : config, p, dtype, out_fp32, stream,
                 std::make_index_sequence<kNumConfigs>{});
 }

@@ -36,6 +36,15 @@ void launch_decode_linear_int8(const void* x,          // [M, K]  row stride ldx
                                int64_t ldx, int M, int N, int K, bool relu2, DType dtype, bool out_fp32, int config,
                                cudaStream_t stream);
 
+// The int8 GEMV with the LayerNorm before it folded in, as launch_decode_linear_folded_ln (decode_linear.h)
+// with W = scale * weight: out = act(unscale * rstd * (scale * (round(x * ln_weight) Wq^T) - mean * fold_scale)
+// + fold_shift) + residual. Preconditions as launch_decode_linear_int8 and the folded LayerNorm's (K %
+// kFoldedLnKMultiple == 0, M * (K + 8) * element size <= kFoldedLnMaxStageBytes, ln_weight 16-byte aligned).
+void launch_decode_linear_int8_folded_ln(const void* x, const int8_t* weight, const float* scale, const void* ln_weight,
+                                         const float* fold_scale, const float* fold_shift, float unscale,
+                                         const void* residual, void* out, float eps, int64_t ldx, int M, int N, int K,
+                                         bool relu2, DType dtype, bool out_fp32, int config, cudaStream_t stream);
+
 // out[n, k] = round(weight[n, k] * scale[n]) in `dtype`; K % 16 == 0, weight and out 16-byte aligned.
 void launch_dequantize_int8(const int8_t* weight, const float* scale, void* out, int64_t N, int K, DType dtype,
                             cudaStream_t stream);

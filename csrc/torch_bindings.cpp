@@ -393,30 +393,30 @@ void check_int8_weight(const char* op, const Tensor& weight, const Tensor& scale
 }
 
 void check_decode_linear_int8(const Tensor& x, const Tensor& weight, const Tensor& scale, const OptTensor& bias,
-                              const OptTensor& residual, const Tensor& out) {
-  TORCH_CHECK(x.dim() == 2, kDq, ": x must have shape [M, K], got ", x.sizes());
-  check_int8_weight(kDq, weight, scale);
+                              const OptTensor& residual, const Tensor& out, const char* op = kDq) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must have shape [M, K], got ", x.sizes());
+  check_int8_weight(op, weight, scale);
   const int64_t M = x.size(0), K = weight.size(1), N = weight.size(0);
   const at::ScalarType dt = x.scalar_type();
-  activation_dtype(kDq, x, "x");
-  TORCH_CHECK(M >= 1 && M <= kDecodeLinearInt8MaxRows, kDq, ": x must have 1 to ", kDecodeLinearInt8MaxRows,
+  activation_dtype(op, x, "x");
+  TORCH_CHECK(M >= 1 && M <= kDecodeLinearInt8MaxRows, op, ": x must have 1 to ", kDecodeLinearInt8MaxRows,
               " rows (M, the decode batch), got ", M);
-  check_shape(kDq, x, "x", "[M, K] (K as weight)", {M, K});
-  TORCH_CHECK(x.stride(1) == 1 && (M == 1 || (x.stride(0) % 8 == 0 && x.stride(0) >= K)), kDq,
+  check_shape(op, x, "x", "[M, K] (K as weight)", {M, K});
+  TORCH_CHECK(x.stride(1) == 1 && (M == 1 || (x.stride(0) % 8 == 0 && x.stride(0) >= K)), op,
               ": x must have a unit column stride and a row stride >= K that is a multiple of 8, got strides ",
               x.strides());
-  if (bias.has_value()) check_shape(kDq, *bias, "bias", "[N]", {N});
-  if (residual.has_value()) check_shape(kDq, *residual, "residual", "[M, N]", {M, N});
-  check_shape(kDq, out, "out", "[M, N]", {M, N});
-  TORCH_CHECK(out.scalar_type() == dt || out.scalar_type() == at::kFloat, kDq, ": out must be ", dt,
+  if (bias.has_value()) check_shape(op, *bias, "bias", "[N]", {N});
+  if (residual.has_value()) check_shape(op, *residual, "residual", "[M, N]", {M, N});
+  check_shape(op, out, "out", "[M, N]", {M, N});
+  TORCH_CHECK(out.scalar_type() == dt || out.scalar_type() == at::kFloat, op, ": out must be ", dt,
               " (as x) or float32, got ", out.scalar_type());
-  check_args(kDq, x,
+  check_args(op, x,
              {arg("x", x, dt, kAligned16), arg("weight", weight, at::kChar, kContiguous | kAligned16),
               arg("scale", scale, at::kFloat, kContiguous), arg("bias", bias, dt, kContiguous),
               arg("residual", residual, dt, kContiguous), arg("out", out, std::nullopt, kContiguous)});
-  TORCH_CHECK(!residual.has_value() || residual->data_ptr() == out.data_ptr() || !overlap(*residual, out), kDq,
+  TORCH_CHECK(!residual.has_value() || residual->data_ptr() == out.data_ptr() || !overlap(*residual, out), op,
               ": residual must be out itself or not overlap it");
-  TORCH_CHECK(!overlap(x, out), kDq, ": x must not overlap out");
+  TORCH_CHECK(!overlap(x, out), op, ": x must not overlap out");
 }
 
 void decode_linear_int8_cuda(const Tensor& x, const Tensor& weight, const Tensor& scale, const OptTensor& bias,
@@ -432,6 +432,34 @@ void decode_linear_int8_cuda(const Tensor& x, const Tensor& weight, const Tensor
                             static_cast<int>(weight.size(0)), static_cast<int>(K), relu2,
                             activation_dtype(kDq, x, "x"), out.scalar_type() == at::kFloat, static_cast<int>(config),
                             current_stream());
+}
+
+constexpr const char* kDqf = "decode_linear_int8_folded_ln";
+
+void decode_linear_int8_folded_ln_cuda(const Tensor& x, const Tensor& weight, const Tensor& scale,
+                                       const Tensor& ln_weight, const Tensor& fold_scale, const Tensor& fold_shift,
+                                       const OptTensor& residual, Tensor& out, bool relu2, double eps, double unscale,
+                                       int64_t config) {
+  check_decode_linear_int8(x, weight, scale, std::nullopt, residual, out, kDqf);
+  const int64_t N = weight.size(0), K = weight.size(1);
+  check_shape(kDqf, ln_weight, "ln_weight", "[K]", {K});
+  check_shape(kDqf, fold_scale, "fold_scale", "[N]", {N});
+  check_shape(kDqf, fold_shift, "fold_shift", "[N]", {N});
+  check_args(kDqf, x, {arg("ln_weight", ln_weight, x.scalar_type(), kContiguous | kAligned16),
+                       arg("fold_scale", fold_scale, at::kFloat, kContiguous),
+                       arg("fold_shift", fold_shift, at::kFloat, kContiguous)});
+  TORCH_CHECK(std::isfinite(unscale) && unscale > 0, kDqf, ": unscale must be positive and finite, got ", unscale);
+  const int64_t num_configs = static_cast<int64_t>(decode_linear_int8_config_names().size());
+  TORCH_CHECK(config >= -1 && config < num_configs, kDqf, ": config must be -1 (per-shape choice) or in [0, ",
+              num_configs, "), got ", config);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0);
+  launch_decode_linear_int8_folded_ln(x.data_ptr(), weight.data_ptr<int8_t>(), scale.data_ptr<float>(),
+                                      ln_weight.data_ptr(), fold_scale.data_ptr<float>(), fold_shift.data_ptr<float>(),
+                                      static_cast<float>(unscale), opt_ptr(residual), out.data_ptr(),
+                                      static_cast<float>(eps), M == 1 ? K : x.stride(0), static_cast<int>(M),
+                                      static_cast<int>(N), static_cast<int>(K), relu2, activation_dtype(kDqf, x, "x"),
+                                      out.scalar_type() == at::kFloat, static_cast<int>(config), current_stream());
 }
 
 void dequantize_int8_cuda(const Tensor& weight, const Tensor& scale, Tensor& out) {
@@ -626,6 +654,10 @@ TORCH_LIBRARY(persimmon_rt, m) {
   m.def(
       "decode_linear_int8(Tensor x, Tensor weight, Tensor scale, Tensor? bias, Tensor? residual, Tensor(a!) out, "
       "bool relu2, int config=-1) -> ()");
+  m.def(
+      "decode_linear_int8_folded_ln(Tensor x, Tensor weight, Tensor scale, Tensor ln_weight, Tensor fold_scale, "
+      "Tensor fold_shift, Tensor? residual, Tensor(a!) out, bool relu2, float eps, float unscale=1.0, int config=-1) "
+      "-> ()");
   m.def("dequantize_int8(Tensor weight, Tensor scale, Tensor(a!) out) -> ()");
   // ---- attention ops ----
   m.def(
@@ -647,6 +679,7 @@ TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
   m.impl("decode_linear", &persimmon_rt::decode_linear_cuda);
   m.impl("decode_linear_folded_ln", &persimmon_rt::decode_linear_folded_ln_cuda);
   m.impl("decode_linear_int8", &persimmon_rt::decode_linear_int8_cuda);
+  m.impl("decode_linear_int8_folded_ln", &persimmon_rt::decode_linear_int8_folded_ln_cuda);
   m.impl("dequantize_int8", &persimmon_rt::dequantize_int8_cuda);
   m.impl("attention_prefill", &persimmon_rt::attention_prefill_cuda);
   m.impl("attention_decode", &persimmon_rt::attention_decode_cuda);
@@ -657,7 +690,8 @@ TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
 // shape errors surface when the CUDA impl runs.
 TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
   for (const char* op : {"qk_norm_rope_cache", "layernorm", "bias_relu2", "all_reduce_layernorm", "decode_linear",
-                         "decode_linear_folded_ln", "decode_linear_int8", "dequantize_int8", "attention_prefill", "attention_decode",
+                         "decode_linear_folded_ln", "decode_linear_int8", "decode_linear_int8_folded_ln",
+                         "dequantize_int8", "attention_prefill", "attention_decode",
                          "qkv_attention_decode"})
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&persimmon_rt::meta_noop>());
 }

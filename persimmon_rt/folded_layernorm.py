@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .quantization import QuantizedWeight
+
 
 @dataclass(frozen=True)
 class FoldedLayerNorm:
@@ -25,14 +27,16 @@ class FoldedLayerNorm:
     unscale: float           # 2^e
 
 
-def fold_layernorm(weight: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor | None,
+def fold_layernorm(weight, ln_weight: torch.Tensor, ln_bias: torch.Tensor | None,
                    bias: torch.Tensor | None, rows_per_chunk: int = 8192) -> FoldedLayerNorm:
-    """The fold of LayerNorm(ln_weight, ln_bias) into the projection (weight [N, K], bias [N]).
+    """The fold of LayerNorm(ln_weight, ln_bias) into the projection (weight [N, K], a tensor or an int8
+    QuantizedWeight, whose s and c are those of its dequantized rows q * scale in fp32; bias [N]).
 
     The kernel rounds x * ln_weight to the activations' dtype; a LayerNorm weight above 1 could take that
     past fp16's range where LN(x) itself stays small, so the weight is scaled by 2^-e (exact) to at most 1
     in magnitude and the product by 2^e after the sum. s and c are computed in fp32, `rows_per_chunk`
     weight rows at a time (the fp32 copy of a whole lm_head would be 4 GB)."""
+    quantized = isinstance(weight, QuantizedWeight)
     n, k = weight.shape
     if ln_weight.shape != (k,) or (ln_bias is not None and ln_bias.shape != (k,)):
         raise ValueError(f"fold_layernorm: LayerNorm parameters must have shape [{k}] (the weight's K)")
@@ -47,7 +51,10 @@ def fold_layernorm(weight: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch
     scale = torch.empty(n, dtype=torch.float32, device=weight.device)
     shift = torch.zeros(n, dtype=torch.float32, device=weight.device)
     for r in range(0, n, rows_per_chunk):
-        block = weight[r:r + rows_per_chunk].float()
+        if quantized:
+            block = weight.qweight[r:r + rows_per_chunk].float() * weight.scale[r:r + rows_per_chunk, None]
+        else:
+            block = weight[r:r + rows_per_chunk].float()
         scale[r:r + rows_per_chunk] = block @ w32
         if b32 is not None:
             shift[r:r + rows_per_chunk] = block @ b32

@@ -66,11 +66,12 @@ class Forward:
         self.fuse_decode_attention = (ops.use_cuda_kernels(weights.embed) and ops.kernels_support(config.head_dim)
                                       and ops.has_op("qkv_attention_decode"))
         # Decode with each LayerNorm folded into the projection after it (no LayerNorm kernels): on one GPU
-        # with full-precision weights (the int8 GEMV and the tensor-parallel all-reduce keep the kernels).
+        # (the tensor-parallel all-reduce keeps its fused LayerNorm).
         self.folds: list[dict[str, FoldedLayerNorm]] | None = None
         hidden, element = config.hidden_size, weights.final_ln_w.element_size()     # the activations' dtype
-        if (ops.use_cuda_kernels(weights.embed) and ops.has_op("decode_linear_folded_ln") and tp is None
-                and weights.scheme is None and hidden % ops.FOLDED_LN_K_MULTIPLE == 0
+        folding_op = "decode_linear_folded_ln" if weights.scheme is None else "decode_linear_int8_folded_ln"
+        if (ops.use_cuda_kernels(weights.final_ln_w) and ops.has_op(folding_op) and tp is None
+                and hidden % ops.FOLDED_LN_K_MULTIPLE == 0
                 and FOLDED_LN_MAX_ROWS * (hidden + 8) * element <= ops.FOLDED_LN_MAX_STAGE_BYTES):
             self.fold_layernorms(True)
 
@@ -82,8 +83,8 @@ class Forward:
         if not enabled:
             self.folds = None
             return
-        if self.tp is not None or self.weights.scheme is not None:
-            raise ValueError("folded LayerNorms need one device and full-precision weights")
+        if self.tp is not None:
+            raise ValueError("folded LayerNorms need one device (tensor parallelism keeps its fused LayerNorm)")
         w = self.weights
         self.folds = [{"qkv": fold_layernorm(lw.qkv_w, lw.ln_in_w, lw.ln_in_b, lw.qkv_b),
                        "up": fold_layernorm(lw.up_w, lw.ln_post_w, lw.ln_post_b, lw.up_b)} for lw in w.layers]
@@ -169,11 +170,19 @@ class Forward:
         stream = torch.empty_like(h)
         for i, (lw, fold) in enumerate(zip(self.weights.layers, self.folds)):
             qkv_in = self._attention_block_folded(h, lw, fold["qkv"], i, attention)
-            ops.decode_linear(qkv_in, lw.dense_w, lw.dense_b, h, stream, False)
+            self._add_linear(qkv_in, lw.dense_w, lw.dense_b, h, stream)
             h = stream
             up = self._folded_linear(h, lw.up_w, fold["up"], relu2=True)
-            ops.decode_linear(up, lw.down_w, lw.down_b, h, h, False)
+            self._add_linear(up, lw.down_w, lw.down_b, h, h)
         return h
+
+    @staticmethod
+    def _add_linear(x, weight, bias, residual, out) -> None:
+        """out = x W^T + bias + residual, one decode GEMV (out may be residual itself)."""
+        if isinstance(weight, QuantizedWeight):
+            ops.decode_linear_int8(x, weight.qweight, weight.scale, bias, residual, out)
+        else:
+            ops.decode_linear(x, weight, bias, residual, out)
 
     def _attention_block_folded(self, h, lw, fold, i, attention) -> torch.Tensor:
         """_attention_block on the residual stream h, the input LayerNorm folded into QKV."""
@@ -183,8 +192,13 @@ class Forward:
 
     def _folded_linear(self, x, weight, fold: FoldedLayerNorm, relu2=False, out_dtype=None) -> torch.Tensor:
         out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
-        ops.decode_linear_folded_ln(x, weight, fold.ln_weight, fold.scale, fold.shift, None, out, relu2,
-                                    self.config.layer_norm_eps, fold.unscale)
+        eps = self.config.layer_norm_eps
+        if isinstance(weight, QuantizedWeight):
+            ops.decode_linear_int8_folded_ln(x, weight.qweight, weight.scale, fold.ln_weight, fold.scale, fold.shift,
+                                             None, out, relu2, eps, fold.unscale)
+        else:
+            ops.decode_linear_folded_ln(x, weight, fold.ln_weight, fold.scale, fold.shift, None, out, relu2, eps,
+                                        fold.unscale)
         return out
 
     def _add_layernorm(self, partial, weight, bias, out, residual, residual_out) -> None:

@@ -199,6 +199,19 @@ def decode_linear_int8(x, weight, scale, bias, residual, out, relu2=False):
         reference.decode_linear_int8(x, weight, scale, bias, residual, out, relu2)
 
 
+def decode_linear_int8_folded_ln(x, weight, scale, ln_weight, fold_scale, fold_shift, residual, out, relu2=False,
+                                 eps=1e-5, unscale=1.0):
+    """decode_linear_folded_ln over int8 weights with fp32 per-row scales
+    (reference.decode_linear_int8_folded_ln). On the GPU: at most DECODE_LINEAR_MAX_ROWS rows of x, within the
+    FOLDED_LN_* limits."""
+    if use_cuda_kernels(x):
+        torch.ops.persimmon_rt.decode_linear_int8_folded_ln(x, weight, scale, ln_weight, fold_scale, fold_shift,
+                                                            residual, out, relu2, eps, unscale)
+    else:
+        reference.decode_linear_int8_folded_ln(x, weight, scale, ln_weight, fold_scale, fold_shift, residual, out,
+                                               relu2, eps, unscale)
+
+
 def dequantize_int8(weight, scale, out):
     """out = weight * scale[:, None] rounded to out's dtype (reference.dequantize_int8)."""
     if use_cuda_kernels(weight) and out.dtype in (torch.float16, torch.bfloat16):

@@ -280,6 +280,30 @@ def decode_linear_folded_ln(
     _linear_epilogue(y, None, relu2, residual, out)
 
 
+def decode_linear_int8_folded_ln(
+    x: torch.Tensor,              # [M, K]  the residual stream
+    weight: torch.Tensor,         # [N, K]  int8
+    scale: torch.Tensor,          # [N]  fp32 per-row scale
+    ln_weight: torch.Tensor,      # [K]
+    fold_scale: torch.Tensor,     # [N]  fp32: (scale * weight) @ ln_weight
+    fold_shift: torch.Tensor,     # [N]  fp32: (scale * weight) @ ln_bias + bias
+    residual: torch.Tensor | None,
+    out: torch.Tensor,
+    relu2: bool = False,
+    eps: float = 1e-5,
+    unscale: float = 1.0,
+) -> None:
+    """decode_linear_folded_ln over int8 weights with per-row scales: the scale applied to the fp32 product
+    of round(x * ln_weight) and the int8 row, before the fold's mean * fold_scale is taken off."""
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf.square().mean(-1, keepdim=True) - mean.square()).clamp_min(0)
+    rstd = torch.rsqrt(var + eps) * unscale
+    scaled = (x * ln_weight.to(x.dtype)).float()
+    product = (scaled @ weight.float().t()) * scale.float()
+    _linear_epilogue(rstd * (product - mean * fold_scale.float()) + fold_shift.float(), None, relu2, residual, out)
+
+
 def _linear_epilogue(y: torch.Tensor, bias, relu2: bool, residual, out: torch.Tensor) -> None:
     """The decode GEMVs' epilogue on the fp32 product y: + bias, relu², + residual, rounded once into out."""
     if bias is not None:

@@ -273,3 +273,124 @@ def test_cuda_graph_replay(M, dtype):
         torch.cuda.synchronize()
         check_against_fp32(out, unfolded_fp32(x, w, b2, r, lw2, lb2, True),
                            lowp_composition(x, w, b2, r, lw2, lb2, True, dtype))
+
+
+# ---- int8 weights (decode_linear_int8_folded_ln) -----------------------------------------------------
+
+def int8_case(M, N, K, dtype, device, residual=False, relu2=False):
+    """make_case with the weight quantized: (x, QuantizedWeight, bias, residual, ln weight, ln bias)."""
+    from persimmon_rt.quantization import QuantizedWeight, quantize_int8
+
+    x, w, b, r, lw, lb = make_case(M, N, K, dtype, device, True, residual)
+    q, s = quantize_int8(w)
+    return x, QuantizedWeight(q, s, dtype), b, r, lw, lb
+
+
+def int8_folded(x, qw, b, r, lw, lb, relu2, out_dtype, device_op=False, config=-1):
+    fold = fold_layernorm(qw, lw, lb, b)
+    out = torch.full((x.shape[0], qw.shape[0]), float("nan"), dtype=out_dtype, device=x.device)
+    args = (x, qw.qweight, qw.scale, fold.ln_weight, fold.scale, fold.shift, r, out, relu2, EPS, fold.unscale)
+    if device_op:
+        torch.ops.persimmon_rt.decode_linear_int8_folded_ln(*args, config)
+    else:
+        reference.decode_linear_int8_folded_ln(*args)
+    return out
+
+
+def int8_unfolded_fp32(x, qw, b, r, lw, lb, relu2):
+    """LayerNorm, then the dequantized weight (q * scale in fp32), all in fp32."""
+    return unfolded_fp32(x, qw.qweight.float() * qw.scale[:, None], b, r, lw, lb, relu2)
+
+
+@pytest.mark.parametrize("residual,relu2", EPILOGUES)
+def test_int8_fold_equals_layernorm_then_dequantized_linear_in_fp32(residual, relu2):
+    x, qw, b, r, lw, lb = int8_case(5, 40, 64, torch.float32, "cpu", residual)
+    got = int8_folded(x, qw, b, r, lw, lb, relu2, torch.float32)
+    torch.testing.assert_close(got, int8_unfolded_fp32(x, qw, b, r, lw, lb, relu2), rtol=1e-4, atol=1e-4)
+
+
+def test_int8_ops_dispatches_to_reference_on_cpu():
+    x, qw, b, r, lw, lb = int8_case(2, 8, 32, torch.float32, "cpu", True)
+    fold = fold_layernorm(qw, lw, lb, b)
+    got, want = torch.empty(2, 8), torch.empty(2, 8)
+    args = (x, qw.qweight, qw.scale, fold.ln_weight, fold.scale, fold.shift, r)
+    ops.decode_linear_int8_folded_ln(*args, got, True, EPS, fold.unscale)
+    reference.decode_linear_int8_folded_ln(*args, want, True, EPS, fold.unscale)
+    assert torch.equal(got, want)
+
+
+def int8_run_and_check(M, N, K, dtype, residual, relu2, out_dtype=None, config=-1):
+    out_dtype = out_dtype or dtype
+    x, qw, b, r, lw, lb = int8_case(M, N, K, dtype, "cuda", residual)
+    out = int8_folded(x, qw, b, r, lw, lb, relu2, out_dtype, device_op=True, config=config)
+    want = int8_unfolded_fp32(x, qw, b, r, lw, lb, relu2)
+    w_lowp = (qw.qweight.float() * qw.scale[:, None]).to(dtype)       # the dequantized weight, rounded once
+    check_against_fp32(out, want, lowp_composition(x, w_lowp, b, r, lw, lb, relu2, out_dtype))
+    own = int8_folded(x, qw, b, r, lw, lb, relu2, torch.float32)
+    assert max_abs_err(out, own) <= 2 * max_abs_err(own.to(out_dtype), own) + 1e-3 * own.abs().max().item()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual,relu2", EPILOGUES)
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("N,K", [(83, 256), (200, 768)])
+def test_int8_awkward_shape_every_epilogue(N, K, M, residual, relu2, dtype):
+    int8_run_and_check(M, N, K, dtype, residual, relu2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 8, 16])
+@pytest.mark.parametrize("shape", ["qkv", "mlp_up", "lm_head"])
+def test_int8_persimmon_shapes(shape, M, dtype):
+    N, relu2, fp32_out = {"qkv": (12288, False, False), "mlp_up": (16384, True, False),
+                          "lm_head": (262144, False, True)}[shape]
+    int8_run_and_check(M, N, 4096, dtype, False, relu2, torch.float32 if fp32_out else None)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_every_config(dtype):
+    """Every int8 tile configuration, persistent ones included (each block stages x once for all its tiles)."""
+    for config, name in enumerate(ops.DECODE_LINEAR_INT8_CONFIGS):
+        for M in sorted({1, 7, int(name.split()[0][1:])}):
+            for N, K in [(83, 256), (8200, 4096)]:
+                int8_run_and_check(M, N, K, dtype, True, True, config=config)
+                int8_run_and_check(M, N, K, dtype, False, False, out_dtype=torch.float32, config=config)
+
+
+@requires_cuda
+def test_int8_rejects_bad_arguments():
+    x, qw, b, r, lw, lb = int8_case(4, 32, 64, torch.float16, "cuda", True)
+    fold = fold_layernorm(qw, lw, lb, b)
+    out = torch.empty(4, 32, dtype=torch.float16, device="cuda")
+    op = torch.ops.persimmon_rt.decode_linear_int8_folded_ln
+    with pytest.raises(RuntimeError, match=r"decode_linear_int8_folded_ln: fold_scale must have shape \[N\]"):
+        op(x, qw.qweight, qw.scale, fold.ln_weight, fold.scale[:16], fold.shift, r, out, False, EPS, fold.unscale)
+    with pytest.raises(RuntimeError, match="ln_weight must be"):
+        op(x, qw.qweight, qw.scale, fold.ln_weight.bfloat16(), fold.scale, fold.shift, r, out, False, EPS, 1.0)
+    with pytest.raises((RuntimeError, ValueError), match=f"K a multiple of {ops.FOLDED_LN_K_MULTIPLE}"):
+        op(x, qw.qweight, qw.scale, fold.ln_weight, fold.scale, fold.shift, r, out, False, EPS, fold.unscale)
+
+
+@requires_cuda
+def test_int8_cuda_graph_replay():
+    M, N, K = 1, 4096, 4096
+    x, qw, b, r, lw, lb = int8_case(M, N, K, torch.float16, "cuda", True)
+    fold = fold_layernorm(qw, lw, lb, b)
+    out = torch.full((M, N), float("nan"), dtype=torch.float16, device="cuda")
+    graph = capture_graph(lambda: torch.ops.persimmon_rt.decode_linear_int8_folded_ln(
+        x, qw.qweight, qw.scale, fold.ln_weight, fold.scale, fold.shift, r, out, True, EPS, fold.unscale))
+    for _ in range(2):
+        x2, qw2, b2, r2, lw2, lb2 = int8_case(M, N, K, torch.float16, "cuda", True)
+        fold2 = fold_layernorm(qw2, lw2, lb2, b2)
+        for dst, src in ((x, x2), (qw.qweight, qw2.qweight), (qw.scale, qw2.scale), (r, r2),
+                         (fold.ln_weight, fold2.ln_weight), (fold.scale, fold2.scale), (fold.shift, fold2.shift)):
+            dst.copy_(src)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_against_fp32(out, int8_unfolded_fp32(x, qw, b2, r, lw2, lb2, True),
+                           lowp_composition(x, (qw.qweight.float() * qw.scale[:, None]).half(), b2, r, lw2, lb2, True,
+                                            torch.float16))

@@ -222,20 +222,17 @@ __host__ __device__ constexpr int64_t fold_stage_stride(int64_t K) { return K + 
 // share its vectors, so every lane does useful work (in the main loop only the lanes holding x rows would,
 // 4 of 32 at one row: 3-7 us slower per GEMV on the H200), and no warp waits for another.
 template <typename T, typename Cfg>
-__device__ __forceinline__ void fold_stage_x(const DecodeLinearParams& p, int c_begin, int c_end, T* s_x,
-                                             float2 (&s_rowsum)[Cfg::WARPS][Cfg::kMaxM]) {
+__device__ __forceinline__ void fold_stage_x(const T* x, const T* w, int64_t ldx, int M, int K, int v_begin, int v_end,
+                                             T* s_x, float2 (&s_rowsum)[Cfg::WARPS][Cfg::kMaxM]) {
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-  const T* x = static_cast<const T*>(p.x);
-  const T* w = static_cast<const T*>(p.ln_weight);
-  const int64_t stride = fold_stage_stride(p.K);
-  const int v_begin = c_begin * (kChunk / kVec), v_end = max(v_begin, c_end * (kChunk / kVec));
+  const int64_t stride = fold_stage_stride(K);
 #pragma unroll 1
-  for (int m = 0; m < p.M; ++m) {
+  for (int m = 0; m < M; ++m) {
     float sum = 0.f, sq = 0.f;
 #pragma unroll 2
     for (int v = v_begin + lane; v < v_end; v += 32) {
-      const uint4 xs = ln_fold_apply<T>(ld_x_16(x + m * p.ldx + kVec * v), ld_x_16(w + kVec * v), sum, sq);
+      const uint4 xs = ln_fold_apply<T>(ld_x_16(x + m * ldx + kVec * v), ld_x_16(w + kVec * v), sum, sq);
       *reinterpret_cast<uint4*>(s_x + m * stride + kVec * v) = xs;
     }
 #pragma unroll
@@ -246,6 +243,21 @@ __device__ __forceinline__ void fold_stage_x(const DecodeLinearParams& p, int c_
     if (lane == 0) s_rowsum[warp][m] = make_float2(sum, sq);
   }
   __syncwarp();
+}
+
+// Row m's (mean, unscale * rstd) from the warps' sums of fold_stage_x (fp32, E[x^2] - mean^2 clamped at 0).
+template <int WARPS, int MAX_M>
+__device__ __forceinline__ float2 fold_row_stats(const float2* s_rowsum, int m, float inv_k, float eps,
+                                                 float unscale) {
+  float xs = 0.f, xq = 0.f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) {
+    const float2 r = s_rowsum[w * MAX_M + m];
+    xs += r.x;
+    xq += r.y;
+  }
+  const float mean = xs * inv_k;
+  return make_float2(mean, rsqrtf(fmaxf(xq * inv_k - mean * mean, 0.f) + eps) * unscale);
 }
 
 // ---- the epilogue, shared with decode_linear_int8.cuh ------------------------------------------------
@@ -286,9 +298,9 @@ __device__ __forceinline__ void store_partials(float (&s_partial)[Cfg::WARPS][Cf
 }
 
 // Stores this warp's accumulators, waits for the block, then finishes each output of the tile at n0:
-// y = sum of the warps' partials, y = head(round, n, y) (bias; the int8 GEMV's scale too), relu^2,
-// + residual, one rounding into out. Every thread of the block must call it (one barrier); s_partial
-// must not be rewritten before the block's next barrier.
+// y = sum of the warps' partials, y = head(round, n, m, y) (bias; the int8 GEMV's scale and folded
+// LayerNorm too), relu^2, + residual, one rounding into out. Every thread of the block must call it (one
+// barrier); s_partial must not be rewritten before the block's next barrier.
 template <typename T, typename OutT, typename Cfg, typename Head>
 __device__ __forceinline__ void gemv_epilogue(float (&s_partial)[Cfg::WARPS][Cfg::RT * Cfg::MT * 4][32],
                                               const float (&acc)[Cfg::RT][Cfg::MT][4], int64_t n0, int M, int N,
@@ -307,7 +319,7 @@ __device__ __forceinline__ void gemv_epilogue(float (&s_partial)[Cfg::WARPS][Cfg
     float y = 0.f;
 #pragma unroll
     for (int w = 0; w < Cfg::WARPS; ++w) y += s_partial[w][idx / 32][idx % 32];
-    y = head(r, n, y);
+    y = head(r, n, m, y);
     if (relu2) {
       const float a = y < 0.f ? 0.f : y;  // not fmaxf: relu must keep a NaN, as torch.relu does
       y = a * a;
@@ -511,7 +523,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
 #pragma unroll
   for (int t = 0; t < MT; ++t)
     x_frag[t] = LN_FOLD ? s_x + (xr.ok[t] ? 8 * t + g : 0) * fold_stage_stride(K) + 8 * q : xr.row[t];
-  if constexpr (LN_FOLD) fold_stage_x<T, Cfg>(p, c_begin, c_end, s_x, s_rowsum);
+  if constexpr (LN_FOLD) {
+    fold_stage_x<T, Cfg>(static_cast<const T*>(p.x), static_cast<const T*>(p.ln_weight), p.ldx, p.M, K,
+                         c_begin * (kChunk / kVec), max(c_begin, c_end) * (kChunk / kVec), s_x, s_rowsum);
+  }
   const T* ln_b = LN && p.ln_bias != nullptr ? static_cast<const T*>(p.ln_bias) + 8 * q : nullptr;
   if constexpr (LN) {
     ln_row_stats<T, WARPS>(p, s_stats, s_part);

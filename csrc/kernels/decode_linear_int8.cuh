@@ -60,6 +60,13 @@ struct DecodeLinearInt8Params {
   int N;
   int K;                 // multiple of 16
   bool relu2;
+  // The folded LayerNorm (the kernel's LN_FOLD instance, decode_linear.cuh): ln_weight [K] of T, fp32 [N]
+  // fold_scale = W ln_weight and fold_shift = W ln_bias + bias (W = scale * Wq; bias is then nullptr).
+  const void* ln_weight = nullptr;
+  const float* ln_fold_scale = nullptr;
+  const float* ln_fold_shift = nullptr;
+  float ln_fold_unscale = 1.f;
+  float eps = 0.f;
 };
 
 // GemvConfig's RT, MT, J (here 64-k chunks per step), WARPS, MIN_BLOCKS; STAGES: loop steps of weights a
@@ -110,14 +117,18 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int s) {
 }
 
 // Grid: ceil(N / (16 * RT)) blocks, or fewer for a PERSISTENT configuration (at least one tile each); block
-// b takes tiles b, b + gridDim.x, ... Cfg::kThreads threads.
-template <typename T, typename OutT, typename Cfg>
+// b takes tiles b, b + gridDim.x, ... Cfg::kThreads threads. LN_FOLD: the folded LayerNorm (x times the
+// LayerNorm weight staged by each warp over its K share, in M x fold_stage_stride(K) elements of dynamic
+// shared memory; the statistics applied in the epilogue), as decode_linear_kernel's.
+template <typename T, typename OutT, typename Cfg, bool LN_FOLD = false>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
     decode_linear_int8_kernel(const DecodeLinearInt8Params p) {
   constexpr int RT = Cfg::RT, MT = Cfg::MT, J = Cfg::J, WARPS = Cfg::WARPS, S = Cfg::STAGES;
   constexpr int kBufs = Cfg::PERSISTENT ? 2 : 1;  // partials alternate: a tile costs one barrier
   constexpr int kRounds = kEpilogueRounds<Cfg>;
   __shared__ float s_partial[kBufs][WARPS][RT * MT * 4][32];
+  __shared__ float2 s_rowsum[LN_FOLD ? WARPS : 1][LN_FOLD ? Cfg::kMaxM : 1];
+  extern __shared__ uint4 s_int8_fold_x[];
 
   pdl_launch_dependents();
 
@@ -147,6 +158,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
   };
 
   const XRows<T, MT> xr(p.x, p.ldx, p.M, g, 16 * q);  // offset by the lane's 16-k slot
+  // x fragments: row 8t + g of x, or of the staged x * ln_weight (folded LayerNorm).
+  T* const s_x = reinterpret_cast<T*>(s_int8_fold_x);
+  const T* x_frag[MT];
+#pragma unroll
+  for (int t = 0; t < MT; ++t)
+    x_frag[t] = LN_FOLD ? s_x + (xr.ok[t] ? 8 * t + g : 0) * fold_stage_stride(K) + 16 * q : xr.row[t];
   // Chunk c's x fragments (L1 / L2 hits). A step's are requested together at its start, while its
   // weights may still be arriving, unless they would take more than 32 registers (J x MT x 8): then
   // each chunk's go out just before its mma (measured by ptxas: either placement alone spills in some
@@ -157,16 +174,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
     for (int t = 0; t < MT; ++t)
 #pragma unroll
       for (int e = 0; e < 2; ++e)
-        xv[t][e] = in_range(c) && xr.ok[t] ? ld_x_16(xr.row[t] + c * kChunk8 + 8 * e) : zero;
+        xv[t][e] = !(in_range(c) && xr.ok[t]) ? zero
+                   : LN_FOLD ? *reinterpret_cast<const uint4*>(x_frag[t] + c * kChunk8 + 8 * e)
+                             : ld_x_16(x_frag[t] + c * kChunk8 + 8 * e);
   };
 
   // Scale and bias of a tile are requested a tile ahead. With one x fragment they go into registers
   // (the outputs this thread finishes, rounds r of gemv_epilogue); the two-fragment configurations have
   // no registers to spare (they spill), so their thread 0 asks L2 for the tile's lines and the epilogue
   // reads them from there.
+  // With the folded LayerNorm the bias slot holds fold_shift (which includes the bias) and fs the
+  // fold_scale.
   constexpr bool kHeadInRegisters = MT == 1;
   const T* bias = static_cast<const T*>(p.bias);
-  float sc[kRounds], bi[kRounds];
+  float sc[kRounds], bi[kRounds], fs[LN_FOLD ? kRounds : 1];
   const auto load_head = [&](int tile) {
     const int64_t n0 = static_cast<int64_t>(tile) * Cfg::kRowsPerBlock;
     if constexpr (kHeadInRegisters) {
@@ -178,15 +199,33 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
         epilogue_slot<Cfg>(idx, n0, n, m);
         const bool ok = idx < kEpilogueSlots<Cfg> && n < p.N;
         sc[r] = ok ? __ldg(p.scale + n) : 0.f;
-        bi[r] = ok && bias != nullptr ? to_float(__ldg(bias + n)) : 0.f;
+        if constexpr (LN_FOLD) {
+          bi[r] = ok ? __ldg(p.ln_fold_shift + n) : 0.f;
+          fs[r] = ok ? __ldg(p.ln_fold_scale + n) : 0.f;
+        } else {
+          bi[r] = ok && bias != nullptr ? to_float(__ldg(bias + n)) : 0.f;
+        }
       }
     } else if (threadIdx.x < RT && (RT == 1 || n0 + 16 * threadIdx.x < p.N)) {  // 16 rows: a line each
       prefetch_l2(p.scale + n0 + 16 * threadIdx.x);
-      if (bias != nullptr) prefetch_l2(bias + n0 + 16 * threadIdx.x);
+      if constexpr (LN_FOLD) {
+        prefetch_l2(p.ln_fold_scale + n0 + 16 * threadIdx.x);
+        prefetch_l2(p.ln_fold_shift + n0 + 16 * threadIdx.x);
+      } else if (bias != nullptr) {
+        prefetch_l2(bias + n0 + 16 * threadIdx.x);
+      }
     }
   };
-  const auto head = [&](int r, int64_t n, float y) {
-    if constexpr (kHeadInRegisters) {
+  const float inv_k = 1.f / static_cast<float>(K);  // LN_FOLD only
+  const auto head = [&](int r, int64_t n, int m, float y) {
+    if constexpr (LN_FOLD) {  // unscale rstd (scale acc - mean s) + c
+      const float2 st = fold_row_stats<WARPS, Cfg::kMaxM>(&s_rowsum[0][0], m, inv_k, p.eps, p.ln_fold_unscale);
+      if constexpr (kHeadInRegisters) {
+        return st.y * (y * sc[r] - st.x * fs[r]) + bi[r];
+      } else {
+        return st.y * (y * __ldg(p.scale + n) - st.x * __ldg(p.ln_fold_scale + n)) + __ldg(p.ln_fold_shift + n);
+      }
+    } else if constexpr (kHeadInRegisters) {
       return y * sc[r] + bi[r];
     } else {
       y *= __ldg(p.scale + n);
@@ -242,6 +281,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
     if (s < items) load_weights(wv[s], s);
   load_head(blockIdx.x);
   pdl_wait();
+  if constexpr (LN_FOLD) {  // a chunk is 64 k: 8 vectors
+    fold_stage_x<T, Cfg>(static_cast<const T*>(p.x), static_cast<const T*>(p.ln_weight), p.ldx, p.M, K,
+                         c_begin * (kChunk8 / kVec), max(c_begin, c_end) * (kChunk8 / kVec), s_x, s_rowsum);
+  }
 
   // The tile's epilogue: the chains summed, then gemv_epilogue (one barrier) into s_partial[buf].
   const auto finish_tile = [&](int tile, int buf) {
