@@ -447,10 +447,9 @@ void bench_prefill(const std::vector<int>& lengths, const std::string& filter) {
 
 // ---- decode ---------------------------------------------------------------------------------------------
 
-template <int THREADS, int UNROLL, int MIN_BLOCKS, bool PIPE = false>
+template <int THREADS, int UNROLL, int MIN_BLOCKS>
 void launch_decode(const DecodeParams& p, int batch, bool pdl, cudaStream_t s) {
-  attention_decode_split_kernel<T, D, THREADS, UNROLL, MIN_BLOCKS, PIPE>
-      <<<dim3(p.num_splits, H, batch), THREADS, 0, s>>>(p);
+  attention_decode_split_kernel<T, D, THREADS, UNROLL, MIN_BLOCKS><<<dim3(p.num_splits, H, batch), THREADS, 0, s>>>(p);
   if (p.num_splits == 1) return;
   const auto combine = attention_decode_combine_kernel<T, D>;
   launch_kernel(combine, dim3(H, batch), dim3(D), 0, s, pdl, p);
@@ -464,7 +463,7 @@ struct DecodeSets {
   float* ws;
 };
 
-template <int THREADS, int UNROLL, int MIN_BLOCKS, bool PIPE = false>
+template <int THREADS, int UNROLL, int MIN_BLOCKS>
 // Checks the variant's output on cache set 0 against `want` (when given) and copies it to `keep` (when
 // given), then times it.
 void decode_variant(const char* name, DecodeSets& d, int splits, bool pdl, const T* want, double copy_tbps,
@@ -476,7 +475,7 @@ void decode_variant(const char* name, DecodeSets& d, int splits, bool pdl, const
                         H, d.len, splits, kScaleLog2};
   };
   PRT_CUDA_CHECK(cudaMemset(d.out, 0xff, out_n * sizeof(T)));
-  launch_decode<THREADS, UNROLL, MIN_BLOCKS, PIPE>(params(0), d.batch, pdl, 0);
+  launch_decode<THREADS, UNROLL, MIN_BLOCKS>(params(0), d.batch, pdl, 0);
   PRT_CUDA_CHECK(cudaDeviceSynchronize());
   const float diff = want ? max_abs_diff(d.out, want, out_n) : 0.f;
   if (keep) PRT_CUDA_CHECK(cudaMemcpy(keep, d.out, out_n * sizeof(T), cudaMemcpyDeviceToDevice));
@@ -487,7 +486,7 @@ void decode_variant(const char* name, DecodeSets& d, int splits, bool pdl, const
   cudaGraphExec_t ge;
   constexpr int kCalls = 24;
   PRT_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < kCalls; ++i) launch_decode<THREADS, UNROLL, MIN_BLOCKS, PIPE>(params(i % d.n), d.batch, pdl, s);
+  for (int i = 0; i < kCalls; ++i) launch_decode<THREADS, UNROLL, MIN_BLOCKS>(params(i % d.n), d.batch, pdl, s);
   PRT_CUDA_CHECK(cudaStreamEndCapture(s, &g));
   PRT_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
   const float ms = median_ms([&] { cudaGraphLaunch(ge, 0); }, 20) / kCalls;
@@ -531,21 +530,12 @@ void bench_decode(int batch, int len, double copy_tbps, int sms) {
     decode_variant<128, 4, 8>("128 thr, unroll 4", d, splits128 * 2, true, want, copy_tbps);
     decode_variant<512, 4, 2>("512 thr, unroll 4", d, std::max(1, splits / 2), true, want, copy_tbps);
     decode_variant<512, 4, 2>("512 thr, unroll 4", d, splits, true, want, copy_tbps);
-    // Two register stages (PIPE): the same bytes in flight as unroll 4 at unroll 2, or twice them.
-    for (int n : {splits, splits * 2}) {
-      decode_variant<256, 2, 4, true>("256 thr, unroll 2, pipe", d, n, true, want, copy_tbps);
-      decode_variant<256, 4, 2, true>("256 thr, unroll 4, pipe", d, n, true, want, copy_tbps);
-      decode_variant<128, 2, 8, true>("128 thr, unroll 2, pipe", d, 2 * n, true, want, copy_tbps);
-    }
   } else {
     decode_variant<256, 4, 4>("256 thr, unroll 4", d, 1, true, want, copy_tbps);
     decode_variant<128, 4, 8>("128 thr, unroll 4", d, 2, true, want, copy_tbps);
     decode_variant<128, 2, 8>("128 thr, unroll 2", d, 1, true, want, copy_tbps);
     decode_variant<64, 4, 16>("64 thr, unroll 4", d, 1, true, want, copy_tbps);
     decode_variant<64, 8, 8>("64 thr, unroll 8", d, 1, true, want, copy_tbps);
-    decode_variant<128, 2, 8, true>("128 thr, unroll 2, pipe", d, 1, true, want, copy_tbps);
-    decode_variant<64, 2, 16, true>("64 thr, unroll 2, pipe", d, 1, true, want, copy_tbps);
-    decode_variant<128, 2, 8, true>("128 thr, unroll 2, pipe", d, 2, true, want, copy_tbps);
   }
   for (int i = 0; i < d.n; ++i) {
     cudaFree(d.q[i]);

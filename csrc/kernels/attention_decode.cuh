@@ -51,9 +51,8 @@ __device__ __forceinline__ int decode_split_len(int kv_len, int num_splits) {
 // its own online softmax, the block merges the groups and writes out[row] (one split) or the split's
 // partials. q: this lane's 8 dims of the query, pre-scaled to log2 units. With NEW_KEY and `has_new`,
 // the split's last key k_end - 1 comes from shared memory (new_kv: k then v, [2][D / 8] 16-byte chunks)
-// instead of the cache. PIPE: the next step's keys and values are requested before this step's
-// arithmetic, so a lane's loads are in flight all the time (twice the registers for them).
-template <typename T, int D, int THREADS, int UNROLL, bool NEW_KEY, bool PIPE = false>
+// instead of the cache.
+template <typename T, int D, int THREADS, int UNROLL, bool NEW_KEY>
 __device__ __forceinline__ void decode_split_attend(const DecodeParams& p, int seq, int head, int split, int k_begin,
                                                     int k_end, const float (&q)[kVec], const uint4* new_kv,
                                                     bool has_new) {
@@ -79,9 +78,10 @@ __device__ __forceinline__ void decode_split_attend(const DecodeParams& p, int s
   float run_max = -INFINITY;
   float run_sum = 0.f;
   float acc[kVec] = {};
-  // One loop step's loads: UNROLL keys a lane group, base + u * kGroups + group. PATCH: the new key may be
+  // One loop step: UNROLL keys a lane group, base + u * kGroups + group. PATCH: the new key may be
   // among them (only the last step's can be).
-  const auto load = [&](int base, uint4 (&kr)[UNROLL], uint4 (&vr)[UNROLL], auto patch) {
+  const auto step = [&](int base, auto patch) {
+    uint4 kr[UNROLL], vr[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int key = base + u * kGroups + group;
@@ -98,9 +98,6 @@ __device__ __forceinline__ void decode_split_attend(const DecodeParams& p, int s
         vr[u] = make_uint4(0, 0, 0, 0);
       }
     }
-  };
-  // One loop step's arithmetic on its loaded keys and values.
-  const auto attend = [&](int base, const uint4 (&kr)[UNROLL], const uint4 (&vr)[UNROLL]) {
     float s[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
@@ -133,37 +130,14 @@ __device__ __forceinline__ void decode_split_attend(const DecodeParams& p, int s
       for (int i = 0; i < kVec; ++i) acc[i] = fmaf(pr, v[i], acc[i]);
     }
   };
-  if constexpr (PIPE) {
-    // Two register stages, written out twice so that neither is indexed at run time; any step may hold the
-    // new key (one compare a load).
-    using Patch = std::integral_constant<bool, NEW_KEY>;
-    uint4 ka[UNROLL], va[UNROLL], kb[UNROLL], vb[UNROLL];
-    load(k_begin, ka, va, Patch{});
-    for (int base = k_begin;; base += 2 * kStep) {
-      const bool more = base + kStep < k_end;
-      if (more) load(base + kStep, kb, vb, Patch{});
-      attend(base, ka, va);
-      if (!more) break;
-      const bool again = base + 2 * kStep < k_end;
-      if (again) load(base + 2 * kStep, ka, va, Patch{});
-      attend(base + kStep, kb, vb);
-      if (!again) break;
-    }
+  if constexpr (NEW_KEY) {
+    // The same steps as below, the last one peeled: the hot loop carries no new-key test (which cost
+    // registers it does not have to spare).
+    const int last = k_begin + (k_end - 1 - k_begin) / kStep * kStep;
+    for (int base = k_begin; base < last; base += kStep) step(base, std::false_type{});
+    step(last, std::true_type{});
   } else {
-    const auto step = [&](int base, auto patch) {
-      uint4 kr[UNROLL], vr[UNROLL];
-      load(base, kr, vr, patch);
-      attend(base, kr, vr);
-    };
-    if constexpr (NEW_KEY) {
-      // The same steps as below, the last one peeled: the hot loop carries no new-key test (which cost
-      // registers it does not have to spare).
-      const int last = k_begin + (k_end - 1 - k_begin) / kStep * kStep;
-      for (int base = k_begin; base < last; base += kStep) step(base, std::false_type{});
-      step(last, std::true_type{});
-    } else {
-      for (int base = k_begin; base < k_end; base += kStep) step(base, std::false_type{});
-    }
+    for (int base = k_begin; base < k_end; base += kStep) step(base, std::false_type{});
   }
 
   // Merge the lane groups: rescale each to the block max, then sum over groups per dim.
@@ -210,7 +184,7 @@ __device__ __forceinline__ void decode_idle_output(const DecodeParams& p, int se
 }
 
 // Grid: (num_splits, H, B). MIN_BLOCKS caps registers so that many blocks stay resident.
-template <typename T, int D, int THREADS, int UNROLL, int MIN_BLOCKS, bool PIPE = false>
+template <typename T, int D, int THREADS, int UNROLL, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) attention_decode_split_kernel(const DecodeParams p) {
   // Programmatic dependent launch: let the next kernel (the combine, or whatever follows a single
   // split) be scheduled now, then wait for the previous one (qk_norm_rope_cache writes q and the
@@ -235,7 +209,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) attention_decode_split_ke
   load8(static_cast<const T*>(p.q) + (int64_t(seq) * p.num_heads + head) * D + threadIdx.x % (D / kVec) * kVec, q);
 #pragma unroll
   for (int i = 0; i < kVec; ++i) q[i] *= p.scale_log2;
-  decode_split_attend<T, D, THREADS, UNROLL, false, PIPE>(p, seq, head, split, k_begin, k_end, q, nullptr, false);
+  decode_split_attend<T, D, THREADS, UNROLL, false>(p, seq, head, split, k_begin, k_end, q, nullptr, false);
 }
 
 // ---- qkv_attention_decode: QK-LayerNorm + rotary + cache write of the new token, fused in -------------
@@ -339,7 +313,7 @@ __device__ __forceinline__ void qkv_new_token(const QkvDecodeParams& p, int seq,
 }
 
 // Grid: (num_splits, H, B), as attention_decode_split_kernel; the combine kernel is shared.
-template <typename T, int D, int THREADS, int UNROLL, int MIN_BLOCKS, bool PIPE = false>
+template <typename T, int D, int THREADS, int UNROLL, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) qkv_attention_decode_split_kernel(const QkvDecodeParams p) {
   // Programmatic dependent launch: qkv comes from the previous kernel (the QKV GEMV).
   pdl_launch_dependents();
@@ -379,8 +353,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) qkv_attention_decode_spli
   unpack8<T>(s_new[0][threadIdx.x % (D / kVec)], q);
 #pragma unroll
   for (int i = 0; i < kVec; ++i) q[i] *= a.scale_log2;
-  decode_split_attend<T, D, THREADS, UNROLL, true, PIPE>(a, seq, head, split, k_begin, k_end, q, s_new[1],
-                                                        k_end == kv_len);
+  decode_split_attend<T, D, THREADS, UNROLL, true>(a, seq, head, split, k_begin, k_end, q, s_new[1],
+                                                  k_end == kv_len);
 }
 
 // Grid: (H, B), D threads: out[b, h, d] = sum_s 2^(max_s - M) out_s[d] / sum_s 2^(max_s - M) sum_s.
