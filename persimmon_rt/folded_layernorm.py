@@ -3,8 +3,8 @@
 LN(x) W^T + bias = rstd (x * w) W^T - rstd mean s + c, with s = W w and c = W b + bias for the LayerNorm's
 weight w and bias b. With s and c computed once per weight, the decode GEMV reads the residual stream
 itself: it stages x * w in shared memory, summing x and x^2 on the way, and needs the row statistics only
-in its epilogue. So the one-row LayerNorm kernel before QKV, MLP-up and lm_head goes, and the dense /
-MLP-down GEMVs add their output into the residual stream themselves.
+in its epilogue. So the LayerNorm kernel before QKV, MLP-up and lm_head goes, and the dense / MLP-down
+GEMVs add their output into the residual stream themselves (forward.py decides for which row counts).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ Per layer (T packed tokens; the residual stream h is carried between fused Layer
     down  = up W_down^T + b_down
 Prefill runs it over packed prompt pieces (causal attention over each row's cached prefix); decode over one
 token per row of a `DecodeState` (split-KV attention), then samples, all capturable in a CUDA graph. A
-one-row pass on one GPU folds each LayerNorm into the projection after it (`_layers_folded`): no LayerNorm
-kernel, dense and MLP-down adding into h themselves.
+pass of few rows on one GPU (one with fp16 / bf16 weights, up to eight with int8) folds each LayerNorm into
+the projection after it (`_layers_folded`): no LayerNorm kernel, dense and MLP-down adding into h themselves.
 With tensor parallelism (`tp`, tensor_parallel.py) each rank runs it over its heads and MLP columns; `a`
 and `down` are all-reduced together with the LayerNorm that takes them (one fused kernel at decode), and
 the logits gathered over the vocabulary.
@@ -40,9 +40,13 @@ from .transfer import upload, upload_split
 
 REFERENCE_DECODE_ROWS = 16
 # Decode buckets of up to this many rows run with the LayerNorms folded into the projections
-# (folded_layernorm.py). Measured on the H200 (benchmarks/RESULTS.md, run U3): 4.46 -> 4.37 ms a token at one
-# row; at eight rows the folding GEMVs' staging of x costs more than the LayerNorm kernels (4.75 -> 7.21 ms).
+# (folded_layernorm.py). Measured on the H200 (benchmarks/RESULTS.md): fp16 / bf16 weights 4.46 -> 4.37 ms a
+# token at one row (run U3), no change at two rows, slower from four (4.62 -> 4.82 ms) and at eight (4.75 ->
+# 7.21): each of the GEMV's many one-tile blocks stages all of x. int8 weights gain 0.13-0.15 ms a step at 1, 2,
+# 4 and 8 rows (runs V2, V5, V6): their persistent grids stage x once a block for all its tiles. At 16 rows
+# the staged x (131 KB a block) would leave one block an SM.
 FOLDED_LN_MAX_ROWS = 1
+FOLDED_LN_INT8_MAX_ROWS = 8
 # Decode buckets of up to this many rows take the fused qkv_attention_decode: measured on the H200 it saves
 # 0.07-0.08 ms a token at one row and costs 0.02-0.16 ms a step at eight (each split block recomputes its
 # head's q and k: benchmarks/RESULTS.md, run I); sizes between are unmeasured and keep the unfused pair.
@@ -68,15 +72,16 @@ class Forward:
         # Decode with each LayerNorm folded into the projection after it (no LayerNorm kernels): on one GPU
         # (the tensor-parallel all-reduce keeps its fused LayerNorm).
         self.folds: list[dict[str, FoldedLayerNorm]] | None = None
+        self.fold_rows = FOLDED_LN_MAX_ROWS if weights.scheme is None else FOLDED_LN_INT8_MAX_ROWS
         hidden, element = config.hidden_size, weights.final_ln_w.element_size()     # the activations' dtype
         folding_op = "decode_linear_folded_ln" if weights.scheme is None else "decode_linear_int8_folded_ln"
         if (ops.use_cuda_kernels(weights.final_ln_w) and ops.has_op(folding_op) and tp is None
                 and hidden % ops.FOLDED_LN_K_MULTIPLE == 0
-                and FOLDED_LN_MAX_ROWS * (hidden + 8) * element <= ops.FOLDED_LN_MAX_STAGE_BYTES):
+                and self.fold_rows * (hidden + 8) * element <= ops.FOLDED_LN_MAX_STAGE_BYTES):
             self.fold_layernorms(True)
 
     def fold_layernorms(self, enabled: bool) -> None:
-        """Passes of up to FOLDED_LN_MAX_ROWS tokens with every LayerNorm folded into the next projection
+        """Passes of up to `fold_rows` tokens with every LayerNorm folded into the next projection
         (folded_layernorm.py), or with LayerNorm kernels. Call it before any decode graph is captured (the
         graphs keep the path they were captured with); the weights are read now, once. The folds take (QKV +
         MLP-up outputs) x 2 fp32 per layer and 2 x vocabulary for lm_head (10 MB for Persimmon-8B)."""
@@ -121,7 +126,7 @@ class Forward:
         """logits() with attention(qkv [T, H, 3, D], layer) -> [T, H, D] doing all of each layer's attention."""
         w = self.weights
         h = self.embed(tokens) if inputs_embeds is None else inputs_embeds
-        if self.folds is not None and h.shape[0] <= FOLDED_LN_MAX_ROWS:
+        if self.folds is not None and h.shape[0] <= self.fold_rows:
             h = self._layers_folded(h, attention)
             if select is not None:
                 h = h[select]
@@ -148,8 +153,8 @@ class Forward:
         The decode GEMV could take each LayerNorm as its prologue and the residual add as its epilogue
         (decode_linear's ln_weight and residual): measured on the H200 that was slower (4.81 -> 5.68
         ms/token at batch 1: every block recomputes its rows' statistics before streaming weights), so here
-        the LayerNorm stays a kernel of its own (benchmarks/RESULTS.md); one-row passes fold it instead
-        (_layers_folded)."""
+        the LayerNorm stays a kernel of its own (benchmarks/RESULTS.md); passes of up to `fold_rows` rows fold it
+        instead (_layers_folded)."""
         c = self.config
         x = torch.empty_like(h)
         down = None
@@ -164,9 +169,9 @@ class Forward:
         return down, h
 
     def _layers_folded(self, h, attention) -> torch.Tensor:
-        """Every layer with the LayerNorms folded into QKV and MLP-up (one-row passes): dense and MLP-down add
-        their output into the residual stream in their epilogue. Returns the residual stream after the last
-        layer (a new tensor; h is not written)."""
+        """Every layer with the LayerNorms folded into QKV and MLP-up (passes of up to `fold_rows` rows): dense
+        and MLP-down add their output into the residual stream in their epilogue. Returns the residual stream
+        after the last layer (a new tensor; h is not written)."""
         stream = torch.empty_like(h)
         for i, (lw, fold) in enumerate(zip(self.weights.layers, self.folds)):
             qkv_in = self._attention_block_folded(h, lw, fold["qkv"], i, attention)

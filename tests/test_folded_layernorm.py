@@ -136,7 +136,6 @@ def test_engine_decode_with_folded_layernorms_equals_reference(monkeypatch):
     reference model's greedy tokens."""
     import persimmon_rt as prt
     from persimmon_rt.engine import Engine
-    from persimmon_rt.forward import FOLDED_LN_MAX_ROWS
     from model_utils import random_model, tiny_config
 
     calls = []
@@ -151,7 +150,7 @@ def test_engine_decode_with_folded_layernorms_equals_reference(monkeypatch):
         want = model.generate(torch.tensor([prompt]), max_new_tokens=16, eos_token_id=[])[0, len(prompt):]
         assert ids == want.tolist()
     # 15 decode steps a prompt, each QKV and MLP-up of 2 layers and lm_head folded.
-    assert len(calls) == 2 * 15 * (2 * 2 + 1) and set(calls) == {FOLDED_LN_MAX_ROWS}
+    assert len(calls) == 2 * 15 * (2 * 2 + 1) and set(calls) == {1}
 
 
 # ---- CUDA kernel ------------------------------------------------------------------------------------
