@@ -7,6 +7,7 @@ several weight buffers that together exceed the L2, so weights stream from HBM a
 int8 kernel's GB/s over its bytes (int8 weight + scales + x + bias + out) and that as a % of the copy,
 and the speed-up over the fp16 GEMV. The last lines time dequantize_int8 (prefill's scratch copy).
 
+`--fold` sweeps only the folded-LayerNorm op (decode_linear_int8_folded_ln) on QKV, MLP-up and lm_head.
 `--sweep` times every compiled int8 configuration (_C.DECODE_LINEAR_INT8_CONFIGS) on every shape and row
 count too, each checked against the fp32 reference first (one line per configuration: us, GB/s, % of
 copy), then prints the best per shape: the kShapeRules table of csrc/int8_linear.cu to paste, and the same
@@ -14,7 +15,7 @@ picks as a PERSIMMON_RT_INT8_RULES value. `--end-to-end` then times the engine's
 engines on the same random 8B weights, benchmarks/bench_generate.py) with the compiled table and, after
 a sweep whose picks differ from it, again in a fresh process with the picks.
 
-    python benchmarks/bench_int8.py [--rows 1 8] [--dtype float16] [--sweep] [--end-to-end]
+    python benchmarks/bench_int8.py [--rows 1 8] [--dtype float16] [--sweep | --fold] [--end-to-end]
 """
 
 from __future__ import annotations
@@ -115,6 +116,54 @@ def time_shape(name: str, M: int, dtype, sweep: bool) -> dict:
     return row
 
 
+FOLDED = ("qkv 12288x4096", "mlp_up 16384x4096", "lm_head 262144x4096")   # the projections after a LayerNorm
+
+
+def time_folded_shape(name: str, M: int, dtype) -> dict:
+    """Every configuration of decode_linear_int8_folded_ln (the engine's decode passes with the LayerNorm folded
+    in) on one shape, each checked against the fp32 reference first: {config: ms}, and the compiled choice."""
+    N, K, _, relu2, fp32_out = SHAPES[name]
+    _, w8 = buffers(N, K, dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    ln_w = (torch.rand(K, device="cuda") + 0.5).to(dtype)
+    fold_scale = torch.randn(N, device="cuda") * 0.1
+    fold_shift = torch.randn(N, device="cuda") * 0.1
+    out = torch.empty(M, N, device="cuda", dtype=torch.float32 if fp32_out else dtype)
+    eps = 1e-5
+
+    def calls(config):
+        return [lambda q=q, s=s: torch.ops.persimmon_rt.decode_linear_int8_folded_ln(
+            x, q, s, ln_w, fold_scale, fold_shift, None, out, relu2, eps, 1.0, config) for q, s in w8]
+
+    ref = torch.empty(M, N, device="cuda")
+    reference.decode_linear_int8_folded_ln(x, *w8[0], ln_w, fold_scale, fold_shift, None, ref, relu2, eps, 1.0)
+
+    def error(config: int) -> float:
+        out.fill_(float("nan"))
+        calls(config)[0]()
+        return (out.double() - ref.double()).abs().max().item()
+
+    base = error(-1)
+    row = {"configs": {}, "default": ops.decode_linear_int8_config(M, N, K)}
+    for c, cname in enumerate(ops.DECODE_LINEAR_INT8_CONFIGS):
+        if M <= config_rows(cname):
+            err = error(c)
+            if not err <= 2 * base + 1e-5:
+                raise AssertionError(f"folded config {c} ({cname}): max error {err:.3g} > 2 x {base:.3g}")
+            row["configs"][c] = graph_ms_per_call(calls(c))
+    return row
+
+
+def print_folded_sweep(results: dict) -> None:
+    names = ops.DECODE_LINEAR_INT8_CONFIGS
+    print(f"\nint8 configurations with the folded LayerNorm, {torch.cuda.get_device_name()}: us per call")
+    for (name, M), r in results.items():
+        ranked = sorted(r["configs"].items(), key=lambda kv: kv[1])
+        line = "  ".join(f"c{c} {1e3 * ms:.1f}{'*' if c == r['default'] else ''}" for c, ms in ranked)
+        print(f"{name:22s} {M:2d}  {line}")
+    print("(* the compiled choice; " + "; ".join(f"c{i}: {n}" for i, n in enumerate(names)) + ")")
+
+
 def time_dequantize(name: str, dtype) -> float:
     N, K = SHAPES[name][:2]
     _, w8 = buffers(N, K, dtype)
@@ -180,6 +229,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     parser.add_argument("--sweep", action="store_true", help="time every int8 configuration too; print the best")
+    parser.add_argument("--fold", action="store_true",
+                        help="only sweep the configurations with the folded LayerNorm (QKV, MLP-up, lm_head)")
     parser.add_argument("--end-to-end", action="store_true",
                         help="then time the engine's decode (b=1, 8; ctx 128) with the compiled table and the picks")
     args = parser.parse_args()
@@ -189,6 +240,14 @@ def main() -> None:
           "weights rotated past L2)")
     print(f"{'shape':22s} {'M':>2s} {'cublas':>8s} {'fp16':>8s} {'int8':>8s} {'config':>6s} {'GB/s':>6s} {'%copy':>6s} "
           f"{'x fp16':>7s}")
+    if args.fold:
+        folded = {}
+        for name in FOLDED:
+            for M in args.rows:
+                folded[name, M] = time_folded_shape(name, M, dtype)
+                torch.cuda.empty_cache()
+        print_folded_sweep(folded)
+        return
     results = {}
     for name in SHAPES:
         for M in args.rows:
