@@ -144,7 +144,7 @@ def time_folded_shape(name: str, M: int, dtype) -> dict:
         return (out.double() - ref.double()).abs().max().item()
 
     base = error(-1)
-    row = {"configs": {}, "default": ops.decode_linear_int8_config(M, N, K)}
+    row = {"configs": {}, "default": ops.decode_linear_int8_config(M, N, K, folded=True)}
     for c, cname in enumerate(ops.DECODE_LINEAR_INT8_CONFIGS):
         if M <= config_rows(cname):
             err = error(c)

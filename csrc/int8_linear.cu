@@ -65,6 +65,12 @@ constexpr ShapeRule kShapeRules[] = {
     {4096, 16384, 1, 7, 10},    // MLP down: c1 20.7 / c7 22.6 against c10 25.9 / 27.2
     {262144, 4096, 3, 7, 9},    // lm_head: c3 255.5 / c7 264.9 against 256.4 / 270.2
 };
+// The folded-LayerNorm instance (decode_linear_int8_folded_ln), where its sweep (bench_int8.py --fold,
+// RESULTS run V9) picks differently; other shapes take kShapeRules. 2..8 rows keep c7, the fastest at 8.
+constexpr ShapeRule kFoldedShapeRules[] = {
+    {12288, 4096, 6, 7, 9},     // QKV: c6 14.9 us against c7 15.3 at one row
+    {262144, 4096, 6, 7, 9},    // lm_head: c6 253.1 us against c3 268.3 at one row
+};
 
 // One row and 2..8 rows may take any configuration that takes 8 rows, 9..16 rows one that takes 16.
 constexpr bool rule_ok(const ShapeRule& r) {
@@ -74,9 +80,11 @@ constexpr bool rule_ok(const ShapeRule& r) {
 constexpr bool rules_ok() {
   for (const ShapeRule& r : kShapeRules)
     if (!rule_ok(r)) return false;
+  for (const ShapeRule& r : kFoldedShapeRules)
+    if (!rule_ok(r)) return false;
   return rule_ok({1, kInt8KMultiple, kDefault8, kDefault8, kDefault16});
 }
-static_assert(rules_ok(), "kShapeRules or a default names a configuration that is missing or takes too few rows");
+static_assert(rules_ok(), "kShapeRules, kFoldedShapeRules or a default names a configuration that is missing or takes too few rows");
 
 // PERSIMMON_RT_INT8_RULES="N:K:c1:c8:c16[,...]" puts rules before kShapeRules: a sweep's picks timed end to
 // end without a rebuild (benchmarks/bench_int8.py). Read once; a malformed value fails every launch.
@@ -108,10 +116,13 @@ const std::vector<ShapeRule>& env_rules() {
   return rules;
 }
 
-int choose_config(int M, int N, int K) {
+int choose_config(int M, int N, int K, bool folded) {
   const auto pick = [M](const ShapeRule& r) { return M == 1 ? r.config1 : M <= 8 ? r.config8 : r.config16; };
   for (const ShapeRule& r : env_rules())
     if (r.n == N && r.k == K) return pick(r);
+  if (folded)
+    for (const ShapeRule& r : kFoldedShapeRules)
+      if (r.n == N && r.k == K) return pick(r);
   for (const ShapeRule& r : kShapeRules)
     if (r.n == N && r.k == K) return pick(r);
   return M <= 8 ? kDefault8 : kDefault16;
@@ -170,10 +181,10 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 std::vector<std::string> decode_linear_int8_config_names() { return names(std::make_index_sequence<kNumConfigs>{}); }
 
-int decode_linear_int8_config(int M, int N, int K) {
+int decode_linear_int8_config(int M, int N, int K, bool folded) {
   PRT_REQUIRE(M >= 1 && M <= kDecodeLinearInt8MaxRows,
               "M must be in [1, " + std::to_string(kDecodeLinearInt8MaxRows) + "]");
-  return choose_config(M, N, K);
+  return choose_config(M, N, K, folded);
 }
 
 namespace {
@@ -198,7 +209,7 @@ void launch_decode_linear_int8(const void* x, const int8_t* weight, const float*
                                DType dtype, bool out_fp32, int config, cudaStream_t stream) {
   check_int8_gemv(x, weight, scale, ldx, M, N, K, config);
   const DecodeLinearInt8Params p{x, weight, scale, bias, residual, out, ldx, M, N, K, relu2};
-  launch_config(config < 0 ? choose_config(M, N, K) : config, p, dtype, out_fp32, stream,
+  launch_config(config < 0 ? choose_config(M, N, K, false) : config, p, dtype, out_fp32, stream,
                 std::make_index_sequence<kNumConfigs>{});
 }
 
@@ -222,7 +233,7 @@ void launch_decode_linear_int8_folded_ln(const void* x, const int8_t* weight, co
   p.ln_fold_shift = fold_shift;
   p.ln_fold_unscale = unscale;
   p.eps = eps;
-  launch_config(config < 0 ? choose_config(M, N, K) : config, p, dtype, out_fp32, stream,
+  launch_config(config < 0 ? choose_config(M, N, K, true) : config, p, dtype, out_fp32, stream,
                 std::make_index_sequence<kNumConfigs>{});
 }
 

@@ -19,9 +19,10 @@ constexpr int kInt8KMultiple = 16;  // K of an int8 weight: whole 16-byte rows
 // Names of the compiled tile configurations of the int8 GEMV (launch_decode_linear_int8's `config`).
 std::vector<std::string> decode_linear_int8_config_names();
 
-// The configuration launch_decode_linear_int8 picks for M rows of an [N, K] weight when config is -1: a
-// PERSIMMON_RT_INT8_RULES entry, else a kShapeRules entry, else the default (int8_linear.cu). 1 <= M <= 16.
-int decode_linear_int8_config(int M, int N, int K);
+// The configuration launch_decode_linear_int8 (folded: launch_decode_linear_int8_folded_ln) picks for M rows
+// of an [N, K] weight when config is -1: a PERSIMMON_RT_INT8_RULES entry, else (folded) a kFoldedShapeRules
+// entry, else a kShapeRules entry, else the default (int8_linear.cu). 1 <= M <= 16.
+int decode_linear_int8_config(int M, int N, int K, bool folded = false);
 
 // Preconditions (the launcher throws std::invalid_argument if they fail): 1 <= M <= 16, K % 16 == 0,
 // ldx % 8 == 0, x and weight 16-byte aligned; x, bias, residual of `dtype`; scale fp32 [N]; out of

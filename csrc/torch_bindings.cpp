@@ -718,14 +718,15 @@ TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
 // and one function:
 //   attention_prefill_kernel_name(head_dim) -> str, the kernel attention_prefill runs for head_dim on the
 //                           current device ("wgmma" or "mma_sync"; attention.h says how it is chosen)
-//   decode_linear_int8_config(M, N, K) -> int, the configuration decode_linear_int8 picks (config -1)
+//   decode_linear_int8_config(M, N, K, folded=0) -> int, the configuration decode_linear_int8 (folded:
+//                           decode_linear_int8_folded_ln) picks (config -1)
 namespace {
 
 PyObject* int8_config(PyObject*, PyObject* args) {
-  int M = 0, N = 0, K = 0;
-  if (!PyArg_ParseTuple(args, "iii", &M, &N, &K)) return nullptr;
+  int M = 0, N = 0, K = 0, folded = 0;
+  if (!PyArg_ParseTuple(args, "iii|p", &M, &N, &K, &folded)) return nullptr;
   try {
-    return PyLong_FromLong(persimmon_rt::decode_linear_int8_config(M, N, K));
+    return PyLong_FromLong(persimmon_rt::decode_linear_int8_config(M, N, K, folded != 0));
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ValueError, e.what());
     return nullptr;
@@ -802,7 +803,8 @@ PyMethodDef kMethods[] = {
      "attention_prefill_kernel_name(head_dim) -> 'wgmma' or 'mma_sync': the kernel attention_prefill runs for "
      "head_dim on the current device (PERSIMMON_RT_PREFILL_ATTENTION=wgmma|mma_sync asks, read at every call)"},
     {"decode_linear_int8_config", int8_config, METH_VARARGS,
-     "decode_linear_int8_config(M, N, K) -> the int8 GEMV configuration picked for M rows of an [N, K] weight"},
+     "decode_linear_int8_config(M, N, K, folded=False) -> the int8 GEMV configuration picked for M rows of an "
+     "[N, K] weight (folded: by decode_linear_int8_folded_ln)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

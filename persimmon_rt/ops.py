@@ -76,13 +76,13 @@ DECODE_LINEAR_CONFIGS: tuple[str, ...] = tuple(_C.DECODE_LINEAR_CONFIGS) if HAVE
 DECODE_LINEAR_INT8_CONFIGS: tuple[str, ...] = tuple(_C.DECODE_LINEAR_INT8_CONFIGS) if HAVE_CUDA_EXT else ()
 
 
-def decode_linear_int8_config(rows: int, n: int, k: int) -> int:
-    """Index into DECODE_LINEAR_INT8_CONFIGS of the configuration decode_linear_int8 runs for `rows` rows
-    of an [n, k] weight: a PERSIMMON_RT_INT8_RULES entry, else the compiled per-shape table
-    (csrc/int8_linear.cu), else the default. Needs the extension."""
+def decode_linear_int8_config(rows: int, n: int, k: int, folded: bool = False) -> int:
+    """Index into DECODE_LINEAR_INT8_CONFIGS of the configuration decode_linear_int8 (folded:
+    decode_linear_int8_folded_ln) runs for `rows` rows of an [n, k] weight: a PERSIMMON_RT_INT8_RULES entry,
+    else the compiled per-shape tables (csrc/int8_linear.cu), else the default. Needs the extension."""
     if not HAVE_CUDA_EXT:
         raise RuntimeError("decode_linear_int8_config needs persimmon_rt._C")
-    return int(_C.decode_linear_int8_config(rows, n, k))
+    return int(_C.decode_linear_int8_config(rows, n, k, folded))
 
 
 def kernels_support(head_dim: int) -> bool:

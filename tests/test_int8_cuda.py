@@ -173,12 +173,14 @@ def test_sees_writes_of_the_previous_kernel(in_graph):
 @requires_cuda
 @pytest.mark.parametrize("shape", list(PERSIMMON_SHAPES) + ["other"])
 def test_config_choice_takes_the_rows(shape):
-    """The per-shape table (and the default for other shapes) names a configuration that takes the rows."""
+    """The per-shape tables (plain and folded LayerNorm; the default for other shapes) name a configuration
+    that takes the rows."""
     N, K = PERSIMMON_SHAPES[shape][:2] if shape != "other" else (1000, 2048)
     for M in (1, 2, 8, 9, 16):
-        config = ops.decode_linear_int8_config(M, N, K)
-        assert 0 <= config < len(ops.DECODE_LINEAR_INT8_CONFIGS)
-        assert config_rows(ops.DECODE_LINEAR_INT8_CONFIGS[config]) >= M
+        for folded in (False, True):
+            config = ops.decode_linear_int8_config(M, N, K, folded)
+            assert 0 <= config < len(ops.DECODE_LINEAR_INT8_CONFIGS)
+            assert config_rows(ops.DECODE_LINEAR_INT8_CONFIGS[config]) >= M
 
 
 RULES_SCRIPT = """
@@ -190,6 +192,7 @@ out = torch.empty(1, 4096, device="cuda", dtype=torch.float16)
 torch.ops.persimmon_rt.decode_linear_int8(x, q, torch.ones(4096, device="cuda"), None, None, out, False)
 torch.cuda.synchronize()
 print([ops.decode_linear_int8_config(m, 4096, 4096) for m in (1, 8, 16)])
+print([ops.decode_linear_int8_config(m, 4096, 4096, True) for m in (1, 8, 16)])
 """
 
 
@@ -209,7 +212,7 @@ def test_rules_from_the_environment_come_first():
     want = [m8[-1], m8[-2], m16[-1]]
     done = run_rules_script(f"1:16:0:0:{m16[0]},4096:4096:{want[0]}:{want[1]}:{want[2]}")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == str(want)
+    assert done.stdout.strip().splitlines()[-2:] == [str(want)] * 2     # the folded instance follows them too
     for bad in ("4096:4096:0:0", f"4096:4096:0:0:{m8[0]}", "4096:4096:0:0:999", "4096x4096:0:0:9"):
         done = run_rules_script(bad)
         assert done.returncode != 0 and "PERSIMMON_RT_INT8_RULES" in done.stderr, (bad, done.stderr[-2000:])
