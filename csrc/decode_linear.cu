@@ -176,11 +176,7 @@ void launch_decode_linear(const void* x, const void* weight, const void* bias, c
                 std::make_index_sequence<kNumConfigs>{});
 }
 
-void launch_decode_linear_folded_ln(const void* x, const void* weight, const void* ln_weight, const float* fold_scale,
-                                    const float* fold_shift, float unscale, const void* residual, void* out, float eps,
-                                    int64_t ldx, int M, int N, int K, bool relu2, DType dtype, bool out_fp32,
-                                    int config, cudaStream_t stream) {
-  check_gemv_shape(x, weight, ldx, M, N, K, config);
+void check_folded_layernorm(const void* ln_weight, const float* fold_scale, const float* fold_shift, int M, int K) {
   PRT_REQUIRE(ln_weight != nullptr && fold_scale != nullptr && fold_shift != nullptr,
               "the folded LayerNorm needs ln_weight, fold_scale and fold_shift");
   PRT_REQUIRE(reinterpret_cast<uintptr_t>(ln_weight) % 16 == 0, "ln_weight must be 16-byte aligned");
@@ -190,6 +186,14 @@ void launch_decode_linear_folded_ln(const void* x, const void* weight, const voi
   PRT_REQUIRE(smem <= kFoldedLnMaxStageBytes, "the folded LayerNorm stages M x (K + 8) activations in shared memory: " +
                                                   std::to_string(smem) + " bytes, at most " +
                                                   std::to_string(kFoldedLnMaxStageBytes));
+}
+
+void launch_decode_linear_folded_ln(const void* x, const void* weight, const void* ln_weight, const float* fold_scale,
+                                    const float* fold_shift, float unscale, const void* residual, void* out, float eps,
+                                    int64_t ldx, int M, int N, int K, bool relu2, DType dtype, bool out_fp32,
+                                    int config, cudaStream_t stream) {
+  check_gemv_shape(x, weight, ldx, M, N, K, config);
+  check_folded_layernorm(ln_weight, fold_scale, fold_shift, M, K);
   DecodeLinearParams p{x, weight, nullptr, residual, out, ldx, M, N, K, relu2};
   p.ln_weight = ln_weight;
   p.eps = eps;

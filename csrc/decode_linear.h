@@ -54,4 +54,8 @@ void launch_decode_linear_folded_ln(const void* x, const void* weight, const voi
                                     int64_t ldx, int M, int N, int K, bool relu2, DType dtype, bool out_fp32,
                                     int config, cudaStream_t stream);
 
+// The folded LayerNorm's own preconditions (above), shared with the int8 GEMV's folded instance; throws
+// std::invalid_argument naming the one that fails.
+void check_folded_layernorm(const void* ln_weight, const float* fold_scale, const float* fold_shift, int M, int K);
+
 }  // namespace persimmon_rt

@@ -218,15 +218,7 @@ void launch_decode_linear_int8_folded_ln(const void* x, const int8_t* weight, co
                                          const void* residual, void* out, float eps, int64_t ldx, int M, int N, int K,
                                          bool relu2, DType dtype, bool out_fp32, int config, cudaStream_t stream) {
   check_int8_gemv(x, weight, scale, ldx, M, N, K, config);
-  PRT_REQUIRE(ln_weight != nullptr && fold_scale != nullptr && fold_shift != nullptr,
-              "the folded LayerNorm needs ln_weight, fold_scale and fold_shift");
-  PRT_REQUIRE(aligned16(ln_weight), "ln_weight must be 16-byte aligned");
-  PRT_REQUIRE(K % kFoldedLnKMultiple == 0,
-              "the folded LayerNorm needs K a multiple of " + std::to_string(kFoldedLnKMultiple));
-  const int64_t smem = static_cast<int64_t>(M) * gemv::fold_stage_stride(K) * 2;  // fp16 and bf16 alike
-  PRT_REQUIRE(smem <= kFoldedLnMaxStageBytes, "the folded LayerNorm stages M x (K + 8) activations in shared memory: " +
-                                                  std::to_string(smem) + " bytes, at most " +
-                                                  std::to_string(kFoldedLnMaxStageBytes));
+  check_folded_layernorm(ln_weight, fold_scale, fold_shift, M, K);
   DecodeLinearInt8Params p{x, weight, scale, nullptr, residual, out, ldx, M, N, K, relu2};
   p.ln_weight = ln_weight;
   p.ln_fold_scale = fold_scale;
