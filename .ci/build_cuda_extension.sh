@@ -33,12 +33,14 @@ assert ops.CUDA_ARCHS == ("90a",), f"built for {ops.CUDA_ARCHS!r}, expected the 
 assert ops.DECODE_LINEAR_MAX_ROWS >= 1 and ops.LAYERNORM_MAX_HIDDEN >= 4096, (ops.DECODE_LINEAR_MAX_ROWS,
                                                                               ops.LAYERNORM_MAX_HIDDEN)
 assert ops.kernels_support(64) and not ops.kernels_support(96), ops.ATTENTION_HEAD_DIMS
-# The folded LayerNorm takes one row of Persimmon-8B's hidden size (the engine's one-row decode).
-assert 4096 % ops.FOLDED_LN_K_MULTIPLE == 0 and (4096 + 8) * 2 <= ops.FOLDED_LN_MAX_STAGE_BYTES, (
-    ops.FOLDED_LN_K_MULTIPLE, ops.FOLDED_LN_MAX_STAGE_BYTES)
-# The int8 GEMV's per-shape choice is host code: it answers without a GPU.
-assert all(0 <= ops.decode_linear_int8_config(m, 4096, 4096) < len(ops.DECODE_LINEAR_INT8_CONFIGS)
-           for m in (1, 8, 16)), ops.DECODE_LINEAR_INT8_CONFIGS
+# The folded LayerNorm takes as many rows of Persimmon-8B's hidden size as the engine folds.
+from persimmon_rt.forward import FOLDED_LN_INT8_MAX_ROWS, FOLDED_LN_MAX_ROWS
+fold_rows = max(FOLDED_LN_MAX_ROWS, FOLDED_LN_INT8_MAX_ROWS)
+assert 4096 % ops.FOLDED_LN_K_MULTIPLE == 0 and fold_rows * (4096 + 8) * 2 <= ops.FOLDED_LN_MAX_STAGE_BYTES, (
+    fold_rows, ops.FOLDED_LN_K_MULTIPLE, ops.FOLDED_LN_MAX_STAGE_BYTES)
+# The int8 GEMV's per-shape choice (plain and folded) is host code: it answers without a GPU.
+assert all(0 <= ops.decode_linear_int8_config(m, 4096, 4096, folded) < len(ops.DECODE_LINEAR_INT8_CONFIGS)
+           for m in (1, 8, 16) for folded in (False, True)), ops.DECODE_LINEAR_INT8_CONFIGS
 print(f"CUDA extension build: ok against torch {torch.__version__} ({len(ops_expected)} ops registered, "
       f"sm_{','.join(ops.CUDA_ARCHS)}; GEMV rows <= {ops.DECODE_LINEAR_MAX_ROWS}, "
       f"head dims {ops.ATTENTION_HEAD_DIMS})")

@@ -337,13 +337,28 @@ void check_decode_linear(const Tensor& x, const Tensor& weight, const OptTensor&
   TORCH_CHECK(!overlap(x, out), op, ": x must not overlap out");
 }
 
+// A GEMV's `config` argument: -1 (the per-shape choice) or an index into its compiled configurations.
+void check_config(const char* op, int64_t config, size_t num_configs) {
+  TORCH_CHECK(config >= -1 && config < static_cast<int64_t>(num_configs), op,
+              ": config must be -1 (per-shape choice) or in [0, ", num_configs, "), got ", config);
+}
+
+// The folded LayerNorm's per-weight constants (folded_layernorm.py): fp32 [N] scale and shift, and the
+// power-of-two unscale of its LayerNorm weight.
+void check_fold_constants(const char* op, const Tensor& x, const Tensor& fold_scale, const Tensor& fold_shift,
+                          int64_t N, double unscale) {
+  check_shape(op, fold_scale, "fold_scale", "[N]", {N});
+  check_shape(op, fold_shift, "fold_shift", "[N]", {N});
+  check_args(op, x, {arg("fold_scale", fold_scale, at::kFloat, kContiguous),
+                     arg("fold_shift", fold_shift, at::kFloat, kContiguous)});
+  TORCH_CHECK(std::isfinite(unscale) && unscale > 0, op, ": unscale must be positive and finite, got ", unscale);
+}
+
 void decode_linear_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& residual,
                         Tensor& out, bool relu2, const OptTensor& ln_weight, const OptTensor& ln_bias, double eps,
                         int64_t config) {
   check_decode_linear(x, weight, bias, residual, out, ln_weight, ln_bias);
-  const int64_t num_configs = static_cast<int64_t>(decode_linear_config_names().size());
-  TORCH_CHECK(config >= -1 && config < num_configs, kDl, ": config must be -1 (per-shape choice) or in [0, ",
-              num_configs, "), got ", config);
+  check_config(kDl, config, decode_linear_config_names().size());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
   launch_decode_linear(x.data_ptr(), weight.data_ptr(), opt_ptr(bias), opt_ptr(residual), out.data_ptr(),
@@ -360,14 +375,8 @@ void decode_linear_folded_ln_cuda(const Tensor& x, const Tensor& weight, const T
                                   Tensor& out, bool relu2, double eps, double unscale, int64_t config) {
   check_decode_linear(x, weight, std::nullopt, residual, out, ln_weight, std::nullopt, kDlf);
   const int64_t N = weight.size(0);
-  check_shape(kDlf, fold_scale, "fold_scale", "[N]", {N});
-  check_shape(kDlf, fold_shift, "fold_shift", "[N]", {N});
-  check_args(kDlf, x, {arg("fold_scale", fold_scale, at::kFloat, kContiguous),
-                       arg("fold_shift", fold_shift, at::kFloat, kContiguous)});
-  TORCH_CHECK(std::isfinite(unscale) && unscale > 0, kDlf, ": unscale must be positive and finite, got ", unscale);
-  const int64_t num_configs = static_cast<int64_t>(decode_linear_config_names().size());
-  TORCH_CHECK(config >= -1 && config < num_configs, kDlf, ": config must be -1 (per-shape choice) or in [0, ",
-              num_configs, "), got ", config);
+  check_fold_constants(kDlf, x, fold_scale, fold_shift, N, unscale);
+  check_config(kDlf, config, decode_linear_config_names().size());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
   launch_decode_linear_folded_ln(x.data_ptr(), weight.data_ptr(), ln_weight.data_ptr(), fold_scale.data_ptr<float>(),
@@ -422,9 +431,7 @@ void check_decode_linear_int8(const Tensor& x, const Tensor& weight, const Tenso
 void decode_linear_int8_cuda(const Tensor& x, const Tensor& weight, const Tensor& scale, const OptTensor& bias,
                              const OptTensor& residual, Tensor& out, bool relu2, int64_t config) {
   check_decode_linear_int8(x, weight, scale, bias, residual, out);
-  const int64_t num_configs = static_cast<int64_t>(decode_linear_int8_config_names().size());
-  TORCH_CHECK(config >= -1 && config < num_configs, kDq, ": config must be -1 (per-shape choice) or in [0, ",
-              num_configs, "), got ", config);
+  check_config(kDq, config, decode_linear_int8_config_names().size());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
   launch_decode_linear_int8(x.data_ptr(), weight.data_ptr<int8_t>(), scale.data_ptr<float>(), opt_ptr(bias),
@@ -443,15 +450,9 @@ void decode_linear_int8_folded_ln_cuda(const Tensor& x, const Tensor& weight, co
   check_decode_linear_int8(x, weight, scale, std::nullopt, residual, out, kDqf);
   const int64_t N = weight.size(0), K = weight.size(1);
   check_shape(kDqf, ln_weight, "ln_weight", "[K]", {K});
-  check_shape(kDqf, fold_scale, "fold_scale", "[N]", {N});
-  check_shape(kDqf, fold_shift, "fold_shift", "[N]", {N});
-  check_args(kDqf, x, {arg("ln_weight", ln_weight, x.scalar_type(), kContiguous | kAligned16),
-                       arg("fold_scale", fold_scale, at::kFloat, kContiguous),
-                       arg("fold_shift", fold_shift, at::kFloat, kContiguous)});
-  TORCH_CHECK(std::isfinite(unscale) && unscale > 0, kDqf, ": unscale must be positive and finite, got ", unscale);
-  const int64_t num_configs = static_cast<int64_t>(decode_linear_int8_config_names().size());
-  TORCH_CHECK(config >= -1 && config < num_configs, kDqf, ": config must be -1 (per-shape choice) or in [0, ",
-              num_configs, "), got ", config);
+  check_args(kDqf, x, {arg("ln_weight", ln_weight, x.scalar_type(), kContiguous | kAligned16)});
+  check_fold_constants(kDqf, x, fold_scale, fold_shift, N, unscale);
+  check_config(kDqf, config, decode_linear_int8_config_names().size());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0);
   launch_decode_linear_int8_folded_ln(x.data_ptr(), weight.data_ptr<int8_t>(), scale.data_ptr<float>(),

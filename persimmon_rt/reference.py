@@ -271,11 +271,7 @@ def decode_linear_folded_ln(
     fold_shift = W b + bias this is decode_linear's LayerNorm prologue up to rounding: x * w is rounded to
     x's dtype instead of LN(x). The statistics are needed only after the product, so the GPU kernel streams
     weights from its first instruction."""
-    xf = x.float()
-    mean = xf.mean(-1, keepdim=True)
-    var = (xf.square().mean(-1, keepdim=True) - mean.square()).clamp_min(0)
-    rstd = torch.rsqrt(var + eps) * unscale
-    scaled = (x * ln_weight.to(x.dtype)).float()
+    mean, rstd, scaled = _folded_ln_terms(x, ln_weight, eps, unscale)
     y = rstd * (scaled @ weight.float().t() - mean * fold_scale.float()) + fold_shift.float()
     _linear_epilogue(y, None, relu2, residual, out)
 
@@ -295,13 +291,18 @@ def decode_linear_int8_folded_ln(
 ) -> None:
     """decode_linear_folded_ln over int8 weights with per-row scales: the scale applied to the fp32 product
     of round(x * ln_weight) and the int8 row, before the fold's mean * fold_scale is taken off."""
+    mean, rstd, scaled = _folded_ln_terms(x, ln_weight, eps, unscale)
+    product = (scaled @ weight.float().t()) * scale.float()
+    _linear_epilogue(rstd * (product - mean * fold_scale.float()) + fold_shift.float(), None, relu2, residual, out)
+
+
+def _folded_ln_terms(x: torch.Tensor, ln_weight: torch.Tensor, eps: float, unscale: float):
+    """The folded LayerNorm's row terms: fp32 mean [M, 1], unscale * rstd [M, 1] (E[x^2] - mean^2, clamped
+    at 0) and round(x * ln_weight) in fp32 [M, K]."""
     xf = x.float()
     mean = xf.mean(-1, keepdim=True)
     var = (xf.square().mean(-1, keepdim=True) - mean.square()).clamp_min(0)
-    rstd = torch.rsqrt(var + eps) * unscale
-    scaled = (x * ln_weight.to(x.dtype)).float()
-    product = (scaled @ weight.float().t()) * scale.float()
-    _linear_epilogue(rstd * (product - mean * fold_scale.float()) + fold_shift.float(), None, relu2, residual, out)
+    return mean, torch.rsqrt(var + eps) * unscale, (x * ln_weight.to(x.dtype)).float()
 
 
 def _linear_epilogue(y: torch.Tensor, bias, relu2: bool, residual, out: torch.Tensor) -> None:

@@ -171,26 +171,6 @@ def run_and_check(M, N, K, dtype, residual, relu2, out_dtype=None, config=-1, bi
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("residual,relu2", EPILOGUES)
-@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
-@pytest.mark.parametrize("N,K", [(83, 256), (200, 768)])
-def test_awkward_shape_every_epilogue(N, K, M, residual, relu2, dtype):
-    """N = 83 / 200: partial 16-row tiles; K = 256 (one chunk a warp), 768 (3 of x's 32-vector groups a row)."""
-    run_and_check(M, N, K, dtype, residual, relu2)
-
-
-@requires_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 8, 16])
-@pytest.mark.parametrize("shape", ["qkv", "mlp_up", "lm_head"])
-def test_persimmon_shapes(shape, M, dtype):
-    N, relu2, fp32_out, bias = {"qkv": (12288, False, False, True), "mlp_up": (16384, True, False, True),
-                                "lm_head": (262144, False, True, False)}[shape]
-    run_and_check(M, N, 4096, dtype, False, relu2, torch.float32 if fp32_out else None, bias=bias)
-
-
-@requires_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_every_config(dtype):
     """Every compiled tile configuration (pipelined ones run the one-stage loop of their tile shape)."""
     for config, name in enumerate(ops.DECODE_LINEAR_CONFIGS):
@@ -276,11 +256,11 @@ def test_cuda_graph_replay(M, dtype):
 
 # ---- int8 weights (decode_linear_int8_folded_ln) -----------------------------------------------------
 
-def int8_case(M, N, K, dtype, device, residual=False, relu2=False):
+def int8_case(M, N, K, dtype, device, residual=False, bias=True):
     """make_case with the weight quantized: (x, QuantizedWeight, bias, residual, ln weight, ln bias)."""
     from persimmon_rt.quantization import QuantizedWeight, quantize_int8
 
-    x, w, b, r, lw, lb = make_case(M, N, K, dtype, device, True, residual)
+    x, w, b, r, lw, lb = make_case(M, N, K, dtype, device, bias, residual)
     q, s = quantize_int8(w)
     return x, QuantizedWeight(q, s, dtype), b, r, lw, lb
 
@@ -318,9 +298,9 @@ def test_int8_ops_dispatches_to_reference_on_cpu():
     assert torch.equal(got, want)
 
 
-def int8_run_and_check(M, N, K, dtype, residual, relu2, out_dtype=None, config=-1):
+def int8_run_and_check(M, N, K, dtype, residual, relu2, out_dtype=None, config=-1, bias=True):
     out_dtype = out_dtype or dtype
-    x, qw, b, r, lw, lb = int8_case(M, N, K, dtype, "cuda", residual)
+    x, qw, b, r, lw, lb = int8_case(M, N, K, dtype, "cuda", residual, bias)
     out = int8_folded(x, qw, b, r, lw, lb, relu2, out_dtype, device_op=True, config=config)
     want = int8_unfolded_fp32(x, qw, b, r, lw, lb, relu2)
     w_lowp = (qw.qweight.float() * qw.scale[:, None]).to(dtype)       # the dequantized weight, rounded once
@@ -329,23 +309,30 @@ def int8_run_and_check(M, N, K, dtype, residual, relu2, out_dtype=None, config=-
     assert max_abs_err(out, own) <= 2 * max_abs_err(own.to(out_dtype), own) + 1e-3 * own.abs().max().item()
 
 
+# Both folded GEMVs: full-precision weights (decode_linear_folded_ln) and int8 (decode_linear_int8_folded_ln).
+CHECKS = {"full": run_and_check, "int8": int8_run_and_check}
+
+
 @requires_cuda
+@pytest.mark.parametrize("weights", list(CHECKS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("residual,relu2", EPILOGUES)
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("N,K", [(83, 256), (200, 768)])
-def test_int8_awkward_shape_every_epilogue(N, K, M, residual, relu2, dtype):
-    int8_run_and_check(M, N, K, dtype, residual, relu2)
+def test_awkward_shape_every_epilogue(N, K, M, residual, relu2, dtype, weights):
+    """N = 83 / 200: partial 16-row tiles; K = 256 (one chunk a warp), 768 (3 of x's 32-vector groups a row)."""
+    CHECKS[weights](M, N, K, dtype, residual, relu2)
 
 
 @requires_cuda
+@pytest.mark.parametrize("weights", list(CHECKS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 8, 16])
 @pytest.mark.parametrize("shape", ["qkv", "mlp_up", "lm_head"])
-def test_int8_persimmon_shapes(shape, M, dtype):
+def test_persimmon_shapes(shape, M, dtype, weights):
     N, relu2, fp32_out = {"qkv": (12288, False, False), "mlp_up": (16384, True, False),
                           "lm_head": (262144, False, True)}[shape]
-    int8_run_and_check(M, N, 4096, dtype, False, relu2, torch.float32 if fp32_out else None)
+    CHECKS[weights](M, N, 4096, dtype, False, relu2, torch.float32 if fp32_out else None, bias=shape != "lm_head")
 
 
 @requires_cuda
