@@ -25,6 +25,7 @@
 #include "attention.h"
 #include "bias_relu2.h"
 #include "decode_linear.h"
+#include "greedy_advance.h"
 #include "int8_linear.h"
 #include "layernorm.h"
 #include "qk_norm_rope_cache.h"
@@ -476,6 +477,30 @@ void dequantize_int8_cuda(const Tensor& weight, const Tensor& scale, Tensor& out
                          static_cast<int>(weight.size(1)), dtype, current_stream());
 }
 
+// ---- greedy_advance: the greedy decode step's tail -------------------------------------------------------
+
+constexpr const char* kGa = "greedy_advance";
+
+void greedy_advance_cuda(const Tensor& logits, Tensor& tokens, Tensor& positions, Tensor& slots, Tensor& seq_lens,
+                         const Tensor& active) {
+  TORCH_CHECK(logits.dim() == 2, kGa, ": logits must have shape [B, V], got ", logits.sizes());
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V >= 1 && V < INT32_MAX, kGa, ": the vocabulary V must be in [1, 2^31 - 1), got ", V);
+  TORCH_CHECK(B <= 65535, kGa, ": at most 65535 rows, got ", B);
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&tokens, "tokens"}, {&positions, "positions"},
+                                {&slots, "slots"}, {&seq_lens, "seq_lens"}, {&active, "active"}})
+    check_shape(kGa, *t, name, "[B]", {B});
+  check_args(kGa, logits, {arg("logits", logits, at::kFloat, kContiguous), arg("tokens", tokens, at::kLong, kContiguous),
+                           arg("positions", positions, at::kLong, kContiguous), arg("slots", slots, at::kLong, kContiguous),
+                           arg("seq_lens", seq_lens, at::kInt, kContiguous), arg("active", active, at::kInt, kContiguous)});
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const size_t ws_bytes = greedy_advance_workspace_bytes(B, V);
+  const Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, logits.options().dtype(at::kByte));
+  launch_greedy_advance(logits.data_ptr<float>(), tokens.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
+                        slots.data_ptr<int64_t>(), seq_lens.data_ptr<int32_t>(), active.data_ptr<int32_t>(),
+                        ws_bytes ? workspace.data_ptr() : nullptr, B, V, current_stream());
+}
+
 // ---- attention ops ------------------------------------------------------------------------------------
 // Launchers and their preconditions: csrc/attention.h. These checks cover the layout the launchers
 // assume (contiguous, [.., H, D] matching the cache); the launchers reject head dims they lack kernels for.
@@ -660,6 +685,10 @@ TORCH_LIBRARY(persimmon_rt, m) {
       "Tensor fold_shift, Tensor? residual, Tensor(a!) out, bool relu2, float eps, float unscale=1.0, int config=-1) "
       "-> ()");
   m.def("dequantize_int8(Tensor weight, Tensor scale, Tensor(a!) out) -> ()");
+  // The greedy decode step's tail: tokens = argmax(logits, -1); positions, slots, seq_lens += active.
+  m.def(
+      "greedy_advance(Tensor logits, Tensor(a!) tokens, Tensor(b!) positions, Tensor(c!) slots, Tensor(d!) seq_lens, "
+      "Tensor active) -> ()");
   // ---- attention ops ----
   m.def(
       "attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, Tensor seq_lens, "
@@ -682,6 +711,7 @@ TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
   m.impl("decode_linear_int8", &persimmon_rt::decode_linear_int8_cuda);
   m.impl("decode_linear_int8_folded_ln", &persimmon_rt::decode_linear_int8_folded_ln_cuda);
   m.impl("dequantize_int8", &persimmon_rt::dequantize_int8_cuda);
+  m.impl("greedy_advance", &persimmon_rt::greedy_advance_cuda);
   m.impl("attention_prefill", &persimmon_rt::attention_prefill_cuda);
   m.impl("attention_decode", &persimmon_rt::attention_decode_cuda);
   m.impl("qkv_attention_decode", &persimmon_rt::qkv_attention_decode_cuda);
@@ -692,7 +722,7 @@ TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
 TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
   for (const char* op : {"qk_norm_rope_cache", "layernorm", "bias_relu2", "all_reduce_layernorm", "decode_linear",
                          "decode_linear_folded_ln", "decode_linear_int8", "decode_linear_int8_folded_ln",
-                         "dequantize_int8", "attention_prefill", "attention_decode",
+                         "dequantize_int8", "greedy_advance", "attention_prefill", "attention_decode",
                          "qkv_attention_decode"})
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&persimmon_rt::meta_noop>());
 }

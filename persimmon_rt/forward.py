@@ -321,6 +321,9 @@ class Forward:
         attention = (attention_fused if self.fuse_decode_attention and rows <= FUSED_DECODE_ATTENTION_MAX_ROWS
                      else self._unfused_attention(state.positions, state.slots, attend))
         logits = self._logits(state.tokens, attention)
+        if greedy and not logprobs:
+            state.advance_greedy(logits.float())
+            return
         tokens = sample(logits, state.temperature, state.top_k, state.top_p, greedy=greedy)
         if logprobs:
             chosen, top_ids, top_lp = token_logprobs(logits, tokens)

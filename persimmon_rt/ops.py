@@ -218,3 +218,13 @@ def dequantize_int8(weight, scale, out):
         torch.ops.persimmon_rt.dequantize_int8(weight, scale, out)
     else:
         reference.dequantize_int8(weight, scale, out)
+
+
+def greedy_advance(logits, tokens, positions, slots, seq_lens, active):
+    """tokens = argmax(logits, -1); positions, slots, seq_lens += active (reference.greedy_advance): the
+    greedy decode step's tail in two launches on the GPU (fp32 logits, int64 tokens / positions / slots,
+    int32 seq_lens / active)."""
+    if use_cuda_kernels(logits) and has_op("greedy_advance") and logits.dtype == torch.float32:
+        torch.ops.persimmon_rt.greedy_advance(logits, tokens, positions, slots, seq_lens, active)
+    else:
+        reference.greedy_advance(logits, tokens, positions, slots, seq_lens, active)

@@ -338,10 +338,21 @@ def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor
         out[start:stop] = (weight[start:stop].float() * scale[start:stop, None].float()).to(out.dtype)
 
 
+def greedy_advance(logits: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                   seq_lens: torch.Tensor, active: torch.Tensor) -> None:
+    """The greedy decode step's tail: tokens[b] = argmax(logits[b]) (torch.argmax's order: a NaN first, then
+    the largest value, the lowest index among equals), and each row moves on by active[b]: positions, slots
+    and seq_lens += active."""
+    tokens.copy_(logits.argmax(dim=-1))
+    positions.add_(active)
+    slots.add_(active)
+    seq_lens.add_(active)
+
+
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
 __all__ = ["rope_inv_freq", "qk_norm_rope_cache", "layernorm", "bias_relu2", "attention_prefill",
            "attention_decode", "qkv_attention_decode", "decode_linear", "decode_linear_int8", "dequantize_int8",
-           "default_scale"]
+           "greedy_advance", "default_scale"]
