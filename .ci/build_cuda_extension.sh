@@ -26,7 +26,7 @@ assert ops.HAVE_CUDA_EXT, "persimmon_rt._C did not import"
 ops_expected = ["qk_norm_rope_cache", "layernorm", "bias_relu2", "all_reduce_layernorm", "attention_prefill",
                 "attention_decode", "qkv_attention_decode", "decode_linear", "decode_linear_folded_ln",
                 "decode_linear_int8", "decode_linear_int8_folded_ln", "dequantize_int8",
-                "greedy_advance"]
+                "greedy_advance", "sample_sorted"]
 missing = [n for n in ops_expected if not ops.has_op(n)]
 assert not missing, f"ops not registered: {missing}"
 assert ops.CUDA_ARCHS == ("90a",), f"built for {ops.CUDA_ARCHS!r}, expected the default 90a"

@@ -29,6 +29,7 @@
 #include "int8_linear.h"
 #include "layernorm.h"
 #include "qk_norm_rope_cache.h"
+#include "sample_sorted.h"
 
 namespace persimmon_rt {
 namespace {
@@ -501,6 +502,43 @@ void greedy_advance_cuda(const Tensor& logits, Tensor& tokens, Tensor& positions
                         ws_bytes ? workspace.data_ptr() : nullptr, B, V, current_stream());
 }
 
+// ---- sample_sorted: the sampler's tail after torch.sort ----------------------------------------------------
+
+constexpr const char* kSs = "sample_sorted";
+
+// A per-row parameter: [B] or [B, 1].
+void check_row_parameter(const Tensor& t, const char* name, int64_t B) {
+  TORCH_CHECK((t.dim() == 1 || (t.dim() == 2 && t.size(1) == 1)) && t.size(0) == B, kSs, ": ", name,
+              " must have shape [B] or [B, 1] with B = ", B, ", got ", t.sizes());
+}
+
+void sample_sorted_cuda(const Tensor& logits, const Tensor& sorted_logits, const Tensor& order, const Tensor& noise,
+                        const Tensor& temperature, const Tensor& top_k, const Tensor& top_p, Tensor& tokens) {
+  TORCH_CHECK(logits.dim() == 2, kSs, ": logits must have shape [B, V], got ", logits.sizes());
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V >= 1 && V < INT32_MAX, kSs, ": the vocabulary V must be in [1, 2^31 - 1), got ", V);
+  TORCH_CHECK(B <= 65535, kSs, ": at most 65535 rows, got ", B);
+  check_shape(kSs, sorted_logits, "sorted_logits", "[B, V]", {B, V});
+  check_shape(kSs, order, "order", "[B, V]", {B, V});
+  check_shape(kSs, noise, "noise", "[B, V]", {B, V});
+  check_row_parameter(temperature, "temperature", B);
+  check_row_parameter(top_p, "top_p", B);
+  check_shape(kSs, top_k, "top_k", "[B]", {B});
+  check_shape(kSs, tokens, "tokens", "[B]", {B});
+  check_args(kSs, logits,
+             {arg("logits", logits, at::kFloat, kContiguous), arg("sorted_logits", sorted_logits, at::kFloat, kContiguous),
+              arg("order", order, at::kLong, kContiguous), arg("noise", noise, at::kFloat, kContiguous),
+              arg("temperature", temperature, at::kFloat, kContiguous), arg("top_k", top_k, at::kLong, kContiguous),
+              arg("top_p", top_p, at::kFloat, kContiguous), arg("tokens", tokens, at::kLong, kContiguous)});
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const size_t ws_bytes = sample_sorted_workspace_bytes(B, V);
+  const Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, logits.options().dtype(at::kByte));
+  launch_sample_sorted(logits.data_ptr<float>(), sorted_logits.data_ptr<float>(), order.data_ptr<int64_t>(),
+                       noise.data_ptr<float>(), temperature.data_ptr<float>(), top_k.data_ptr<int64_t>(),
+                       top_p.data_ptr<float>(), tokens.data_ptr<int64_t>(), ws_bytes ? workspace.data_ptr() : nullptr,
+                       B, V, current_stream());
+}
+
 // ---- attention ops ------------------------------------------------------------------------------------
 // Launchers and their preconditions: csrc/attention.h. These checks cover the layout the launchers
 // assume (contiguous, [.., H, D] matching the cache); the launchers reject head dims they lack kernels for.
@@ -689,6 +727,10 @@ TORCH_LIBRARY(persimmon_rt, m) {
   m.def(
       "greedy_advance(Tensor logits, Tensor(a!) tokens, Tensor(b!) positions, Tensor(c!) slots, Tensor(d!) seq_lens, "
       "Tensor active) -> ()");
+  // Temperature / top-k / top-p sampling from torch.sort's output, with Exp(1) noise a sorted position.
+  m.def(
+      "sample_sorted(Tensor logits, Tensor sorted_logits, Tensor order, Tensor noise, Tensor temperature, "
+      "Tensor top_k, Tensor top_p, Tensor(a!) tokens) -> ()");
   // ---- attention ops ----
   m.def(
       "attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, Tensor seq_lens, "
@@ -712,6 +754,7 @@ TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
   m.impl("decode_linear_int8_folded_ln", &persimmon_rt::decode_linear_int8_folded_ln_cuda);
   m.impl("dequantize_int8", &persimmon_rt::dequantize_int8_cuda);
   m.impl("greedy_advance", &persimmon_rt::greedy_advance_cuda);
+  m.impl("sample_sorted", &persimmon_rt::sample_sorted_cuda);
   m.impl("attention_prefill", &persimmon_rt::attention_prefill_cuda);
   m.impl("attention_decode", &persimmon_rt::attention_decode_cuda);
   m.impl("qkv_attention_decode", &persimmon_rt::qkv_attention_decode_cuda);
@@ -722,7 +765,7 @@ TORCH_LIBRARY_IMPL(persimmon_rt, CUDA, m) {
 TORCH_LIBRARY_IMPL(persimmon_rt, Meta, m) {
   for (const char* op : {"qk_norm_rope_cache", "layernorm", "bias_relu2", "all_reduce_layernorm", "decode_linear",
                          "decode_linear_folded_ln", "decode_linear_int8", "decode_linear_int8_folded_ln",
-                         "dequantize_int8", "greedy_advance", "attention_prefill", "attention_decode",
+                         "dequantize_int8", "greedy_advance", "sample_sorted", "attention_prefill", "attention_decode",
                          "qkv_attention_decode"})
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&persimmon_rt::meta_noop>());
 }

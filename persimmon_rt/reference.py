@@ -349,10 +349,30 @@ def greedy_advance(logits: torch.Tensor, tokens: torch.Tensor, positions: torch.
     seq_lens.add_(active)
 
 
+def sample_sorted(logits: torch.Tensor, sorted_logits: torch.Tensor, order: torch.Tensor, noise: torch.Tensor,
+                  temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, tokens: torch.Tensor) -> None:
+    """The sampler after torch.sort (sampling.sample): each row of fp32 logits [B, V] with its sorted values
+    (descending) and their indices `order`, scaled by 1 / max(temperature, 1e-6); the ranks from top_k on
+    dropped (top_k <= 0: none); softmax; rank r kept if r == 0 or the probability of the ranks before it is
+    < top_p; then the exponential race, argmax over ranks of p / noise (noise: Exp(1) draws, one a sorted
+    position), gives the token. A row with temperature <= 0 takes the argmax of its logits instead.
+    temperature and top_p are [B] or [B, 1]."""
+    rows, vocab = logits.shape
+    t = temperature.reshape(rows, 1).float()
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, vocab)[:, None]
+    scaled = (sorted_logits / t.clamp_min(1e-6)).masked_fill(ranks >= k, float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    probs = probs.masked_fill((before >= top_p.reshape(rows, 1)) & (ranks > 0), 0.0)
+    drawn = order.gather(-1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(-1)
+    tokens.copy_(torch.where(t[:, 0] > 0, drawn, logits.argmax(dim=-1)))
+
+
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
 __all__ = ["rope_inv_freq", "qk_norm_rope_cache", "layernorm", "bias_relu2", "attention_prefill",
            "attention_decode", "qkv_attention_decode", "decode_linear", "decode_linear_int8", "dequantize_int8",
-           "greedy_advance", "default_scale"]
+           "greedy_advance", "sample_sorted", "default_scale"]

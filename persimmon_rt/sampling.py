@@ -3,12 +3,16 @@
 Every parameter is a per-row tensor, so one call serves a batch whose rows sample differently (a server's
 requests) and nothing syncs with the host. The rule follows transformers' warpers: temperature, top-k
 (0 = off), then top-p over what is left (the best token always survives). The draw is an exponential race
-(argmax p / E with E ~ Exp(1)), which samples from p with a fixed number of random numbers per row.
+(argmax p / E with E ~ Exp(1)), which samples from p with a fixed number of random numbers per row. After
+torch.sort, the filters, the softmax and the race are one op (`ops.sample_sorted`: three launches on the GPU,
+the torch composition in reference.py elsewhere).
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import ops
 
 MAX_LOGPROBS = 5            # alternatives a caller may ask for per token (the OpenAI API's limit)
 
@@ -35,20 +39,14 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     """Next token of each row of [B, V] logits (fp32). Rows with temperature 0 take the argmax; with
     greedy=True every row does and nothing random is drawn. CUDA-graph safe (no host sync)."""
     logits = logits.float()
-    best = logits.argmax(dim=-1)
     if greedy:
-        return best
-    scaled = logits / temperature.clamp_min(1e-6)
-    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]
-    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs
-    probs = probs.masked_fill((before >= top_p) & (ranks > 0), 0.0)
-    race = probs / torch.empty_like(probs).exponential_(1.0, generator=generator)
-    drawn = order.gather(-1, race.argmax(dim=-1, keepdim=True)).squeeze(-1)
-    return torch.where(temperature[:, 0] > 0, drawn, best)
+        return logits.argmax(dim=-1)
+    # Dividing by a positive temperature keeps the order, so the sort needs no scaled copy.
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    noise = torch.empty_like(sorted_logits).exponential_(1.0, generator=generator)
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    ops.sample_sorted(logits, sorted_logits, order, noise, temperature, top_k, top_p, tokens)
+    return tokens
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int = MAX_LOGPROBS):

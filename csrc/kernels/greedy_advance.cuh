@@ -21,6 +21,20 @@ constexpr int kGreedyThreads = 256;
 constexpr int kGreedyMaxChunks = 128;      // chunks a row, at most (the finishing block reduces them)
 constexpr int kGreedyChunkFloats = 4096;   // floats a chunk, at least (16 KB: a few loads per thread)
 
+// How a row of `vocab` values is cut into chunks (one block each): at least kGreedyChunkFloats a chunk, at
+// most kGreedyMaxChunks chunks, chunks a multiple of 4 values so that 16-byte loads stay aligned.
+struct RowChunking {
+  int64_t chunk;  // values a chunk
+  int chunks;     // chunks a row
+};
+
+inline RowChunking row_chunking(int64_t vocab) {
+  int64_t wanted = ceil_div(vocab, kGreedyChunkFloats);
+  wanted = wanted < 1 ? 1 : (wanted > kGreedyMaxChunks ? kGreedyMaxChunks : wanted);
+  const int64_t chunk = ceil_div(ceil_div(vocab, wanted), 4) * 4;
+  return {chunk, static_cast<int>(ceil_div(vocab, chunk))};
+}
+
 struct ArgmaxPair {
   float value;
   int index;  // INT_MAX: no element seen
@@ -91,16 +105,18 @@ __global__ void __launch_bounds__(kGreedyThreads) argmax_chunks_kernel(const flo
   if (threadIdx.x == 0) partial[row * gridDim.x + blockIdx.x] = best;
 }
 
-// Grid (B): row b's token from its chunks' pairs, then the row moves on by active[b] (0 or 1).
-__global__ void __launch_bounds__(kGreedyThreads) greedy_finish_kernel(const ArgmaxPair* partial, int chunks,
-                                                                      int64_t* tokens, int64_t* positions,
-                                                                      int64_t* slots, int32_t* seq_lens,
-                                                                      const int32_t* active) {
+// Grid (B): row b's token from its chunks' pairs, then the row moves on by active[b] (0 or 1). (A template
+// only so that every file including this header may define it.)
+template <int THREADS = kGreedyThreads>
+__global__ void __launch_bounds__(THREADS) greedy_finish_kernel(const ArgmaxPair* partial, int chunks,
+                                                               int64_t* tokens, int64_t* positions, int64_t* slots,
+                                                               int32_t* seq_lens, const int32_t* active) {
+  static_assert(THREADS == kGreedyThreads, "block_best is sized for kGreedyThreads");
   pdl_launch_dependents();
   pdl_wait();
   const int row = blockIdx.x;
   ArgmaxPair best{-INFINITY, INT_MAX};
-  for (int c = threadIdx.x; c < chunks; c += kGreedyThreads) best = better(best, partial[row * chunks + c]);
+  for (int c = threadIdx.x; c < chunks; c += THREADS) best = better(best, partial[row * chunks + c]);
   best = block_best(best);
   if (threadIdx.x == 0) {
     tokens[row] = best.index;
