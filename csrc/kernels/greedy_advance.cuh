@@ -1,11 +1,11 @@
 // The greedy decode step's tail in two launches: every row's argmax over its fp32 logits (the next token),
 // then each row's move to the next position. Semantics: persimmon_rt/reference.py::greedy_advance.
 //
-// torch's argmax plus the four one-element updates of DecodeState.advance were five kernels, ~15 us of a
-// 4.4 ms step at batch 1, the argmax alone 8 us: its 32 blocks read the 1 MB of logits slowly. Here
-// kGreedyChunks blocks a row each reduce a contiguous chunk to its best (value, index) pair, and one block
-// a row reduces those, writes the token and advances the row. The order matches torch.argmax: a NaN beats
-// every number, and among equals the lowest index wins, so the result is independent of the chunking.
+// torch's argmax plus the four one-element updates of DecodeState.advance were six launches, ~15 us of a
+// 4.4 ms step at batch 1, the argmax alone 8 us: its 32 blocks read the 1 MB of logits slowly. Here up to
+// kGreedyMaxChunks blocks a row each reduce a contiguous chunk to its best (value, index) pair, and one
+// block a row reduces those, writes the token and advances the row. The order matches torch.argmax: a NaN
+// beats every number, and among equals the lowest index wins, so the result is independent of the chunking.
 #pragma once
 
 #include <climits>

@@ -63,8 +63,8 @@ __device__ __forceinline__ float block_sum(float v) {
   return total;
 }
 
-// Exclusive prefix over the block's threads (in thread order) and the block's total.
-__device__ __forceinline__ float block_exclusive_scan(float v, float& total) {
+// Exclusive prefix of v over the block's threads, in thread order.
+__device__ __forceinline__ float block_exclusive_scan(float v) {
   __shared__ float s_warp[kSampleThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   float inclusive = v;
@@ -76,12 +76,9 @@ __device__ __forceinline__ float block_exclusive_scan(float v, float& total) {
   if (lane == 31) s_warp[warp] = inclusive;
   __syncthreads();
   float warp_offset = 0.f;
-  total = 0.f;
 #pragma unroll
-  for (int w = 0; w < kSampleThreads / 32; ++w) {
+  for (int w = 0; w < kSampleThreads / 32; ++w)
     if (w < warp) warp_offset += s_warp[w];
-    total += s_warp[w];
-  }
   __syncthreads();
   return warp_offset + inclusive - v;
 }
@@ -138,8 +135,7 @@ __global__ void __launch_bounds__(THREADS) sample_chunk_race_kernel(const Sample
   const int64_t r0 = begin + threadIdx.x * run, r1 = min(end, r0 + run);
   float mine = 0.f;
   for (int64_t r = r0; r < min(r1, k); ++r) mine += rank_weight(s[r], s0, scale_log2);
-  float block_total;
-  float before = offset + block_exclusive_scan(mine, block_total);
+  float before = offset + block_exclusive_scan(mine);
   ArgmaxPair best{-INFINITY, INT_MAX};
   for (int64_t r = r0; r < min(r1, k); ++r) {
     const float e = rank_weight(s[r], s0, scale_log2);
