@@ -13,6 +13,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -482,12 +483,18 @@ void dequantize_int8_cuda(const Tensor& weight, const Tensor& scale, Tensor& out
 
 constexpr const char* kGa = "greedy_advance";
 
+// The sampling ops' fp32 logits [B, V] (one block row a logits row, int32 indices): (B, V).
+std::pair<int64_t, int64_t> check_logits(const char* op, const Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must have shape [B, V], got ", logits.sizes());
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V >= 1 && V < INT32_MAX, op, ": the vocabulary V must be in [1, 2^31 - 1), got ", V);
+  TORCH_CHECK(B <= 65535, op, ": at most 65535 rows, got ", B);
+  return {B, V};
+}
+
 void greedy_advance_cuda(const Tensor& logits, Tensor& tokens, Tensor& positions, Tensor& slots, Tensor& seq_lens,
                          const Tensor& active) {
-  TORCH_CHECK(logits.dim() == 2, kGa, ": logits must have shape [B, V], got ", logits.sizes());
-  const int64_t B = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(V >= 1 && V < INT32_MAX, kGa, ": the vocabulary V must be in [1, 2^31 - 1), got ", V);
-  TORCH_CHECK(B <= 65535, kGa, ": at most 65535 rows, got ", B);
+  const auto [B, V] = check_logits(kGa, logits);
   for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&tokens, "tokens"}, {&positions, "positions"},
                                 {&slots, "slots"}, {&seq_lens, "seq_lens"}, {&active, "active"}})
     check_shape(kGa, *t, name, "[B]", {B});
@@ -514,10 +521,7 @@ void check_row_parameter(const Tensor& t, const char* name, int64_t B) {
 
 void sample_sorted_cuda(const Tensor& logits, const Tensor& sorted_logits, const Tensor& order, const Tensor& noise,
                         const Tensor& temperature, const Tensor& top_k, const Tensor& top_p, Tensor& tokens) {
-  TORCH_CHECK(logits.dim() == 2, kSs, ": logits must have shape [B, V], got ", logits.sizes());
-  const int64_t B = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(V >= 1 && V < INT32_MAX, kSs, ": the vocabulary V must be in [1, 2^31 - 1), got ", V);
-  TORCH_CHECK(B <= 65535, kSs, ": at most 65535 rows, got ", B);
+  const auto [B, V] = check_logits(kSs, logits);
   check_shape(kSs, sorted_logits, "sorted_logits", "[B, V]", {B, V});
   check_shape(kSs, order, "order", "[B, V]", {B, V});
   check_shape(kSs, noise, "noise", "[B, V]", {B, V});
