@@ -195,11 +195,7 @@ void launch_decode_linear_folded_ln(const void* x, const void* weight, const voi
   check_gemv_shape(x, weight, ldx, M, N, K, config);
   check_folded_layernorm(ln_weight, fold_scale, fold_shift, M, K);
   DecodeLinearParams p{x, weight, nullptr, residual, out, ldx, M, N, K, relu2};
-  p.ln_weight = ln_weight;
-  p.eps = eps;
-  p.ln_fold_scale = fold_scale;
-  p.ln_fold_shift = fold_shift;
-  p.ln_fold_unscale = unscale;
+  set_folded_layernorm(p, ln_weight, fold_scale, fold_shift, unscale, eps);
   // The LayerNorm rules of kShapeRules (there are none: at one row the default, c0, was the fastest for QKV
   // and lm_head in run U4's --sweep --fold, and within 1.2 % of c1 for MLP-up).
   launch_config(config < 0 ? choose_config(M, N, K, true) : config, p, dtype, out_fp32, stream,

@@ -58,4 +58,15 @@ void launch_decode_linear_folded_ln(const void* x, const void* weight, const voi
 // std::invalid_argument naming the one that fails.
 void check_folded_layernorm(const void* ln_weight, const float* fold_scale, const float* fold_shift, int M, int K);
 
+// The folded LayerNorm's arguments into a GEMV's params (the fp16 / bf16 or the int8 kernel's: the same fields).
+template <typename Params>
+void set_folded_layernorm(Params& p, const void* ln_weight, const float* fold_scale, const float* fold_shift,
+                          float unscale, float eps) {
+  p.ln_weight = ln_weight;
+  p.ln_fold_scale = fold_scale;
+  p.ln_fold_shift = fold_shift;
+  p.ln_fold_unscale = unscale;
+  p.eps = eps;
+}
+
 }  // namespace persimmon_rt

@@ -220,11 +220,7 @@ void launch_decode_linear_int8_folded_ln(const void* x, const int8_t* weight, co
   check_int8_gemv(x, weight, scale, ldx, M, N, K, config);
   check_folded_layernorm(ln_weight, fold_scale, fold_shift, M, K);
   DecodeLinearInt8Params p{x, weight, scale, nullptr, residual, out, ldx, M, N, K, relu2};
-  p.ln_weight = ln_weight;
-  p.ln_fold_scale = fold_scale;
-  p.ln_fold_shift = fold_shift;
-  p.ln_fold_unscale = unscale;
-  p.eps = eps;
+  set_folded_layernorm(p, ln_weight, fold_scale, fold_shift, unscale, eps);
   launch_config(config < 0 ? choose_config(M, N, K, true) : config, p, dtype, out_fp32, stream,
                 std::make_index_sequence<kNumConfigs>{});
 }

@@ -47,8 +47,20 @@ __device__ __forceinline__ int64_t row_k(const SampleParams& p, int64_t row) {
   return k <= 0 || k > p.vocab ? p.vocab : k;
 }
 
-// e_r relative to the row's max, in log2 units: exp2((s_r - s_0) * log2(e) / T).
-__device__ __forceinline__ float rank_weight(float s, float s0, float scale_log2) { return exp2f((s - s0) * scale_log2); }
+// A sampled row's sorted logits s and what turns them into weights relative to the row's max:
+// e_r = exp((s_r - s_0) / T) = exp2((s_r - s_0) * scale_log2).
+struct SortedRow {
+  const float* s;
+  float s0;
+  float scale_log2;
+
+  __device__ __forceinline__ SortedRow(const SampleParams& p, int64_t row)
+      : s(p.sorted_logits + row * p.vocab),
+        s0(s[0]),
+        scale_log2(1.4426950408889634f / fmaxf(p.temperature[row], kMinTemperature)) {}
+
+  __device__ __forceinline__ float weight(int64_t r) const { return exp2f((s[r] - s0) * scale_log2); }
+};
 
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float s_warp[kSampleThreads / 32];
@@ -102,11 +114,10 @@ __global__ void __launch_bounds__(THREADS) sample_chunk_sums_kernel(const Sample
     if (threadIdx.x == 0) p.chunk_best[row * p.chunks + blockIdx.x] = best;
     return;
   }
-  const float* s = p.sorted_logits + row * p.vocab;
-  const float s0 = s[0], scale_log2 = 1.4426950408889634f / fmaxf(t, kMinTemperature);
+  const SortedRow sorted(p, row);
   const int64_t stop = min(end, row_k(p, row));
   float sum = 0.f;
-  for (int64_t r = begin + threadIdx.x; r < stop; r += kSampleThreads) sum += rank_weight(s[r], s0, scale_log2);
+  for (int64_t r = begin + threadIdx.x; r < stop; r += kSampleThreads) sum += sorted.weight(r);
   sum = block_sum(sum);
   if (threadIdx.x == 0) p.chunk_sum[row * p.chunks + blockIdx.x] = sum;
 }
@@ -126,19 +137,18 @@ __global__ void __launch_bounds__(THREADS) sample_chunk_race_kernel(const Sample
     z += sums[c];
     if (c < static_cast<int>(blockIdx.x)) offset += sums[c];
   }
-  const float* s = p.sorted_logits + row * p.vocab;
+  const SortedRow sorted(p, row);
   const float* noise = p.noise + row * p.vocab;
-  const float s0 = s[0], scale_log2 = 1.4426950408889634f / fmaxf(p.temperature[row], kMinTemperature);
   const int64_t k = row_k(p, row);
   const float mass = p.top_p[row] * z;
   const int64_t run = (end - begin + kSampleThreads - 1) / kSampleThreads;
   const int64_t r0 = begin + threadIdx.x * run, r1 = min(end, r0 + run);
   float mine = 0.f;
-  for (int64_t r = r0; r < min(r1, k); ++r) mine += rank_weight(s[r], s0, scale_log2);
+  for (int64_t r = r0; r < min(r1, k); ++r) mine += sorted.weight(r);
   float before = offset + block_exclusive_scan(mine);
   ArgmaxPair best{-INFINITY, INT_MAX};
   for (int64_t r = r0; r < min(r1, k); ++r) {
-    const float e = rank_weight(s[r], s0, scale_log2);
+    const float e = sorted.weight(r);
     if (r == 0 || before < mass) best = better(best, {e / noise[r], static_cast<int>(r)});
     before += e;
   }
