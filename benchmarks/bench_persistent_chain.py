@@ -1,0 +1,258 @@
+"""A decode layer's four GEMVs (QKV, dense, MLP-up + relu^2, MLP-down; fp16, one row) for L layers in one
+persistent kernel (benchmarks/persistent_chain.cuh), against the shipped decode_linear launches captured in
+a CUDA graph (with programmatic dependent launch), on the same random Persimmon-8B-shaped weights.
+
+Development harness for the decode-step design, not a product path: it answers how fast the weights can
+stream when the step has no kernel boundaries, and what the dependencies between ops cost. Each run checks
+the chain's outputs against the shipped GEMVs first and says so when they differ. Needs an sm_90 GPU; the
+chain kernel is compiled on first use (torch JIT, about a minute).
+
+    python benchmarks/bench_persistent_chain.py                      # variants 0-2, counter wait, 36 layers
+    python benchmarks/bench_persistent_chain.py --poll-only --ring   # no completion counters; the ring alone
+    python benchmarks/bench_persistent_chain.py --layers 4 --per-layer --trace
+
+Floors: the layer's 402.65 MB of weights at the ring-alone rate (`--ring`), and at device-to-device copy
+speed, printed beside each result.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import struct
+import sys
+import time
+
+import torch
+
+H, F, QKV = 4096, 16384, 12288
+LAYER_BYTES = 2 * (QKV * H + H * H + F * H + H * F)
+NAMES = ("qkv", "dense", "up", "down")
+RING_ONLY, COUNTER_WAIT = 1, 2  # persistent_chain.cuh's Flags
+
+
+def build_extension():
+    from torch.utils.cpp_extension import load
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    csrc = os.path.join(here, "..", "csrc")
+    t0 = time.time()
+    ext = load("persimmon_rt_persistent_chain", sources=[os.path.join(here, "persistent_chain.cu")],
+               extra_include_paths=[here, csrc],
+               extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                                  "-gencode=arch=compute_90a,code=sm_90a"])
+    print(f"chain kernel built in {time.time() - t0:.0f} s", flush=True)
+    return ext
+
+
+def pack(w: torch.Tensor, page_k: int) -> torch.Tensor:
+    """[N, K] -> pages of 16 rows x page_k, each in mma.sync A-fragment order:
+    [tile][k page][k step][lane = 4 g + q][kh][rh][e] for row 16 tile + 8 rh + g, k = page + 16 step + 8 kh + 2 q + e."""
+    n, k = w.shape
+    return w.view(n // 16, 2, 8, k // page_k, page_k // 16, 2, 4, 2).permute(0, 3, 4, 2, 6, 5, 1, 7).contiguous()
+
+
+def graph_time_us(fn, reps: int = 15) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[reps // 2]
+
+
+def copy_tb_s() -> float:
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e-3)
+    return 2 * a.numel() / best / 1e12
+
+
+def random_layers(layers: int) -> list[dict]:
+    out = []
+    for _ in range(layers):
+        layer = {}
+        for name, n, k in (("qkv", QKV, H), ("dense", H, H), ("up", F, H), ("down", H, F)):
+            gain = 0.1 if name in ("dense", "down") else 1.0  # keeps the residual stream bounded over 36 layers
+            layer[name] = (torch.randn(n, k, device="cuda", dtype=torch.float16) * (gain * k ** -0.5),
+                           torch.randn(n, device="cuda", dtype=torch.float16) * 0.1)
+        out.append(layer)
+    return out
+
+
+class Shipped:
+    """The same chain on the shipped decode_linear op, one launch per GEMV."""
+
+    def __init__(self, layers, h0):
+        self.layers = layers
+        self.acts = [{key: torch.zeros(1, n, device="cuda", dtype=torch.float16)
+                      for key, n in (("h", H), ("qkv", QKV), ("hid1", H), ("mlp", F))} for _ in range(len(layers) + 1)]
+        self.acts[0]["h"].copy_(h0)
+
+    def __call__(self):
+        op = torch.ops.persimmon_rt.decode_linear
+        for layer, a, nxt in zip(self.layers, self.acts, self.acts[1:]):
+            op(a["h"], *layer["qkv"], None, a["qkv"], False, None, None, 1e-5)
+            op(a["qkv"][:, :H], *layer["dense"], a["h"], a["hid1"], False, None, None, 1e-5)
+            op(a["hid1"], *layer["up"], None, a["mlp"], True, None, None, 1e-5)
+            op(a["mlp"], *layer["down"], a["hid1"], nxt["h"], False, None, None, 1e-5)
+
+
+class Chain:
+    """One variant of the persistent chain: packed weights, activations (one buffer, reset to the empty mark
+    before every launch; the first layer's input apart), op descriptors and counters."""
+
+    def __init__(self, ext, variant: int, layers, h0):
+        self.ext, self.variant = ext, variant
+        page_k, self.chunk_pages = ext.PAGE_K[variant], ext.CHUNK_PAGES[variant]
+        L = len(layers)
+        self.packed = [{name: pack(layer[name][0], page_k) for name in NAMES} for layer in layers]
+        sizes = {"qkv": QKV, "hid1": H, "mlp": F, "h": H}  # layer l's outputs; "h" is layer l + 1's input
+        self.flat = torch.empty(L * sum(sizes.values()), device="cuda", dtype=torch.float16)
+        self.acts = [{"h": h0.clone()}]
+        offset = 0
+        for _ in range(L):
+            for key, n in sizes.items():
+                view = self.flat[offset:offset + n].view(1, n)
+                offset += n
+                if key == "h":
+                    self.acts.append({"h": view})
+                else:
+                    self.acts[-1][key] = view
+        ops = []
+        for l, layer in enumerate(layers):
+            a, nxt = self.acts[l], self.acts[l + 1]
+            ops += [("qkv", a["h"], None, a["qkv"]), ("dense", a["qkv"], a["h"], a["hid1"]),
+                    ("up", a["hid1"], None, a["mlp"]), ("down", a["mlp"], a["hid1"], nxt["h"])]
+        self.n_ops = len(ops)
+        tiles = [out.shape[1] // 16 for _, _, _, out in ops]
+        self.counters = torch.zeros(2 * self.n_ops + sum(tiles), dtype=torch.int32, device="cuda")
+        self.partials = [torch.zeros(t * (F // page_k) * 16, dtype=torch.float32, device="cuda") for t in tiles]
+        blob, tile_counter = bytearray(), 2 * self.n_ops
+        for i, (name, x, residual, out) in enumerate(ops):
+            weight, bias = layers[i // 4][name]
+            blob += struct.pack("<QQQQQQQiiii", self.packed[i // 4][name].data_ptr(), bias.data_ptr(), x.data_ptr(),
+                                residual.data_ptr() if residual is not None else 0, out.data_ptr(),
+                                self.partials[i].data_ptr(), self.counters.data_ptr() + 4 * tile_counter,
+                                weight.shape[0], weight.shape[1], int(name == "up"),
+                                int(name != "down"))  # MLP-down waits per K chunk, the others for all of x
+            tile_counter += tiles[i]
+        assert len(blob) == self.n_ops * ext.desc_bytes()
+        self.descs = torch.frombuffer(blob, dtype=torch.uint8).to("cuda")
+        self.no_trace = torch.empty(0, dtype=torch.int64, device="cuda")
+        self.blocks = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def run(self, flags: int, trace: torch.Tensor | None = None):
+        self.ext.run_chain(self.descs, self.n_ops, self.counters, self.flat.view(torch.uint8), self.blocks,
+                           self.variant, flags, self.no_trace if trace is None else trace)
+
+    def trace(self, flags: int) -> str:
+        trace = torch.zeros(self.n_ops * self.blocks * 2, dtype=torch.int64, device="cuda")
+        self.run(flags, trace)
+        torch.cuda.synchronize()
+        t = trace.view(self.n_ops, self.blocks, 2).cpu().double() / 1e3  # us
+        staged, finished = t[:, :, 0], t[:, :, 1]
+        op_done = finished.max(dim=1).values
+        lines = []
+        L = self.n_ops // 4
+        for o, name in enumerate(NAMES):
+            idx = [4 * l + o for l in range(2, L - 1)] or [4 * l + o for l in range(1, L)]
+            span = sum((op_done[i] - op_done[i - 1]).item() for i in idx) / len(idx)
+            seen = sum((staged[i][staged[i] > 0] - op_done[i - 1]).median().item() for i in idx) / len(idx)
+            lines.append(f"    {name:6s} {span:6.2f} us from the previous op's last tile to its own; x first staged "
+                         f"{seen:5.2f} us after the previous op's last tile (median over SMs)")
+        return "\n".join(lines)
+
+
+def compare(shipped: Shipped, chain: Chain, per_layer: bool) -> float:
+    worst = 0.0
+    L = len(shipped.layers)
+    for l in range(L):
+        errs = []
+        for key, ref, got in (("qkv", shipped.acts[l]["qkv"], chain.acts[l]["qkv"]),
+                              ("hid1", shipped.acts[l]["hid1"], chain.acts[l]["hid1"]),
+                              ("mlp", shipped.acts[l]["mlp"], chain.acts[l]["mlp"]),
+                              ("h", shipped.acts[l + 1]["h"], chain.acts[l + 1]["h"])):
+            r, c = ref.float(), got.float()
+            err = ((r - c).abs().max() / r.abs().max()).item() if c.isfinite().all() else float("inf")
+            errs.append((key, err))
+            worst = max(worst, err)
+        if per_layer:
+            print(f"    layer {l}: " + ", ".join(f"{k} {e:.1e}" for k, e in errs))
+    return worst
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=36)
+    parser.add_argument("--variants", default="0,1,2", help="chain configurations (persistent_chain.cu)")
+    parser.add_argument("--poll-only", action="store_true",
+                        help="no completion-counter wait: consumers poll x alone")
+    parser.add_argument("--ring", action="store_true", help="also time the weight ring alone (no compute, no waits)")
+    parser.add_argument("--per-layer", action="store_true", help="print each layer's errors")
+    parser.add_argument("--trace", action="store_true", help="per-op timestamps of one launch")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        print("needs an sm_90 GPU (the chain kernel uses bulk copies and mbarriers)")
+        return 2
+    importlib.import_module("persimmon_rt.ops")  # registers torch.ops.persimmon_rt
+
+    ext = build_extension()
+    torch.manual_seed(0)
+    layers = random_layers(args.layers)
+    h0 = torch.randn(1, H, device="cuda", dtype=torch.float16)
+    shipped = Shipped(layers, h0)
+    L = args.layers
+    copy = copy_tb_s()
+    print(f"{torch.cuda.get_device_name()}: copy {copy:.2f} TB/s; {LAYER_BYTES / 1e6:.2f} MB of weights a layer, "
+          f"{LAYER_BYTES / copy / 1e6:.2f} us at copy speed; {L} layers")
+    t_shipped = graph_time_us(shipped)
+    print(f"shipped decode_linear x 4: {t_shipped / L:.2f} us/layer ({LAYER_BYTES / (t_shipped / L) / 1e6:.2f} TB/s)",
+          flush=True)
+    flags = 0 if args.poll_only else COUNTER_WAIT
+    failed = False
+    for v in (int(x) for x in args.variants.split(",")):
+        chain = Chain(ext, v, layers, h0)
+        if args.ring:
+            t = graph_time_us(lambda: chain.run(RING_ONLY))  # noqa: B023
+            print(f"  variant {v}, the ring alone: {t / L:.2f} us/layer ({LAYER_BYTES / (t / L) / 1e6:.2f} TB/s)")
+        chain.run(flags)
+        torch.cuda.synchronize()
+        shipped()
+        torch.cuda.synchronize()
+        err = compare(shipped, chain, args.per_layer)
+        ok = err < 1e-2  # fp32 sums in another order over 36 layers: ~3e-3
+        failed |= not ok
+        t = graph_time_us(lambda: chain.run(flags))  # noqa: B023
+        mode = "polled x only" if args.poll_only else "counter wait"
+        print(f"variant {v} ({mode}): {t / L:.2f} us/layer ({LAYER_BYTES / (t / L) / 1e6:.2f} TB/s), "
+              f"{t_shipped / t:.3f}x shipped; max relative error against shipped {err:.2e}"
+              f"{'' if ok else '  WRONG RESULTS: the time means nothing'}", flush=True)
+        if args.trace:
+            print(chain.trace(flags))
+        chain = None  # frees the packed weights before the next variant's
+        torch.cuda.empty_cache()
+    t_again = graph_time_us(shipped)
+    print(f"shipped again: {t_again / L:.2f} us/layer")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+// Development harness, not a shipped kernel: a decode layer's four GEMVs (QKV, dense, MLP-up + relu^2,
+// MLP-down; fp16, one row) for L layers in ONE persistent kernel, to measure what a step without kernel
+// boundaries could stream. benchmarks/bench_persistent_chain.py builds it (torch JIT) and times it beside
+// the shipped decode_linear launches; benchmarks/RESULTS.md, runs Y2-Y9, has the numbers.
+//
+// One block per SM, three roles:
+// - a producer thread claims work units of each op in turn (atomicAdd on the op's counter, so SMs that
+//   stream faster take more), publishes each claim in a shared-memory unit queue, and copies the unit's
+//   weight pages into a ring of R pages with cp.async.bulk. It never waits for activations: while the
+//   consumers wait for an op's input, the ring fills with that op's first pages.
+// - C consumer warps read every claim; at an op's first unit (or a new K chunk of it) they stage the op's
+//   input x in shared memory, then multiply their pages (page sequence number % C: a slot always feeds
+//   the same warp) and hand per-warp partial sums to the finishers.
+// - FW finisher warps (unit k is finisher k % FW's) sum the partials; a tile split over K chunks writes
+//   its chunk's partial to [tile][chunk] and the last chunk to finish (an acq_rel counter) sums them in
+//   chunk order, so results do not depend on timing; then bias, relu^2, residual, fp16 store.
+//
+// Dependencies. Activations start as kEmpty (0xffff, a NaN no output is rounded to): consumers poll x and
+// finishers poll the residual until no element is kEmpty, so data and signal arrive in one L2 round trip.
+// The polls must be strong loads (ld.relaxed.gpu): ptxas hoists a weak ld.global.cg out of the polling
+// loop, which then never reloads. kCounterWait additionally waits for the previous op's completion counter
+// before staging (one more round trip; the configuration measured correct in runs Y8-Y9). MLP-down's units
+// are numbered chunk-major, so its first units need only MLP-up's first rows (full_x = 0).
+//
+// Weights are pre-packed by the harness into pages of 16 rows x PK k in mma.sync A-fragment order
+// ([tile][k page][k step][lane][8 halves]): a consumer reads its fragment with one 16-byte shared load.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include "kernels/ptx_sm90.cuh"
+
+namespace persimmon_rt {
+namespace chain {
+
+using sm90::fence_barrier_init;
+using sm90::mbar_arrive;
+using sm90::mbar_arrive_expect_tx;
+using sm90::mbar_init;
+using sm90::mbar_wait;
+using sm90::named_barrier_sync;
+
+struct OpDesc {
+  const char* w;           // packed pages [N / 16][K / PK][PK / 16][32][8] halves
+  const __half* bias;      // [N] or null
+  const __half* x;         // [K]
+  const __half* residual;  // [N] or null
+  __half* out;             // [N]
+  float* partial;          // [N / 16][K chunks][16]
+  unsigned* tile_count;    // [N / 16], zero at launch
+  int N, K, relu2, full_x;  // full_x: all of x before any unit (a LayerNorm would need it), else per K chunk
+};
+
+constexpr int kMaxK = 16384;
+constexpr int kRedBufs = 8;
+constexpr int kUnitQueue = 8;
+constexpr unsigned short kEmpty = 0xffff;
+
+enum Flags : int { kRingOnly = 1, kCounterWait = 2 };
+
+template <int PK>
+constexpr int page_bytes() { return 16 * PK * 2; }
+
+template <int PK, int R, int C, int CH, int FW>
+constexpr int chain_smem_bytes() {
+  return R * page_bytes<PK>() + kMaxK * 2 + kRedBufs * C * 16 * 4 + kUnitQueue * 8 +
+         (2 * R + 2 * kRedBufs + 2 * kUnitQueue) * 8;
+}
+
+__device__ __forceinline__ void bulk_copy_evict_first(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
+                                                      uint64_t policy) {
+#ifdef PRT_SM90A
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::
+          "r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
+      : "memory");
+#endif
+}
+
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy = 0;
+#ifdef PRT_SM90A
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+#endif
+  return policy;
+}
+
+__device__ __forceinline__ unsigned ld_acquire_gpu_u32(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Strong loads for polling (a weak load may be hoisted out of the loop).
+__device__ __forceinline__ uint4 ld_relaxed_gpu_16(const void* p) {
+  uint4 v;
+  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned short ld_relaxed_gpu_u16(const void* p) {
+  unsigned short v;
+  asm volatile("ld.relaxed.gpu.global.u16 %0, [%1];" : "=h"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ float ld_relaxed_gpu_f32(const float* p) {
+  float v;
+  asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned atom_add_acq_rel_gpu(unsigned* p, unsigned v) {
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
+__device__ __forceinline__ void red_add_release_gpu(unsigned* p, unsigned v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ bool has_empty(const uint4& v) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  bool empty = false;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) empty |= (w[i] & 0xffffu) == kEmpty || (w[i] >> 16) == kEmpty;
+  return empty;
+}
+
+// A unit is CH consecutive pages of one 16-row tile (a K chunk), numbered chunk-major.
+struct Unit {
+  int tile, chunk, chunks;
+};
+
+__device__ __forceinline__ Unit unit_of(const OpDesc& d, int unit, int PK, int CH) {
+  const int tiles = d.N / 16;
+  return {unit % tiles, unit / tiles, d.K / PK / CH};
+}
+
+// counters: done[n_ops] (tiles finished, for the counter wait and the trace), next[n_ops] (claims).
+// trace (optional): [n_ops][blocks][2] globaltimer ns: x staged (first time per op), last tile finished.
+template <int PK, int R, int C, int CH, int FW>
+__global__ void __launch_bounds__((C + FW + 1) * 32, 1)
+    chain_kernel(const OpDesc* __restrict__ ops, int n_ops, unsigned* done, unsigned* next, int flags,
+                 unsigned long long* trace) {
+  static_assert(R % C == 0, "a ring slot must always feed the same consumer warp");
+  static_assert(kRedBufs % FW == 0, "a reduction buffer must always go to the same finisher");
+#ifdef PRT_SM90A
+  constexpr int PB = page_bytes<PK>();
+  extern __shared__ __align__(1024) unsigned char smem[];
+  unsigned char* ring = smem;
+  __half* xs = reinterpret_cast<__half*>(smem + R * PB);
+  float* red = reinterpret_cast<float*>(xs + kMaxK);  // [kRedBufs][C][16]
+  int2* queue = reinterpret_cast<int2*>(red + kRedBufs * C * 16);
+  uint64_t* full = reinterpret_cast<uint64_t*>(queue + kUnitQueue);
+  uint64_t* empty = full + R;
+  uint64_t* red_full = empty + R;
+  uint64_t* red_empty = red_full + kRedBufs;
+  uint64_t* queue_full = red_empty + kRedBufs;
+  uint64_t* queue_empty = queue_full + kUnitQueue;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int S = gridDim.x, s = blockIdx.x;
+  const bool ring_only = flags & kRingOnly;
+  if (threadIdx.x == 0) {
+    for (int r = 0; r < R; ++r) {
+      mbar_init(&full[r], 1);
+      mbar_init(&empty[r], 1);
+    }
+    for (int b = 0; b < kRedBufs; ++b) {
+      mbar_init(&red_full[b], C);
+      mbar_init(&red_empty[b], 1);
+    }
+    for (int e = 0; e < kUnitQueue; ++e) {
+      mbar_init(&queue_full[e], 1);
+      mbar_init(&queue_empty[e], C + FW);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warp == C + FW) {  // producer
+    if (lane == 0) {
+      const uint64_t policy = evict_first_policy();
+      uint32_t seq = 0, k = 0;
+      for (int i = 0; i <= n_ops;) {
+        int unit = 0;
+        if (i < n_ops) {
+          unit = static_cast<int>(atomicAdd(&next[i], 1u));
+          if (unit >= (ops[i].N / 16) * (ops[i].K / PK / CH)) {  // this op is all claimed
+            ++i;
+            continue;
+          }
+        }
+        const int e = k % kUnitQueue;
+        mbar_wait(&queue_empty[e], ((k / kUnitQueue) & 1) ^ 1);
+        queue[e] = make_int2(i, unit);  // i == n_ops: the end
+        mbar_arrive(&queue_full[e]);
+        ++k;
+        if (i == n_ops) break;
+        const Unit u = unit_of(ops[i], unit, PK, CH);
+        const char* w = ops[i].w + (static_cast<long>(u.tile) * (ops[i].K / PK) + u.chunk * CH) * PB;
+        for (int j = 0; j < CH; ++j, ++seq) {
+          const int slot = seq % R;
+          mbar_wait(&empty[slot], ((seq / R) & 1) ^ 1);
+          mbar_arrive_expect_tx(&full[slot], PB);
+          bulk_copy_evict_first(ring + slot * PB, w + j * PB, PB, &full[slot], policy);
+        }
+      }
+    }
+    return;
+  }
+
+  const auto read_unit = [&](uint32_t k) {
+    const int e = k % kUnitQueue;
+    mbar_wait(&queue_full[e], (k / kUnitQueue) & 1);
+    const int2 claim = queue[e];
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&queue_empty[e]);
+    return claim;
+  };
+
+  if (warp >= C) {  // finishers
+    const int f = warp - C;
+    for (uint32_t k = 0;; ++k) {
+      const int2 claim = read_unit(k);
+      if (claim.x == n_ops) break;
+      if (static_cast<int>(k % FW) != f || ring_only) continue;
+      const OpDesc& d = ops[claim.x];
+      const Unit u = unit_of(d, claim.y, PK, CH);
+      // Bias and residual are requested before the partials are waited for.
+      const int n = 16 * u.tile + (lane & 15);
+      const float bias_n = d.bias ? __half2float(d.bias[n]) : 0.f;
+      float res_n = 0.f;
+      if (d.residual) {  // an earlier op's output: written, but perhaps not yet seen from here
+        unsigned short r;
+        do r = ld_relaxed_gpu_u16(d.residual + n);
+        while (r == kEmpty);
+        res_n = __half2float(__ushort_as_half(r));
+      }
+      const int b = k % kRedBufs;
+      mbar_wait(&red_full[b], (k / kRedBufs) & 1);
+      float v = 0.f;
+      if (lane < 16)
+        for (int w = 0; w < C; ++w) v += red[(b * C + w) * 16 + lane];
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&red_empty[b]);
+      bool last = true;
+      if (u.chunks > 1) {
+        float* slots = d.partial + static_cast<long>(u.tile) * u.chunks * 16;
+        if (lane < 16) slots[u.chunk * 16 + lane] = v;
+        __syncwarp();
+        unsigned before = 0;
+        if (lane == 0) before = atom_add_acq_rel_gpu(&d.tile_count[u.tile], 1u);
+        before = __shfl_sync(0xffffffffu, before, 0);
+        last = before == static_cast<unsigned>(u.chunks - 1);
+        if (last) {
+          v = 0.f;
+          if (lane < 16)
+            for (int j = 0; j < u.chunks; ++j) v += ld_relaxed_gpu_f32(slots + j * 16 + lane);
+        }
+      }
+      if (last) {
+        if (lane < 16) {
+          float y = v + bias_n;
+          if (d.relu2) {
+            y = fmaxf(y, 0.f);
+            y *= y;
+          }
+          const unsigned short o = __half_as_ushort(__float2half_rn(y + res_n));
+          d.out[n] = __ushort_as_half(o == kEmpty ? static_cast<unsigned short>(0x7e00) : o);
+        }
+        __syncwarp();
+        if (lane == 0) {
+          red_add_release_gpu(&done[claim.x], 1u);
+          if (trace != nullptr) trace[(static_cast<long>(claim.x) * S + s) * 2 + 1] = globaltimer_ns();
+        }
+      }
+    }
+    return;
+  }
+
+  // consumers
+  const int g = lane / 4, q = lane % 4;
+  uint32_t seq = 0;
+  int cur = -1, staged = -1;  // the op whose x is staged, and its last K chunk staged
+  for (uint32_t k = 0;; ++k) {
+    const int2 claim = read_unit(k);
+    if (claim.x == n_ops) break;
+    const OpDesc& d = ops[claim.x];
+    if (ring_only) {  // take each page and give it back
+      for (int j = 0; j < CH; ++j, ++seq) {
+        if (static_cast<int>(seq % C) != warp) continue;
+        const int slot = seq % R;
+        mbar_wait(&full[slot], (seq / R) & 1);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[slot]);
+      }
+      continue;
+    }
+    const Unit u = unit_of(d, claim.y, PK, CH);
+    if (claim.x != cur || u.chunk > staged) {  // stage x: all of it, or the chunks up to this unit's
+      const bool first = claim.x != cur;
+      if (first) staged = -1;
+      cur = claim.x;
+      named_barrier_sync<1>(C * 32);  // every consumer is past the pages that read the old x
+      if ((flags & kCounterWait) && cur > 0 && threadIdx.x == 0) {
+        while (ld_acquire_gpu_u32(&done[cur - 1]) < static_cast<unsigned>(ops[cur - 1].N / 16)) {
+        }
+      }
+      named_barrier_sync<1>(C * 32);
+      const int xc = CH * PK;
+      const int lo = d.full_x ? 0 : (staged + 1) * xc, hi = d.full_x ? d.K : (u.chunk + 1) * xc;
+      staged = d.full_x ? d.K / xc : u.chunk;
+      constexpr int kPerThread = (kMaxK / 8 + C * 32 - 1) / (C * 32);
+      uint4 xv[kPerThread];
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {  // every load in flight at once
+        const int e = lo / 8 + static_cast<int>(threadIdx.x) + j * C * 32;
+        if (e < hi / 8) xv[j] = ld_relaxed_gpu_16(d.x + 8 * e);
+      }
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int e = lo / 8 + static_cast<int>(threadIdx.x) + j * C * 32;
+        if (e < hi / 8) {
+          while (has_empty(xv[j])) xv[j] = ld_relaxed_gpu_16(d.x + 8 * e);
+          reinterpret_cast<uint4*>(xs)[e] = xv[j];
+        }
+      }
+      named_barrier_sync<1>(C * 32);
+      if (trace != nullptr && threadIdx.x == 0 && first)
+        trace[(static_cast<long>(cur) * S + s) * 2] = globaltimer_ns();
+    }
+    float acc[4][4] = {};  // four mma chains
+    for (int j = 0; j < CH; ++j, ++seq) {
+      if (static_cast<int>(seq % C) != warp) continue;
+      const int slot = seq % R;
+      mbar_wait(&full[slot], (seq / R) & 1);
+      const uint4* page = reinterpret_cast<const uint4*>(ring + slot * PB);
+      const __half* xk = xs + (u.chunk * CH + j) * PK + 2 * q;
+#pragma unroll 8
+      for (int st = 0; st < PK / 16; ++st) {
+        const uint4 a4 = page[st * 32 + lane];
+        const uint32_t a[4] = {a4.x, a4.y, a4.z, a4.w};
+        uint32_t b0 = 0, b1 = 0;
+        if (g == 0) {  // one row: column 0 of the B fragment
+          b0 = *reinterpret_cast<const uint32_t*>(xk + st * 16);
+          b1 = *reinterpret_cast<const uint32_t*>(xk + st * 16 + 8);
+        }
+        mma_m16n8k16<__half>(acc[st % 4], a, b0, b1);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[slot]);
+    }
+    const int b = k % kRedBufs;
+    mbar_wait(&red_empty[b], ((k / kRedBufs) & 1) ^ 1);
+    if (q == 0) {
+      red[(b * C + warp) * 16 + g] = acc[0][0] + acc[1][0] + acc[2][0] + acc[3][0];
+      red[(b * C + warp) * 16 + g + 8] = acc[0][2] + acc[1][2] + acc[2][2] + acc[3][2];
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&red_full[b]);
+  }
+#endif
+}
+
+}  // namespace chain
+}  // namespace persimmon_rt
