@@ -10,6 +10,7 @@ chain kernel is compiled on first use (torch JIT, about a minute).
     python benchmarks/bench_persistent_chain.py                      # variants 0-2, counter wait, 36 layers
     python benchmarks/bench_persistent_chain.py --poll-only --ring   # no completion counters; the ring alone
     python benchmarks/bench_persistent_chain.py --layers 4 --per-layer --trace
+    python benchmarks/bench_persistent_chain.py --int8                # int8 weights (variants 3-4)
 
 Floors: the layer's 402.65 MB of weights at the ring-alone rate (`--ring`), and at device-to-device copy
 speed, printed beside each result.
@@ -85,6 +86,14 @@ def copy_tb_s() -> float:
     return 2 * a.numel() / best / 1e12
 
 
+def pack_int8(q: torch.Tensor, page_k: int) -> torch.Tensor:
+    """int8 [N, K] -> pages of 16 rows x page_k bytes: [tile][k page][k step pair][lane][step][kh][rh][e], so that
+    each 4-byte word holds rows g and g + 8 at two consecutive k (one mma A-fragment register pair)."""
+    n, k = q.shape
+    return (q.view(n // 16, 2, 8, k // page_k, page_k // 32, 2, 2, 4, 2).permute(0, 3, 4, 2, 7, 5, 6, 1, 8)
+            .contiguous())
+
+
 def random_layers(layers: int) -> list[dict]:
     out = []
     for _ in range(layers):
@@ -98,21 +107,27 @@ def random_layers(layers: int) -> list[dict]:
 
 
 class Shipped:
-    """The same chain on the shipped decode_linear op, one launch per GEMV."""
+    """The same chain on the shipped decode_linear (or decode_linear_int8) op, one launch per GEMV."""
 
-    def __init__(self, layers, h0):
-        self.layers = layers
+    def __init__(self, layers, h0, int8: bool):
+        self.layers, self.int8 = layers, int8
         self.acts = [{key: torch.zeros(1, n, device="cuda", dtype=torch.float16)
                       for key, n in (("h", H), ("qkv", QKV), ("hid1", H), ("mlp", F))} for _ in range(len(layers) + 1)]
         self.acts[0]["h"].copy_(h0)
 
+    def op(self, layer, name, x, residual, out, relu2):
+        if self.int8:
+            q, scale, bias = layer[name + "_int8"]
+            torch.ops.persimmon_rt.decode_linear_int8(x, q, scale, bias, residual, out, relu2)
+        else:
+            torch.ops.persimmon_rt.decode_linear(x, *layer[name], residual, out, relu2, None, None, 1e-5)
+
     def __call__(self):
-        op = torch.ops.persimmon_rt.decode_linear
         for layer, a, nxt in zip(self.layers, self.acts, self.acts[1:]):
-            op(a["h"], *layer["qkv"], None, a["qkv"], False, None, None, 1e-5)
-            op(a["qkv"][:, :H], *layer["dense"], a["h"], a["hid1"], False, None, None, 1e-5)
-            op(a["hid1"], *layer["up"], None, a["mlp"], True, None, None, 1e-5)
-            op(a["mlp"], *layer["down"], a["hid1"], nxt["h"], False, None, None, 1e-5)
+            self.op(layer, "qkv", a["h"], None, a["qkv"], False)
+            self.op(layer, "dense", a["qkv"][:, :H], a["h"], a["hid1"], False)
+            self.op(layer, "up", a["hid1"], None, a["mlp"], True)
+            self.op(layer, "down", a["mlp"], a["hid1"], nxt["h"], False)
 
 
 class Chain:
@@ -121,9 +136,12 @@ class Chain:
 
     def __init__(self, ext, variant: int, layers, h0):
         self.ext, self.variant = ext, variant
-        page_k, self.chunk_pages = ext.PAGE_K[variant], ext.CHUNK_PAGES[variant]
+        page_k, self.chunk_pages, int8 = ext.PAGE_K[variant], ext.CHUNK_PAGES[variant], ext.INT8[variant]
         L = len(layers)
-        self.packed = [{name: pack(layer[name][0], page_k) for name in NAMES} for layer in layers]
+        if int8:
+            self.packed = [{name: pack_int8(layer[name + "_int8"][0], page_k) for name in NAMES} for layer in layers]
+        else:
+            self.packed = [{name: pack(layer[name][0], page_k) for name in NAMES} for layer in layers]
         sizes = {"qkv": QKV, "hid1": H, "mlp": F, "h": H}  # layer l's outputs; "h" is layer l + 1's input
         self.flat = torch.empty(L * sum(sizes.values()), device="cuda", dtype=torch.float16)
         self.acts = [{"h": h0.clone()}]
@@ -148,7 +166,9 @@ class Chain:
         blob, tile_counter = bytearray(), 2 * self.n_ops
         for i, (name, x, residual, out) in enumerate(ops):
             weight, bias = layers[i // 4][name]
-            blob += struct.pack("<QQQQQQQiiii", self.packed[i // 4][name].data_ptr(), bias.data_ptr(), x.data_ptr(),
+            scale = layers[i // 4][name + "_int8"][1].data_ptr() if int8 else 0
+            blob += struct.pack("<QQQQQQQQiiii", self.packed[i // 4][name].data_ptr(), scale, bias.data_ptr(),
+                                x.data_ptr(),
                                 residual.data_ptr() if residual is not None else 0, out.data_ptr(),
                                 self.partials[i].data_ptr(), self.counters.data_ptr() + 4 * tile_counter,
                                 weight.shape[0], weight.shape[1], int(name == "up"),
@@ -202,7 +222,9 @@ def compare(shipped: Shipped, chain: Chain, per_layer: bool) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=36)
-    parser.add_argument("--variants", default="0,1,2", help="chain configurations (persistent_chain.cu)")
+    parser.add_argument("--variants", default=None,
+                        help="chain configurations (persistent_chain.cu; default 0,1,2, or 3,4 with --int8)")
+    parser.add_argument("--int8", action="store_true", help="int8 weights, per-row scales (the shipped scheme)")
     parser.add_argument("--poll-only", action="store_true",
                         help="no completion-counter wait: consumers poll x alone")
     parser.add_argument("--ring", action="store_true", help="also time the weight ring alone (no compute, no waits)")
@@ -217,22 +239,32 @@ def main() -> int:
     ext = build_extension()
     torch.manual_seed(0)
     layers = random_layers(args.layers)
+    if args.int8:
+        from persimmon_rt.quantization import quantize_int8
+
+        for layer in layers:
+            for name in NAMES:
+                layer[name + "_int8"] = (*quantize_int8(layer[name][0]), layer[name][1])
+    variants = [int(v) for v in (args.variants or ("3,4" if args.int8 else "0,1,2")).split(",")]
+    if any(ext.INT8[v] != args.int8 for v in variants):
+        parser.error("variants 0-2 are fp16, 3-4 int8 (with --int8)")
+    layer_bytes = LAYER_BYTES // 2 if args.int8 else LAYER_BYTES
     h0 = torch.randn(1, H, device="cuda", dtype=torch.float16)
-    shipped = Shipped(layers, h0)
+    shipped = Shipped(layers, h0, args.int8)
     L = args.layers
     copy = copy_tb_s()
-    print(f"{torch.cuda.get_device_name()}: copy {copy:.2f} TB/s; {LAYER_BYTES / 1e6:.2f} MB of weights a layer, "
-          f"{LAYER_BYTES / copy / 1e6:.2f} us at copy speed; {L} layers")
+    print(f"{torch.cuda.get_device_name()}: copy {copy:.2f} TB/s; {layer_bytes / 1e6:.2f} MB of weights a layer, "
+          f"{layer_bytes / copy / 1e6:.2f} us at copy speed; {L} layers")
     t_shipped = graph_time_us(shipped)
-    print(f"shipped decode_linear x 4: {t_shipped / L:.2f} us/layer ({LAYER_BYTES / (t_shipped / L) / 1e6:.2f} TB/s)",
+    print(f"shipped GEMVs x 4: {t_shipped / L:.2f} us/layer ({layer_bytes / (t_shipped / L) / 1e6:.2f} TB/s)",
           flush=True)
     flags = 0 if args.poll_only else COUNTER_WAIT
     failed = False
-    for v in (int(x) for x in args.variants.split(",")):
+    for v in variants:
         chain = Chain(ext, v, layers, h0)
         if args.ring:
             t = graph_time_us(lambda: chain.run(RING_ONLY))  # noqa: B023
-            print(f"  variant {v}, the ring alone: {t / L:.2f} us/layer ({LAYER_BYTES / (t / L) / 1e6:.2f} TB/s)")
+            print(f"  variant {v}, the ring alone: {t / L:.2f} us/layer ({layer_bytes / (t / L) / 1e6:.2f} TB/s)")
         chain.run(flags)
         torch.cuda.synchronize()
         shipped()
@@ -242,7 +274,7 @@ def main() -> int:
         failed |= not ok
         t = graph_time_us(lambda: chain.run(flags))  # noqa: B023
         mode = "polled x only" if args.poll_only else "counter wait"
-        print(f"variant {v} ({mode}): {t / L:.2f} us/layer ({LAYER_BYTES / (t / L) / 1e6:.2f} TB/s), "
+        print(f"variant {v} ({mode}): {t / L:.2f} us/layer ({layer_bytes / (t / L) / 1e6:.2f} TB/s), "
               f"{t_shipped / t:.3f}x shipped; max relative error against shipped {err:.2e}"
               f"{'' if ok else '  WRONG RESULTS: the time means nothing'}", flush=True)
         if args.trace:

@@ -24,10 +24,14 @@
 //
 // Weights are pre-packed by the harness into pages of 16 rows x PK k in mma.sync A-fragment order
 // ([tile][k page][k step][lane][8 halves]): a consumer reads its fragment with one 16-byte shared load.
+// INT8: int8 weights with an fp32 scale per output row (the shipped scheme), pages of one byte a weight
+// ([tile][k page][k step pair][lane][2 steps x 8 bytes]), converted to fp16 in registers as the shipped
+// int8 GEMV does; the scale is applied once per output by the finisher.
 #pragma once
 
 #include <cuda_fp16.h>
 
+#include "kernels/decode_linear_int8.cuh"
 #include "kernels/ptx_sm90.cuh"
 
 namespace persimmon_rt {
@@ -41,7 +45,8 @@ using sm90::mbar_wait;
 using sm90::named_barrier_sync;
 
 struct OpDesc {
-  const char* w;           // packed pages [N / 16][K / PK][PK / 16][32][8] halves
+  const char* w;           // packed pages (see above)
+  const float* scale;      // [N] fp32 per-row scales of int8 weights, else null
   const __half* bias;      // [N] or null
   const __half* x;         // [K]
   const __half* residual;  // [N] or null
@@ -58,12 +63,12 @@ constexpr unsigned short kEmpty = 0xffff;
 
 enum Flags : int { kRingOnly = 1, kCounterWait = 2 };
 
-template <int PK>
-constexpr int page_bytes() { return 16 * PK * 2; }
+template <int PK, bool INT8>
+constexpr int page_bytes() { return 16 * PK * (INT8 ? 1 : 2); }
 
-template <int PK, int R, int C, int CH, int FW>
+template <int PK, int R, int C, int CH, int FW, bool INT8>
 constexpr int chain_smem_bytes() {
-  return R * page_bytes<PK>() + kMaxK * 2 + kRedBufs * C * 16 * 4 + kUnitQueue * 8 +
+  return R * page_bytes<PK, INT8>() + kMaxK * 2 + kRedBufs * C * 16 * 4 + kUnitQueue * 8 +
          (2 * R + 2 * kRedBufs + 2 * kUnitQueue) * 8;
 }
 
@@ -144,14 +149,14 @@ __device__ __forceinline__ Unit unit_of(const OpDesc& d, int unit, int PK, int C
 
 // counters: done[n_ops] (tiles finished, for the counter wait and the trace), next[n_ops] (claims).
 // trace (optional): [n_ops][blocks][2] globaltimer ns: x staged (first time per op), last tile finished.
-template <int PK, int R, int C, int CH, int FW>
+template <int PK, int R, int C, int CH, int FW, bool INT8>
 __global__ void __launch_bounds__((C + FW + 1) * 32, 1)
     chain_kernel(const OpDesc* __restrict__ ops, int n_ops, unsigned* done, unsigned* next, int flags,
                  unsigned long long* trace) {
   static_assert(R % C == 0, "a ring slot must always feed the same consumer warp");
   static_assert(kRedBufs % FW == 0, "a reduction buffer must always go to the same finisher");
 #ifdef PRT_SM90A
-  constexpr int PB = page_bytes<PK>();
+  constexpr int PB = page_bytes<PK, INT8>();
   extern __shared__ __align__(1024) unsigned char smem[];
   unsigned char* ring = smem;
   __half* xs = reinterpret_cast<__half*>(smem + R * PB);
@@ -267,7 +272,7 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, 1)
       }
       if (last) {
         if (lane < 16) {
-          float y = v + bias_n;
+          float y = (INT8 ? v * d.scale[n] : v) + bias_n;
           if (d.relu2) {
             y = fmaxf(y, 0.f);
             y *= y;
@@ -343,16 +348,36 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, 1)
       mbar_wait(&full[slot], (seq / R) & 1);
       const uint4* page = reinterpret_cast<const uint4*>(ring + slot * PB);
       const __half* xk = xs + (u.chunk * CH + j) * PK + 2 * q;
-#pragma unroll 8
-      for (int st = 0; st < PK / 16; ++st) {
-        const uint4 a4 = page[st * 32 + lane];
-        const uint32_t a[4] = {a4.x, a4.y, a4.z, a4.w};
-        uint32_t b0 = 0, b1 = 0;
+      const auto x_fragment = [&](int st, uint32_t& b0, uint32_t& b1) {
+        b0 = b1 = 0;
         if (g == 0) {  // one row: column 0 of the B fragment
           b0 = *reinterpret_cast<const uint32_t*>(xk + st * 16);
           b1 = *reinterpret_cast<const uint32_t*>(xk + st * 16 + 8);
         }
-        mma_m16n8k16<__half>(acc[st % 4], a, b0, b1);
+      };
+      if constexpr (INT8) {
+#pragma unroll 4
+        for (int sp = 0; sp < PK / 32; ++sp) {  // two k steps a 16-byte load
+          const uint4 w8 = page[sp * 32 + lane];
+          const uint32_t words[2][2] = {{w8.x, w8.y}, {w8.z, w8.w}};
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            uint32_t a[4], b0, b1;
+            gemv::int8x4_to_pairs<__half>(words[h][0], a[0], a[1]);  // rows g, g + 8 at k 2q, 2q + 1
+            gemv::int8x4_to_pairs<__half>(words[h][1], a[2], a[3]);  // the same at k 2q + 8, 2q + 9
+            x_fragment(2 * sp + h, b0, b1);
+            mma_m16n8k16<__half>(acc[(2 * sp + h) % 4], a, b0, b1);
+          }
+        }
+      } else {
+#pragma unroll 8
+        for (int st = 0; st < PK / 16; ++st) {
+          const uint4 a4 = page[st * 32 + lane];
+          const uint32_t a[4] = {a4.x, a4.y, a4.z, a4.w};
+          uint32_t b0, b1;
+          x_fragment(st, b0, b1);
+          mma_m16n8k16<__half>(acc[st % 4], a, b0, b1);
+        }
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[slot]);
