@@ -1,26 +1,29 @@
-"""A decode layer's four GEMVs (QKV, dense, MLP-up + relu^2, MLP-down; fp16, one row) for L layers in one
-persistent kernel (benchmarks/persistent_chain.cuh), against the shipped decode_linear launches captured in
-a CUDA graph (with programmatic dependent launch), on the same random Persimmon-8B-shaped weights.
+"""A decode layer's four GEMVs (QKV, dense, MLP-up + relu^2, MLP-down; one row; fp16 or int8 weights) for L
+layers in one persistent kernel (benchmarks/persistent_chain.cuh), against the shipped decode_linear /
+decode_linear_int8 launches captured in a CUDA graph (with programmatic dependent launch), on the same random
+Persimmon-8B-shaped weights.
 
 Development harness for the decode-step design, not a product path: it answers how fast the weights can
 stream when the step has no kernel boundaries, and what the dependencies between ops cost. Each run checks
-the chain's outputs against the shipped GEMVs first and says so when they differ. Needs an sm_90 GPU; the
-chain kernel is compiled on first use (torch JIT, about a minute).
+the chain's outputs against the shipped GEMVs first and says so when they differ. Needs an sm_90 GPU and nvcc
+(the chain kernel is a small shared library built on first use, about 10 s).
 
     python benchmarks/bench_persistent_chain.py                      # variants 0-2, counter wait, 36 layers
     python benchmarks/bench_persistent_chain.py --poll-only --ring   # no completion counters; the ring alone
     python benchmarks/bench_persistent_chain.py --layers 4 --per-layer --trace
     python benchmarks/bench_persistent_chain.py --int8                # int8 weights (variants 3-4)
 
-Floors: the layer's 402.65 MB of weights at the ring-alone rate (`--ring`), and at device-to-device copy
-speed, printed beside each result.
+A layer holds 402.65 MB of fp16 weights (201.3 MB int8); each result is printed with its rate, beside the
+device-to-device copy rate and, with `--ring`, the rate of the weight ring alone.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import os
 import struct
+import subprocess
 import sys
 import time
 
@@ -32,18 +35,45 @@ NAMES = ("qkv", "dense", "up", "down")
 RING_ONLY, COUNTER_WAIT = 1, 2  # persistent_chain.cuh's Flags
 
 
-def build_extension():
-    from torch.utils.cpp_extension import load
+class ChainLibrary:
+    """benchmarks/persistent_chain.cu as a shared library (ctypes; no torch headers), built with nvcc on first
+    use (about 10 s; or build it elsewhere and carry build/dev/libpersistent_chain.so)."""
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    csrc = os.path.join(here, "..", "csrc")
-    t0 = time.time()
-    ext = load("persimmon_rt_persistent_chain", sources=[os.path.join(here, "persistent_chain.cu")],
-               extra_include_paths=[here, csrc],
-               extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                                  "-gencode=arch=compute_90a,code=sm_90a"])
-    print(f"chain kernel built in {time.time() - t0:.0f} s", flush=True)
-    return ext
+    def __init__(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        root = os.path.normpath(os.path.join(here, ".."))
+        path = os.path.join(root, "build", "dev", "libpersistent_chain.so")
+        sources = [os.path.join(here, name) for name in ("persistent_chain.cu", "persistent_chain.cuh")]
+        if not os.path.exists(path) or os.path.getmtime(path) < max(os.path.getmtime(f) for f in sources):
+            nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            t0 = time.time()
+            subprocess.run([nvcc, "-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                            "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-shared", "-cudart",
+                            "shared", f"-I{here}", f"-I{os.path.join(root, 'csrc')}", "-o", path, sources[0]],
+                           check=True)
+            print(f"chain kernel built in {time.time() - t0:.0f} s", flush=True)
+        lib = ctypes.CDLL(path)
+        lib.chain_run.restype = ctypes.c_int
+        lib.chain_run.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                  ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                  ctypes.c_void_p]
+        lib.chain_variant.argtypes = [ctypes.c_int] + [ctypes.POINTER(ctypes.c_int)] * 3
+        lib.chain_error_string.restype = ctypes.c_char_p
+        self.lib = lib
+        self.desc_bytes = lib.chain_desc_bytes()
+        self.variants = []
+        for v in range(lib.chain_num_variants()):
+            page_k, chunk_pages, int8 = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+            lib.chain_variant(v, ctypes.byref(page_k), ctypes.byref(chunk_pages), ctypes.byref(int8))
+            self.variants.append((page_k.value, chunk_pages.value, bool(int8.value)))
+
+    def run(self, descs, n_ops, counters, reset, blocks, variant, flags, trace):
+        err = self.lib.chain_run(descs.data_ptr(), n_ops, counters.data_ptr(), counters.numel(), reset.data_ptr(),
+                                 reset.numel(), blocks, variant, flags, trace.data_ptr() if trace is not None else None,
+                                 torch.cuda.current_stream().cuda_stream)
+        if err:
+            raise RuntimeError(f"chain_run: {self.lib.chain_error_string(err).decode()}")
 
 
 def pack(w: torch.Tensor, page_k: int) -> torch.Tensor:
@@ -134,9 +164,9 @@ class Chain:
     """One variant of the persistent chain: packed weights, activations (one buffer, reset to the empty mark
     before every launch; the first layer's input apart), op descriptors and counters."""
 
-    def __init__(self, ext, variant: int, layers, h0):
-        self.ext, self.variant = ext, variant
-        page_k, self.chunk_pages, int8 = ext.PAGE_K[variant], ext.CHUNK_PAGES[variant], ext.INT8[variant]
+    def __init__(self, lib: ChainLibrary, variant: int, layers, h0):
+        self.lib, self.variant = lib, variant
+        page_k, self.chunk_pages, int8 = lib.variants[variant]
         L = len(layers)
         if int8:
             self.packed = [{name: pack_int8(layer[name + "_int8"][0], page_k) for name in NAMES} for layer in layers]
@@ -174,14 +204,13 @@ class Chain:
                                 weight.shape[0], weight.shape[1], int(name == "up"),
                                 int(name != "down"))  # MLP-down waits per K chunk, the others for all of x
             tile_counter += tiles[i]
-        assert len(blob) == self.n_ops * ext.desc_bytes()
+        assert len(blob) == self.n_ops * lib.desc_bytes
         self.descs = torch.frombuffer(blob, dtype=torch.uint8).to("cuda")
-        self.no_trace = torch.empty(0, dtype=torch.int64, device="cuda")
         self.blocks = torch.cuda.get_device_properties(0).multi_processor_count
 
     def run(self, flags: int, trace: torch.Tensor | None = None):
-        self.ext.run_chain(self.descs, self.n_ops, self.counters, self.flat.view(torch.uint8), self.blocks,
-                           self.variant, flags, self.no_trace if trace is None else trace)
+        self.lib.run(self.descs, self.n_ops, self.counters, self.flat.view(torch.uint8), self.blocks, self.variant,
+                     flags, trace)
 
     def trace(self, flags: int) -> str:
         trace = torch.zeros(self.n_ops * self.blocks * 2, dtype=torch.int64, device="cuda")
@@ -236,7 +265,11 @@ def main() -> int:
         return 2
     importlib.import_module("persimmon_rt.ops")  # registers torch.ops.persimmon_rt
 
-    ext = build_extension()
+    lib = ChainLibrary()
+    variants = [int(v) for v in (args.variants or ("3,4" if args.int8 else "0,1,2")).split(",")]
+    if any(not 0 <= v < len(lib.variants) or lib.variants[v][2] != args.int8 for v in variants):
+        parser.error(f"variants {[i for i, x in enumerate(lib.variants) if x[2] == args.int8]} run "
+                     f"{'with' if args.int8 else 'without'} --int8")
     torch.manual_seed(0)
     layers = random_layers(args.layers)
     if args.int8:
@@ -245,9 +278,6 @@ def main() -> int:
         for layer in layers:
             for name in NAMES:
                 layer[name + "_int8"] = (*quantize_int8(layer[name][0]), layer[name][1])
-    variants = [int(v) for v in (args.variants or ("3,4" if args.int8 else "0,1,2")).split(",")]
-    if any(ext.INT8[v] != args.int8 for v in variants):
-        parser.error("variants 0-2 are fp16, 3-4 int8 (with --int8)")
     layer_bytes = LAYER_BYTES // 2 if args.int8 else LAYER_BYTES
     h0 = torch.randn(1, H, device="cuda", dtype=torch.float16)
     shipped = Shipped(layers, h0, args.int8)
@@ -261,7 +291,7 @@ def main() -> int:
     flags = 0 if args.poll_only else COUNTER_WAIT
     failed = False
     for v in variants:
-        chain = Chain(ext, v, layers, h0)
+        chain = Chain(lib, v, layers, h0)
         if args.ring:
             t = graph_time_us(lambda: chain.run(RING_ONLY))  # noqa: B023
             print(f"  variant {v}, the ring alone: {t / L:.2f} us/layer ({layer_bytes / (t / L) / 1e6:.2f} TB/s)")

@@ -1,7 +1,12 @@
-// Torch binding of the persistent-chain development harness (persistent_chain.cuh); built by
-// benchmarks/bench_persistent_chain.py with torch.utils.cpp_extension.load, for sm_90a only.
-#include <c10/cuda/CUDAStream.h>
-#include <torch/extension.h>
+// C entry points of the persistent-chain development harness (persistent_chain.cuh), torch-free so that it
+// builds in seconds and anywhere nvcc is (no GPU needed); benchmarks/bench_persistent_chain.py loads it with
+// ctypes, building it first when build/dev/libpersistent_chain.so is missing:
+//
+//   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -Xcompiler -fPIC \
+//        -shared -cudart shared -Ibenchmarks -Icsrc -o build/dev/libpersistent_chain.so benchmarks/persistent_chain.cu
+#include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include "persistent_chain.cuh"
 
@@ -9,48 +14,64 @@ using namespace persimmon_rt::chain;
 
 namespace {
 
+struct Variant {
+  int page_k, chunk_pages, int8;
+};
+
+// <PK, R, C, CH, FW, INT8> of each variant; kVariants mirrors the switch in chain_run.
+constexpr Variant kVariants[] = {{256, 16, 0}, {512, 8, 0}, {256, 8, 0}, {512, 8, 1}, {1024, 4, 1}};
+constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
+
 template <int PK, int R, int C, int CH, int FW, bool INT8>
-void launch(const torch::Tensor& descs, int n_ops, const torch::Tensor& counters, const torch::Tensor& reset,
-            int blocks, int flags, unsigned long long* trace) {
+cudaError_t launch(const OpDesc* descs, int n_ops, unsigned* counters, int64_t counter_count, void* reset,
+                   int64_t reset_bytes, int blocks, int flags, unsigned long long* trace, cudaStream_t stream) {
   constexpr int smem = chain_smem_bytes<PK, R, C, CH, FW, INT8>();
   static_assert(smem <= 232448, "more shared memory than an H100 / H200 block may take");
   auto kernel = chain_kernel<PK, R, C, CH, FW, INT8>;
-  static const bool attribute_set = [&] {
-    TORCH_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess);
-    return true;
-  }();
-  (void)attribute_set;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto* done = reinterpret_cast<unsigned*>(counters.data_ptr());
-  TORCH_CHECK(cudaMemsetAsync(done, 0, counters.numel() * 4, stream) == cudaSuccess);
-  TORCH_CHECK(cudaMemsetAsync(reset.data_ptr(), 0xff, reset.numel(), stream) == cudaSuccess);  // kEmpty
-  kernel<<<blocks, (C + FW + 1) * 32, smem, stream>>>(reinterpret_cast<const OpDesc*>(descs.data_ptr()), n_ops, done,
-                                                     done + n_ops, flags, trace);
-  TORCH_CHECK(cudaGetLastError() == cudaSuccess);
-}
-
-// counters: int32 [done n_ops][next n_ops][every op's tile counters]; reset: the activations (uint8),
-// set to kEmpty before the launch; trace: int64 [n_ops * blocks * 2] or empty.
-void run_chain(torch::Tensor descs, int64_t n_ops, torch::Tensor counters, torch::Tensor reset, int64_t blocks,
-               int64_t variant, int64_t flags, torch::Tensor trace) {
-  auto* tr = trace.numel() ? reinterpret_cast<unsigned long long*>(trace.data_ptr()) : nullptr;
-  const int n = static_cast<int>(n_ops), nb = static_cast<int>(blocks), fl = static_cast<int>(flags);
-  switch (variant) {  // <PK, R, C, CH, FW, INT8>
-    case 0: launch<256, 20, 4, 16, 8, false>(descs, n, counters, reset, nb, fl, tr); break;
-    case 1: launch<512, 12, 4, 8, 8, false>(descs, n, counters, reset, nb, fl, tr); break;
-    case 2: launch<256, 20, 4, 8, 8, false>(descs, n, counters, reset, nb, fl, tr); break;
-    case 3: launch<512, 24, 4, 8, 8, true>(descs, n, counters, reset, nb, fl, tr); break;
-    case 4: launch<1024, 12, 4, 4, 8, true>(descs, n, counters, reset, nb, fl, tr); break;
-    default: TORCH_CHECK(false, "unknown variant ", variant);
-  }
+  static const cudaError_t attribute = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = attribute;  // set once: the launches may be captured in a CUDA graph
+  if (err == cudaSuccess) err = cudaMemsetAsync(counters, 0, counter_count * sizeof(unsigned), stream);
+  if (err == cudaSuccess) err = cudaMemsetAsync(reset, 0xff, reset_bytes, stream);  // activations: kEmpty
+  if (err != cudaSuccess) return err;
+  kernel<<<blocks, (C + FW + 1) * 32, smem, stream>>>(descs, n_ops, counters, counters + n_ops, flags, trace);
+  return cudaGetLastError();
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("run_chain", &run_chain);
-  m.def("desc_bytes", [] { return static_cast<int64_t>(sizeof(OpDesc)); });
-  m.attr("PAGE_K") = py::make_tuple(256, 512, 256, 512, 1024);
-  m.attr("CHUNK_PAGES") = py::make_tuple(16, 8, 8, 8, 4);
-  m.attr("INT8") = py::make_tuple(false, false, false, true, true);
+extern "C" {
+
+// counters: [done n_ops][next n_ops][every op's tile counters] (zeroed here); reset: the activations, set
+// to kEmpty here; trace: [n_ops][blocks][2] or null. Returns a cudaError_t (0: launched).
+int chain_run(const void* descs, int n_ops, void* counters, int64_t counter_count, void* reset, int64_t reset_bytes,
+              int blocks, int variant, int flags, void* trace, void* stream) {
+  const auto* d = static_cast<const OpDesc*>(descs);
+  auto* c = static_cast<unsigned*>(counters);
+  auto* t = static_cast<unsigned long long*>(trace);
+  auto* s = static_cast<cudaStream_t>(stream);
+  switch (variant) {
+    case 0: return launch<256, 20, 4, 16, 8, false>(d, n_ops, c, counter_count, reset, reset_bytes, blocks, flags, t, s);
+    case 1: return launch<512, 12, 4, 8, 8, false>(d, n_ops, c, counter_count, reset, reset_bytes, blocks, flags, t, s);
+    case 2: return launch<256, 20, 4, 8, 8, false>(d, n_ops, c, counter_count, reset, reset_bytes, blocks, flags, t, s);
+    case 3: return launch<512, 24, 4, 8, 8, true>(d, n_ops, c, counter_count, reset, reset_bytes, blocks, flags, t, s);
+    case 4: return launch<1024, 12, 4, 4, 8, true>(d, n_ops, c, counter_count, reset, reset_bytes, blocks, flags, t, s);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
 }
+
+int chain_desc_bytes() { return static_cast<int>(sizeof(OpDesc)); }
+
+int chain_num_variants() { return kNumVariants; }
+
+// page k, pages a unit, int8 weights (1 / 0) of a variant; -1 for an unknown one.
+int chain_variant(int v, int* page_k, int* chunk_pages, int* int8) {
+  if (v < 0 || v >= kNumVariants) return -1;
+  *page_k = kVariants[v].page_k;
+  *chunk_pages = kVariants[v].chunk_pages;
+  *int8 = kVariants[v].int8;
+  return 0;
+}
+
+const char* chain_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+}  // extern "C"
