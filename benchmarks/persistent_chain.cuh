@@ -1,7 +1,8 @@
 // Development harness, not a shipped kernel: a decode layer's four GEMVs (QKV, dense, MLP-up + relu^2,
-// MLP-down; fp16, one row) for L layers in ONE persistent kernel, to measure what a step without kernel
-// boundaries could stream. benchmarks/bench_persistent_chain.py builds it (torch JIT) and times it beside
-// the shipped decode_linear launches; benchmarks/RESULTS.md, runs Y2-Y9, has the numbers.
+// MLP-down; one row, fp16 activations, fp16 or int8 weights) for L layers in ONE persistent kernel, to
+// measure what a step without kernel boundaries could stream. benchmarks/bench_persistent_chain.py builds
+// it (persistent_chain.cu, a torch-free library) and times it beside the shipped decode_linear launches;
+// benchmarks/RESULTS.md, runs Y2-Y9, has the numbers.
 //
 // One block per SM, three roles:
 // - a producer thread claims work units of each op in turn (atomicAdd on the op's counter, so SMs that
@@ -19,7 +20,7 @@
 // finishers poll the residual until no element is kEmpty, so data and signal arrive in one L2 round trip.
 // The polls must be strong loads (ld.relaxed.gpu): ptxas hoists a weak ld.global.cg out of the polling
 // loop, which then never reloads. kCounterWait additionally waits for the previous op's completion counter
-// before staging (one more round trip; the configuration measured correct in runs Y8-Y9). MLP-down's units
+// before staging (one more round trip; with it the weak polls were harmless, runs Y8-Y9). MLP-down's units
 // are numbered chunk-major, so its first units need only MLP-up's first rows (full_x = 0).
 //
 // Weights are pre-packed by the harness into pages of 16 rows x PK k in mma.sync A-fragment order
@@ -265,6 +266,7 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, 1)
         before = __shfl_sync(0xffffffffu, before, 0);
         last = before == static_cast<unsigned>(u.chunks - 1);
         if (last) {
+          __threadfence();  // every lane, not only lane 0, acquires the other chunks' partials
           v = 0.f;
           if (lane < 16)
             for (int j = 0; j < u.chunks; ++j) v += ld_relaxed_gpu_f32(slots + j * 16 + lane);
