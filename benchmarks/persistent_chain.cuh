@@ -138,6 +138,19 @@ __device__ __forceinline__ bool has_empty(const uint4& v) {
   return empty;
 }
 
+// A poll that has waited a second is a bug (every input is produced within microseconds): stop the kernel
+// with a message instead of hanging the device. Returns false until then.
+__device__ __noinline__ void stop_waiting(const char* what) {  // out of line: printf's stack stays here
+  printf("persistent_chain: block %d thread %d waited 1 s for %s\n", blockIdx.x, threadIdx.x, what);
+  __trap();
+}
+
+__device__ __forceinline__ bool timed_out(uint64_t start, const char* what) {
+  if (globaltimer_ns() - start < 1000000000ull) return false;
+  stop_waiting(what);
+  return true;
+}
+
 // A unit is CH consecutive pages of one 16-row tile (a K chunk), numbered chunk-major.
 struct Unit {
   int tile, chunk, chunks;
@@ -245,8 +258,9 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, 1)
       float res_n = 0.f;
       if (d.residual) {  // an earlier op's output: written, but perhaps not yet seen from here
         unsigned short r;
+        const uint64_t start = globaltimer_ns();
         do r = ld_relaxed_gpu_u16(d.residual + n);
-        while (r == kEmpty);
+        while (r == kEmpty && !timed_out(start, "a finisher's residual"));
         res_n = __half2float(__ushort_as_half(r));
       }
       const int b = k % kRedBufs;
@@ -317,7 +331,9 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, 1)
       cur = claim.x;
       named_barrier_sync<1>(C * 32);  // every consumer is past the pages that read the old x
       if ((flags & kCounterWait) && cur > 0 && threadIdx.x == 0) {
-        while (ld_acquire_gpu_u32(&done[cur - 1]) < static_cast<unsigned>(ops[cur - 1].N / 16)) {
+        const uint64_t start = globaltimer_ns();
+        while (ld_acquire_gpu_u32(&done[cur - 1]) < static_cast<unsigned>(ops[cur - 1].N / 16) &&
+               !timed_out(start, "the completion counter")) {
         }
       }
       named_barrier_sync<1>(C * 32);
@@ -335,7 +351,8 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, 1)
       for (int j = 0; j < kPerThread; ++j) {
         const int e = lo / 8 + static_cast<int>(threadIdx.x) + j * C * 32;
         if (e < hi / 8) {
-          while (has_empty(xv[j])) xv[j] = ld_relaxed_gpu_16(d.x + 8 * e);
+          const uint64_t start = globaltimer_ns();
+          while (has_empty(xv[j]) && !timed_out(start, "x")) xv[j] = ld_relaxed_gpu_16(d.x + 8 * e);
           reinterpret_cast<uint4*>(xs)[e] = xv[j];
         }
       }
