@@ -213,6 +213,8 @@ class Chain:
                      flags, trace)
 
     def trace(self, flags: int) -> str:
+        if self.n_ops < 8:
+            return "    (the trace compares consecutive layers: it needs two or more)"
         trace = torch.zeros(self.n_ops * self.blocks * 2, dtype=torch.int64, device="cuda")
         self.run(flags, trace)
         torch.cuda.synchronize()
