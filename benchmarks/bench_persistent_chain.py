@@ -166,7 +166,7 @@ class Chain:
 
     def __init__(self, lib: ChainLibrary, variant: int, layers, h0):
         self.lib, self.variant = lib, variant
-        page_k, self.chunk_pages, int8 = lib.variants[variant]
+        page_k, _, int8 = lib.variants[variant]
         L = len(layers)
         if int8:
             self.packed = [{name: pack_int8(layer[name + "_int8"][0], page_k) for name in NAMES} for layer in layers]

@@ -14,12 +14,22 @@ using namespace persimmon_rt::chain;
 
 namespace {
 
+// Every variant <PK, R, C, CH, FW, INT8> once: the switch in chain_run and the table that chain_variant reads
+// are both made from this list.
+#define PERSISTENT_CHAIN_VARIANTS(X) \
+  X(256, 20, 4, 16, 8, false)        \
+  X(512, 12, 4, 8, 8, false)         \
+  X(256, 20, 4, 8, 8, false)         \
+  X(512, 24, 4, 8, 8, true)          \
+  X(1024, 12, 4, 4, 8, true)
+
 struct Variant {
   int page_k, chunk_pages, int8;
 };
 
-// <PK, R, C, CH, FW, INT8> of each variant; kVariants mirrors the switch in chain_run.
-constexpr Variant kVariants[] = {{256, 16, 0}, {512, 8, 0}, {256, 8, 0}, {512, 8, 1}, {1024, 4, 1}};
+#define PERSISTENT_CHAIN_ROW(PK, R, C, CH, FW, INT8) {PK, CH, INT8},
+constexpr Variant kVariants[] = {PERSISTENT_CHAIN_VARIANTS(PERSISTENT_CHAIN_ROW)};
+#undef PERSISTENT_CHAIN_ROW
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
 template <int PK, int R, int C, int CH, int FW, bool INT8>
@@ -49,14 +59,13 @@ int chain_run(const void* descs, int n_ops, void* counters, int64_t counter_coun
   auto* c = static_cast<unsigned*>(counters);
   auto* t = static_cast<unsigned long long*>(trace);
   auto* s = static_cast<cudaStream_t>(stream);
-  switch (variant) {
-    case 0: return launch<256, 20, 4, 16, 8, false>(d, n_ops, c, counter_count, reset, reset_bytes, blocks, flags, t, s);
-    case 1: return launch<512, 12, 4, 8, 8, false>(d, n_ops, c, counter_count, reset, reset_bytes, blocks, flags, t, s);
-    case 2: return launch<256, 20, 4, 8, 8, false>(d, n_ops, c, counter_count, reset, reset_bytes, blocks, flags, t, s);
-    case 3: return launch<512, 24, 4, 8, 8, true>(d, n_ops, c, counter_count, reset, reset_bytes, blocks, flags, t, s);
-    case 4: return launch<1024, 12, 4, 4, 8, true>(d, n_ops, c, counter_count, reset, reset_bytes, blocks, flags, t, s);
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
+  int v = 0;
+#define PERSISTENT_CHAIN_CASE(PK, R, C, CH, FW, INT8)                                                            \
+  if (variant == v++)                                                                                          \
+    return launch<PK, R, C, CH, FW, INT8>(d, n_ops, c, counter_count, reset, reset_bytes, blocks, flags, t, s);
+  PERSISTENT_CHAIN_VARIANTS(PERSISTENT_CHAIN_CASE)
+#undef PERSISTENT_CHAIN_CASE
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 int chain_desc_bytes() { return static_cast<int>(sizeof(OpDesc)); }
