@@ -12,6 +12,7 @@ the chain's outputs against the shipped GEMVs first and says so when they differ
     python benchmarks/bench_persistent_chain.py --poll-only --ring   # no completion counters; the ring alone
     python benchmarks/bench_persistent_chain.py --layers 4 --per-layer --trace
     python benchmarks/bench_persistent_chain.py --int8                # int8 weights (variants 3-4)
+    python benchmarks/bench_persistent_chain.py --per-op --ring      # one launch per op (PDL), variant 5
 
 A layer holds 402.65 MB of fp16 weights (201.3 MB int8); each result is printed with its rate, beside the
 device-to-device copy rate and, with `--ring`, the rate of the weight ring alone.
@@ -32,7 +33,7 @@ import torch
 H, F, QKV = 4096, 16384, 12288
 LAYER_BYTES = 2 * (QKV * H + H * H + F * H + H * F)
 NAMES = ("qkv", "dense", "up", "down")
-RING_ONLY, COUNTER_WAIT = 1, 2  # persistent_chain.cuh's Flags
+RING_ONLY, COUNTER_WAIT, PDL = 1, 2, 4  # persistent_chain.cuh's Flags
 
 
 class ChainLibrary:
@@ -58,15 +59,24 @@ class ChainLibrary:
         lib.chain_run.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                   ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                   ctypes.c_void_p]
-        lib.chain_variant.argtypes = [ctypes.c_int] + [ctypes.POINTER(ctypes.c_int)] * 3
+        lib.chain_variant.argtypes = [ctypes.c_int] + [ctypes.POINTER(ctypes.c_int)] * 4
         lib.chain_error_string.restype = ctypes.c_char_p
         self.lib = lib
         self.desc_bytes = lib.chain_desc_bytes()
-        self.variants = []
+        lib.chain_encode_map.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
+        self.variants = []  # (page k, pages a unit, int8 weights, weight layout: 0 packed, 1 tensor maps)
         for v in range(lib.chain_num_variants()):
-            page_k, chunk_pages, int8 = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-            lib.chain_variant(v, ctypes.byref(page_k), ctypes.byref(chunk_pages), ctypes.byref(int8))
-            self.variants.append((page_k.value, chunk_pages.value, bool(int8.value)))
+            fields = [ctypes.c_int() for _ in range(4)]
+            lib.chain_variant(v, *(ctypes.byref(f) for f in fields))
+            page_k, chunk_pages, int8, layout = (f.value for f in fields)
+            self.variants.append((page_k, chunk_pages, bool(int8), layout))
+
+    def tensor_map(self, w: torch.Tensor) -> bytes:
+        out = ctypes.create_string_buffer(128)
+        err = self.lib.chain_encode_map(out, w.data_ptr(), w.shape[0], w.shape[1], w.element_size())
+        if err:
+            raise RuntimeError(f"cuTensorMapEncodeTiled: CUresult {err}")
+        return out.raw
 
     def run(self, descs, n_ops, counters, reset, blocks, variant, flags, trace):
         err = self.lib.chain_run(descs.data_ptr(), n_ops, counters.data_ptr(), counters.numel(), reset.data_ptr(),
@@ -166,9 +176,12 @@ class Chain:
 
     def __init__(self, lib: ChainLibrary, variant: int, layers, h0):
         self.lib, self.variant = lib, variant
-        page_k, _, int8 = lib.variants[variant]
+        page_k, _, int8, layout = lib.variants[variant]
         L = len(layers)
-        if int8:
+        if layout:  # the weights as the engine keeps them, read through tensor maps
+            self.packed = [{name: layer[name + "_int8"][0] if int8 else layer[name][0] for name in NAMES}
+                           for layer in layers]
+        elif int8:
             self.packed = [{name: pack_int8(layer[name + "_int8"][0], page_k) for name in NAMES} for layer in layers]
         else:
             self.packed = [{name: pack(layer[name][0], page_k) for name in NAMES} for layer in layers]
@@ -193,14 +206,18 @@ class Chain:
         tiles = [out.shape[1] // 16 for _, _, _, out in ops]
         self.counters = torch.zeros(2 * self.n_ops + sum(tiles), dtype=torch.int32, device="cuda")
         self.partials = [torch.zeros(t * (F // page_k) * 16, dtype=torch.float32, device="cuda") for t in tiles]
+        maps = b"".join(lib.tensor_map(self.packed[i // 4][name]) if layout else bytes(128)
+                        for i, (name, _, _, _) in enumerate(ops))
+        self.maps = torch.frombuffer(bytearray(maps), dtype=torch.uint8).to("cuda")  # 128 bytes each, aligned
         blob, tile_counter = bytearray(), 2 * self.n_ops
         for i, (name, x, residual, out) in enumerate(ops):
             weight, bias = layers[i // 4][name]
             scale = layers[i // 4][name + "_int8"][1].data_ptr() if int8 else 0
-            blob += struct.pack("<QQQQQQQQiiii", self.packed[i // 4][name].data_ptr(), scale, bias.data_ptr(),
+            blob += struct.pack("<QQQQQQQQQiiii", self.packed[i // 4][name].data_ptr(), scale, bias.data_ptr(),
                                 x.data_ptr(),
                                 residual.data_ptr() if residual is not None else 0, out.data_ptr(),
                                 self.partials[i].data_ptr(), self.counters.data_ptr() + 4 * tile_counter,
+                                self.maps.data_ptr() + 128 * i if layout else 0,
                                 weight.shape[0], weight.shape[1], int(name == "up"),
                                 int(name != "down"))  # MLP-down waits per K chunk, the others for all of x
             tile_counter += tiles[i]
@@ -261,6 +278,8 @@ def main() -> int:
     parser.add_argument("--ring", action="store_true", help="also time the weight ring alone (no compute, no waits)")
     parser.add_argument("--per-layer", action="store_true", help="print each layer's errors")
     parser.add_argument("--trace", action="store_true", help="per-op timestamps of one launch")
+    parser.add_argument("--per-op", action="store_true",
+                        help="one launch per op with programmatic dependent launch (variants 5-6: two blocks an SM)")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         print("needs an sm_90 GPU (the chain kernel uses bulk copies and mbarriers)")
@@ -268,7 +287,8 @@ def main() -> int:
     importlib.import_module("persimmon_rt.ops")  # registers torch.ops.persimmon_rt
 
     lib = ChainLibrary()
-    variants = [int(v) for v in (args.variants or ("3,4" if args.int8 else "0,1,2")).split(",")]
+    default = ("6" if args.int8 else "5") if args.per_op else ("3,4" if args.int8 else "0,1,2")
+    variants = [int(v) for v in (args.variants or default).split(",")]
     if any(not 0 <= v < len(lib.variants) or lib.variants[v][2] != args.int8 for v in variants):
         parser.error(f"variants {[i for i, x in enumerate(lib.variants) if x[2] == args.int8]} run "
                      f"{'with' if args.int8 else 'without'} --int8")
@@ -290,12 +310,16 @@ def main() -> int:
     t_shipped = graph_time_us(shipped)
     print(f"shipped GEMVs x 4: {t_shipped / L:.2f} us/layer ({layer_bytes / (t_shipped / L) / 1e6:.2f} TB/s)",
           flush=True)
-    flags = 0 if args.poll_only else COUNTER_WAIT
+    flags = PDL if args.per_op else 0 if args.poll_only else COUNTER_WAIT
     failed = False
     for v in variants:
         chain = Chain(lib, v, layers, h0)
+        page_k, _, _, layout = lib.variants[v]
+        kind = ("packed", "row-major, 256-element boxes")[layout]
+        print(f"  variant {v}: page k {page_k}, {kind} weights, "
+              f"{lib.lib.chain_blocks_per_sm(v)} block(s) an SM")
         if args.ring:
-            t = graph_time_us(lambda: chain.run(RING_ONLY))  # noqa: B023
+            t = graph_time_us(lambda: chain.run(RING_ONLY | (flags & PDL)))  # noqa: B023
             print(f"  variant {v}, the ring alone: {t / L:.2f} us/layer ({layer_bytes / (t / L) / 1e6:.2f} TB/s)")
         chain.run(flags)
         torch.cuda.synchronize()
@@ -305,11 +329,11 @@ def main() -> int:
         ok = err < 1e-2  # fp32 sums in another order over 36 layers: ~3e-3
         failed |= not ok
         t = graph_time_us(lambda: chain.run(flags))  # noqa: B023
-        mode = "polled x only" if args.poll_only else "counter wait"
+        mode = "one launch per op" if args.per_op else "polled x only" if args.poll_only else "counter wait"
         print(f"variant {v} ({mode}): {t / L:.2f} us/layer ({layer_bytes / (t / L) / 1e6:.2f} TB/s), "
               f"{t_shipped / t:.3f}x shipped; max relative error against shipped {err:.2e}"
               f"{'' if ok else '  WRONG RESULTS: the time means nothing'}", flush=True)
-        if args.trace:
+        if args.trace and not args.per_op:
             print(chain.trace(flags))
         chain = None  # frees the packed weights before the next variant's
         torch.cuda.empty_cache()

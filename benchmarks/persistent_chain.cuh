@@ -25,11 +25,24 @@
 //
 // Weights are pre-packed by the harness into pages of 16 rows x PK k in mma.sync A-fragment order
 // ([tile][k page][k step][lane][8 halves]): a consumer reads its fragment with one 16-byte shared load.
+// LAYOUT 1 leaves the weights as the engine keeps them ([N, K] row-major, what cuBLAS reads at prefill) and
+// copies a page with TMA tensor copies (OpDesc::map, made by persistent_chain.cu): boxes of 16 rows x 256
+// elements, no swizzle (one box a page at fp16, PK = 256); consumers read decode_linear(_int8).cuh's lane
+// order (rows g and g + 8, 16 consecutive bytes), two rows a bank conflict apart. It streams at ~4.3 TB/s
+// against the packed pages' ~4.6 (runs Z2-Z3). 16 one-row bulk copies a page streamed at 1.6 TB/s (run Z1:
+// the copy count, not the bytes, limits); 128-byte-swizzled boxes of 16 x 64 never completed (runs Z2-Z3,
+// cause not found) and were dropped.
+//
+// Per-op launches (kPdl, bench --per-op): one launch per op, each with programmatic dependent launch; the
+// producer starts streaming the op's weights at once, the other warps wait for the previous grid
+// (griddepcontrol.wait) before they read anything it wrote. Variants small enough for two blocks per SM
+// let the next op's block stream beside the current op's tail: the separate-kernel form of the ring.
 // INT8: int8 weights with an fp32 scale per output row (the shipped scheme), pages of one byte a weight
 // ([tile][k page][k step pair][lane][2 steps x 8 bytes]), converted to fp16 in registers as the shipped
 // int8 GEMV does; the scale is applied once per output by the finisher.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_fp16.h>
 
 #include "kernels/decode_linear_int8.cuh"
@@ -46,7 +59,7 @@ using sm90::mbar_wait;
 using sm90::named_barrier_sync;
 
 struct OpDesc {
-  const char* w;           // packed pages (see above)
+  const char* w;           // packed pages (see above), or the row-major weights (LAYOUT 1-2)
   const float* scale;      // [N] fp32 per-row scales of int8 weights, else null
   const __half* bias;      // [N] or null
   const __half* x;         // [K]
@@ -54,6 +67,7 @@ struct OpDesc {
   __half* out;             // [N]
   float* partial;          // [N / 16][K chunks][16]
   unsigned* tile_count;    // [N / 16], zero at launch
+  const CUtensorMap* map;  // LAYOUT 1-2: the row-major weights' tensor map (64-byte aligned), else null
   int N, K, relu2, full_x;  // full_x: all of x before any unit (a LayerNorm would need it), else per K chunk
 };
 
@@ -62,15 +76,41 @@ constexpr int kRedBufs = 8;
 constexpr int kUnitQueue = 8;
 constexpr unsigned short kEmpty = 0xffff;
 
-enum Flags : int { kRingOnly = 1, kCounterWait = 2 };
+enum Flags : int { kRingOnly = 1, kCounterWait = 2, kPdl = 4 };
+
+// LAYOUT 1: a box row, 256 elements (the most a box dimension may hold).
+template <bool INT8>
+constexpr int box_bytes() { return INT8 ? 256 : 512; }
 
 template <int PK, bool INT8>
-constexpr int page_bytes() { return 16 * PK * (INT8 ? 1 : 2); }
+constexpr int piece_bytes() { return PK * (INT8 ? 1 : 2); }  // one row of a page
 
-template <int PK, int R, int C, int CH, int FW, bool INT8>
+template <int PK, bool INT8>
+constexpr int page_bytes() { return 16 * piece_bytes<PK, INT8>(); }
+
+template <int PK, int R, int C, int CH, int FW, bool INT8, int LAYOUT>
 constexpr int chain_smem_bytes() {
   return R * page_bytes<PK, INT8>() + kMaxK * 2 + kRedBufs * C * 16 * 4 + kUnitQueue * 8 +
          (2 * R + 2 * kRedBufs + 2 * kUnitQueue) * 8;
+}
+
+// Two blocks fit on an SM (228 KiB of shared memory, 1 KiB of it reserved per block): the register budget
+// is set for two, so the next op's block can be resident beside this one's.
+template <int PK, int R, int C, int CH, int FW, bool INT8, int LAYOUT>
+constexpr int chain_min_blocks() {
+  return chain_smem_bytes<PK, R, C, CH, FW, INT8, LAYOUT>() <= 113 * 1024 ? 2 : 1;
+}
+
+__device__ __forceinline__ void grid_dependency_wait() {
+#ifdef PRT_SM90A
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_launch_dependents() {
+#ifdef PRT_SM90A
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ void bulk_copy_evict_first(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
@@ -80,6 +120,17 @@ __device__ __forceinline__ void bulk_copy_evict_first(void* dst, const void* src
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::
           "r"(smem_addr(dst)),
       "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
+      : "memory");
+#endif
+}
+
+__device__ __forceinline__ void tma_2d_evict_first(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
+                                                   uint64_t policy) {
+#ifdef PRT_SM90A
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], "
+      "[%1, {%2, %3}], [%4], %5;\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "l"(policy)
       : "memory");
 #endif
 }
@@ -163,17 +214,19 @@ __device__ __forceinline__ Unit unit_of(const OpDesc& d, int unit, int PK, int C
 
 // counters: done[n_ops] (tiles finished, for the counter wait and the trace), next[n_ops] (claims).
 // trace (optional): [n_ops][blocks][2] globaltimer ns: x staged (first time per op), last tile finished.
-template <int PK, int R, int C, int CH, int FW, bool INT8>
-__global__ void __launch_bounds__((C + FW + 1) * 32, 1)
+template <int PK, int R, int C, int CH, int FW, bool INT8, int LAYOUT>
+__global__ void __launch_bounds__((C + FW + 1) * 32, (chain_min_blocks<PK, R, C, CH, FW, INT8, LAYOUT>()))
     chain_kernel(const OpDesc* __restrict__ ops, int n_ops, unsigned* done, unsigned* next, int flags,
                  unsigned long long* trace) {
   static_assert(R % C == 0, "a ring slot must always feed the same consumer warp");
   static_assert(kRedBufs % FW == 0, "a reduction buffer must always go to the same finisher");
+  static_assert(LAYOUT != 1 || piece_bytes<PK, INT8>() % box_bytes<INT8>() == 0, "a page is whole boxes");
+  constexpr int kBoxBytes = box_bytes<INT8>();
 #ifdef PRT_SM90A
-  constexpr int PB = page_bytes<PK, INT8>();
-  extern __shared__ __align__(1024) unsigned char smem[];
+  constexpr int PB = page_bytes<PK, INT8>(), SB = PB;
+  extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* ring = smem;
-  __half* xs = reinterpret_cast<__half*>(smem + R * PB);
+  __half* xs = reinterpret_cast<__half*>(smem + R * SB);
   float* red = reinterpret_cast<float*>(xs + kMaxK);  // [kRedBufs][C][16]
   int2* queue = reinterpret_cast<int2*>(red + kRedBufs * C * 16);
   uint64_t* full = reinterpret_cast<uint64_t*>(queue + kUnitQueue);
@@ -201,6 +254,7 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, 1)
     }
     fence_barrier_init();
   }
+  if (flags & kPdl) grid_launch_dependents();  // the next op's blocks may become resident now
   __syncthreads();
 
   if (warp == C + FW) {  // producer
@@ -223,12 +277,20 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, 1)
         ++k;
         if (i == n_ops) break;
         const Unit u = unit_of(ops[i], unit, PK, CH);
-        const char* w = ops[i].w + (static_cast<long>(u.tile) * (ops[i].K / PK) + u.chunk * CH) * PB;
+        const long K = ops[i].K;
         for (int j = 0; j < CH; ++j, ++seq) {
           const int slot = seq % R;
           mbar_wait(&empty[slot], ((seq / R) & 1) ^ 1);
           mbar_arrive_expect_tx(&full[slot], PB);
-          bulk_copy_evict_first(ring + slot * PB, w + j * PB, PB, &full[slot], policy);
+          const long page = static_cast<long>(u.tile) * (K / PK) + u.chunk * CH + j;
+          const int k0 = (u.chunk * CH + j) * PK;  // the page's first k (an element index)
+          if constexpr (LAYOUT == 1) {
+            for (int b = 0; b < PB / (16 * kBoxBytes); ++b)
+              tma_2d_evict_first(ring + slot * SB + b * 16 * kBoxBytes, ops[i].map, k0 + b * kBoxBytes / (INT8 ? 1 : 2),
+                                 16 * u.tile, &full[slot], policy);
+          } else {
+            bulk_copy_evict_first(ring + slot * SB, ops[i].w + page * PB, PB, &full[slot], policy);
+          }
         }
       }
     }
@@ -243,6 +305,8 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, 1)
     if (lane == 0) mbar_arrive(&queue_empty[e]);
     return claim;
   };
+
+  if (flags & kPdl) grid_dependency_wait();  // x and residual are the previous launch's outputs
 
   if (warp >= C) {  // finishers
     const int f = warp - C;
@@ -340,20 +404,25 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, 1)
       const int xc = CH * PK;
       const int lo = d.full_x ? 0 : (staged + 1) * xc, hi = d.full_x ? d.K : (u.chunk + 1) * xc;
       staged = d.full_x ? d.K / xc : u.chunk;
+      // Batches of loads in flight at once: all of x (K <= kMaxK), or 4 a thread (K = 4096 at C = 4) where
+      // the registers are budgeted for two blocks an SM.
       constexpr int kPerThread = (kMaxK / 8 + C * 32 - 1) / (C * 32);
-      uint4 xv[kPerThread];
+      constexpr int kBatch = chain_min_blocks<PK, R, C, CH, FW, INT8, LAYOUT>() == 2 ? 4 : kPerThread;
+      for (int base = lo / 8 + static_cast<int>(threadIdx.x); base < hi / 8; base += kBatch * C * 32) {
+        uint4 xv[kBatch];
 #pragma unroll
-      for (int j = 0; j < kPerThread; ++j) {  // every load in flight at once
-        const int e = lo / 8 + static_cast<int>(threadIdx.x) + j * C * 32;
-        if (e < hi / 8) xv[j] = ld_relaxed_gpu_16(d.x + 8 * e);
-      }
+        for (int j = 0; j < kBatch; ++j) {
+          const int e = base + j * C * 32;
+          if (e < hi / 8) xv[j] = ld_relaxed_gpu_16(d.x + 8 * e);
+        }
 #pragma unroll
-      for (int j = 0; j < kPerThread; ++j) {
-        const int e = lo / 8 + static_cast<int>(threadIdx.x) + j * C * 32;
-        if (e < hi / 8) {
-          const uint64_t start = globaltimer_ns();
-          while (has_empty(xv[j]) && !timed_out(start, "x")) xv[j] = ld_relaxed_gpu_16(d.x + 8 * e);
-          reinterpret_cast<uint4*>(xs)[e] = xv[j];
+        for (int j = 0; j < kBatch; ++j) {
+          const int e = base + j * C * 32;
+          if (e < hi / 8) {
+            const uint64_t start = globaltimer_ns();
+            while (has_empty(xv[j]) && !timed_out(start, "x")) xv[j] = ld_relaxed_gpu_16(d.x + 8 * e);
+            reinterpret_cast<uint4*>(xs)[e] = xv[j];
+          }
         }
       }
       named_barrier_sync<1>(C * 32);
@@ -365,7 +434,7 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, 1)
       if (static_cast<int>(seq % C) != warp) continue;
       const int slot = seq % R;
       mbar_wait(&full[slot], (seq / R) & 1);
-      const uint4* page = reinterpret_cast<const uint4*>(ring + slot * PB);
+      const uint4* page = reinterpret_cast<const uint4*>(ring + slot * SB);
       const __half* xk = xs + (u.chunk * CH + j) * PK + 2 * q;
       const auto x_fragment = [&](int st, uint32_t& b0, uint32_t& b1) {
         b0 = b1 = 0;
@@ -374,7 +443,42 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, 1)
           b1 = *reinterpret_cast<const uint32_t*>(xk + st * 16 + 8);
         }
       };
-      if constexpr (INT8) {
+      const __half* xpage = xs + (u.chunk * CH + j) * PK;
+      // LAYOUT 1: byte kb of row r lies in box kb / kBoxBytes at r * kBoxBytes + kb % kBoxBytes.
+      const auto box_row = [&](int r, int kb) {
+        return ring + slot * SB + (kb / kBoxBytes) * 16 * kBoxBytes + r * kBoxBytes + kb % kBoxBytes;
+      };
+      if constexpr (LAYOUT == 1 && INT8) {  // decode_linear_int8.cuh's order: 16 consecutive k of rows g, g + 8
+#pragma unroll 2
+        for (int c = 0; c < PK / 64; ++c) {
+          const uint4 w0 = *reinterpret_cast<const uint4*>(box_row(g, 64 * c + 16 * q));
+          const uint4 w1 = *reinterpret_cast<const uint4*>(box_row(g + 8, 64 * c + 16 * q));
+          uint4 xv[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+          if (g == 0) {
+            xv[0] = *reinterpret_cast<const uint4*>(xpage + 64 * c + 16 * q);
+            xv[1] = *reinterpret_cast<const uint4*>(xpage + 64 * c + 16 * q + 8);
+          }
+#pragma unroll
+          for (int st = 0; st < 4; ++st) {
+            uint32_t a[4];
+            gemv::int8x4_to_pairs<__half>(gemv::word_of(w0, st), a[0], a[2]);
+            gemv::int8x4_to_pairs<__half>(gemv::word_of(w1, st), a[1], a[3]);
+            mma_m16n8k16<__half>(acc[st], a, gemv::x_word(xv, 2 * st), gemv::x_word(xv, 2 * st + 1));
+          }
+        }
+      } else if constexpr (LAYOUT == 1) {  // decode_linear.cuh's order: 8 consecutive k of rows g, g + 8
+#pragma unroll 4
+        for (int c = 0; c < PK / 32; ++c) {
+          const uint4 w0 = *reinterpret_cast<const uint4*>(box_row(g, 64 * c + 16 * q));
+          const uint4 w1 = *reinterpret_cast<const uint4*>(box_row(g + 8, 64 * c + 16 * q));
+          uint4 xv = make_uint4(0, 0, 0, 0);
+          if (g == 0) xv = *reinterpret_cast<const uint4*>(xpage + 32 * c + 8 * q);
+          const uint32_t a0[4] = {w0.x, w1.x, w0.y, w1.y};
+          const uint32_t a1[4] = {w0.z, w1.z, w0.w, w1.w};
+          mma_m16n8k16<__half>(acc[(2 * c) % 4], a0, xv.x, xv.y);
+          mma_m16n8k16<__half>(acc[(2 * c + 1) % 4], a1, xv.z, xv.w);
+        }
+      } else if constexpr (INT8) {
 #pragma unroll 4
         for (int sp = 0; sp < PK / 32; ++sp) {  // two k steps a 16-byte load
           const uint4 w8 = page[sp * 32 + lane];
