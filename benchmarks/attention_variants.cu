@@ -5,8 +5,11 @@
 // it, and prints TFLOP/s (prefill, causal) or TB/s on the KV bytes (decode) beside a device copy.
 // Prefill also checks every variant on ragged packs with cached prefixes and NaN past each sequence's
 // end (the cases of tests/test_attention_prefill.py), and against fp32 attention on two heads.
+// Decode also times a bulk-copy form (benchmarks/attention_decode_bulk.cuh: all heads a block, one block an
+// SM), with its arithmetic, without its combine, and as copies alone; rows marked "not checked" are timings
+// of incomplete work.
 // Torch-free; build and run on the GPU machine:
-//   nvcc -std=c++17 -O3 --use_fast_math -gencode=arch=compute_90a,code=sm_90a -Icsrc \
+//   nvcc -std=c++17 -O3 --use_fast_math -gencode=arch=compute_90a,code=sm_90a -Icsrc -Ibenchmarks \
 //        benchmarks/attention_variants.cu -o /tmp/attention_variants && /tmp/attention_variants [prefill|decode]
 // `prefill` takes optional lengths (comma-separated, default 2048,4096,8192,16384) and a substring that
 // variant names must contain, e.g. `/tmp/attention_variants prefill 8192,16384 "3 WG"`. One allocation
@@ -25,6 +28,7 @@
 #include "kernels/attention_decode.cuh"
 #include "kernels/attention_prefill.cuh"
 #include "kernels/attention_prefill_sm90.cuh"
+#include "attention_decode_bulk.cuh"
 
 using namespace persimmon_rt;
 using namespace persimmon_rt::attention;
@@ -447,12 +451,32 @@ void bench_prefill(const std::vector<int>& lengths, const std::string& filter) {
 
 // ---- decode ---------------------------------------------------------------------------------------------
 
+using DecodeLaunch = void (*)(const DecodeParams&, int batch, bool pdl, cudaStream_t);
+
 template <int THREADS, int UNROLL, int MIN_BLOCKS>
 void launch_decode(const DecodeParams& p, int batch, bool pdl, cudaStream_t s) {
   attention_decode_split_kernel<T, D, THREADS, UNROLL, MIN_BLOCKS><<<dim3(p.num_splits, H, batch), THREADS, 0, s>>>(p);
   if (p.num_splits == 1) return;
   const auto combine = attention_decode_combine_kernel<T, D>;
   launch_kernel(combine, dim3(H, batch), dim3(D), 0, s, pdl, p);
+}
+
+// The bulk-copy kernel (attention_decode_bulk.cuh; one block a split and sequence, all heads) and its
+// wide combine (unless !COMBINE: the split kernel's time alone), both under PDL when `pdl`.
+template <int STAGE_KEYS, int STAGES, int COPIES = kCompute, bool COMBINE = true>
+void launch_decode_bulk(const DecodeParams& p, int batch, bool pdl, cudaStream_t s) {
+  constexpr int kVecs = H * D / (kBulkConsumers * kVec);
+  constexpr int smem = bulk_decode_smem_bytes<T, kVecs, STAGE_KEYS, STAGES>();
+  const auto kernel = attention_decode_bulk_kernel<T, D, kVecs, STAGE_KEYS, STAGES, COPIES>;
+  static const bool sized = [&] {
+    PRT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    return true;
+  }();
+  (void)sized;
+  launch_kernel(kernel, dim3(p.num_splits, batch), dim3(kBulkConsumers + 32), smem, s, pdl, p);
+  if (p.num_splits == 1 || !COMBINE) return;
+  const auto combine = attention_decode_combine_wide_kernel<T, D, 512>;
+  launch_kernel(combine, dim3(H, batch), dim3(512), 0, s, pdl, p);
 }
 
 struct DecodeSets {
@@ -463,19 +487,24 @@ struct DecodeSets {
   float* ws;
 };
 
-template <int THREADS, int UNROLL, int MIN_BLOCKS>
+std::string format_diff(float diff) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.1e", diff);
+  return buf;
+}
+
 // Checks the variant's output on cache set 0 against `want` (when given) and copies it to `keep` (when
 // given), then times it.
-void decode_variant(const char* name, DecodeSets& d, int splits, bool pdl, const T* want, double copy_tbps,
-                    T* keep = nullptr) {
+void decode_variant(DecodeLaunch launch, const char* name, DecodeSets& d, int splits, bool pdl, const T* want,
+                    double copy_tbps, T* keep = nullptr) {
   const size_t out_n = size_t(d.batch) * H * D;
   auto params = [&](int i) {
     const size_t slots = size_t(d.batch) * H * splits;
     return DecodeParams{d.q[i], d.k[i], d.v[i], d.lens, d.out, d.ws, d.ws + slots * D, d.ws + slots * (D + 1),
-                        H, d.len, splits, kScaleLog2};
+                        H,      d.len,  splits, kScaleLog2};
   };
   PRT_CUDA_CHECK(cudaMemset(d.out, 0xff, out_n * sizeof(T)));
-  launch_decode<THREADS, UNROLL, MIN_BLOCKS>(params(0), d.batch, pdl, 0);
+  launch(params(0), d.batch, pdl, 0);
   PRT_CUDA_CHECK(cudaDeviceSynchronize());
   const float diff = want ? max_abs_diff(d.out, want, out_n) : 0.f;
   if (keep) PRT_CUDA_CHECK(cudaMemcpy(keep, d.out, out_n * sizeof(T), cudaMemcpyDeviceToDevice));
@@ -486,15 +515,17 @@ void decode_variant(const char* name, DecodeSets& d, int splits, bool pdl, const
   cudaGraphExec_t ge;
   constexpr int kCalls = 24;
   PRT_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < kCalls; ++i) launch_decode<THREADS, UNROLL, MIN_BLOCKS>(params(i % d.n), d.batch, pdl, s);
+  for (int i = 0; i < kCalls; ++i) launch(params(i % d.n), d.batch, pdl, s);
   PRT_CUDA_CHECK(cudaStreamEndCapture(s, &g));
   PRT_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
   const float ms = median_ms([&] { cudaGraphLaunch(ge, 0); }, 20) / kCalls;
   const double bytes = 2.0 * d.batch * d.len * H * D * sizeof(T);
-  std::printf("| decode b%d L%-5d | %-26s | combine %-5s | splits %2d | %7.2f us | %5.2f TB/s | %3.0f%% copy "
-              "| diff %.1e |\n",
+  std::printf("| decode b%d L%-5d | %-30s | combine %-5s | splits %2d | %7.2f us | %5.2f TB/s | %3.0f%% copy "
+              "| %s |\n",
               d.batch, d.len, name, pdl ? "pdl" : "plain", splits, ms * 1e3, bytes / ms / 1e9,
-              100 * bytes / ms / 1e9 / copy_tbps, diff);
+              100 * bytes / ms / 1e9 / copy_tbps, want   ? ("diff " + format_diff(diff)).c_str()
+              : keep ? "reference"
+                     : "not checked");
   cudaGraphExecDestroy(ge);
   cudaGraphDestroy(g);
   cudaStreamDestroy(s);
@@ -513,30 +544,56 @@ void bench_decode(int batch, int len, double copy_tbps, int sms) {
   PRT_CUDA_CHECK(cudaMalloc(&d.out, size_t(batch) * H * D * sizeof(T)));
   PRT_CUDA_CHECK(cudaMalloc(&want, size_t(batch) * H * D * sizeof(T)));
   PRT_CUDA_CHECK(cudaMalloc(&d.lens, batch * sizeof(int)));
-  PRT_CUDA_CHECK(cudaMalloc(&d.ws, size_t(batch) * H * 128 * (D + 2) * sizeof(float)));
+  PRT_CUDA_CHECK(cudaMalloc(&d.ws, size_t(batch) * H * 2 * sms * (D + 2) * sizeof(float)));
   std::vector<int> lens(batch, len);
   cudaMemcpy(d.lens, lens.data(), batch * sizeof(int), cudaMemcpyHostToDevice);
   // The launcher's choice (csrc/attention.cu: decode_shape) first, then its neighbours.
   const int splits128 = std::max(1, std::min({sms * 4 / (batch * H), int(ceil_div(len, 128)), 64}));
   const bool wide = splits128 >= 2;
   const int splits = wide ? splits128 / 2 : 1;
-  if (wide) decode_variant<256, 4, 4>("shipped: 256 thr, unroll 4", d, splits, true, nullptr, copy_tbps, want);
-  else decode_variant<128, 4, 8>("shipped: 128 thr, unroll 4", d, splits, true, nullptr, copy_tbps, want);
+  if (wide)
+    decode_variant(launch_decode<256, 4, 4>, "shipped: 256 thr, unroll 4", d, splits, true, nullptr, copy_tbps, want);
+  else
+    decode_variant(launch_decode<128, 4, 8>, "shipped: 128 thr, unroll 4", d, splits, true, nullptr, copy_tbps, want);
   if (wide) {
-    decode_variant<256, 4, 4>("256 thr, unroll 4", d, splits, false, want, copy_tbps);
+    decode_variant(launch_decode<256, 4, 4>, "256 thr, unroll 4", d, splits, false, want, copy_tbps);
     for (int n : {splits - 1, splits + 1, splits * 2})
-      if (n >= 1) decode_variant<256, 4, 4>("256 thr, unroll 4", d, n, true, want, copy_tbps);
-    decode_variant<128, 4, 8>("128 thr, unroll 4", d, splits128, true, want, copy_tbps);
-    decode_variant<128, 4, 8>("128 thr, unroll 4", d, splits128 * 2, true, want, copy_tbps);
-    decode_variant<512, 4, 2>("512 thr, unroll 4", d, std::max(1, splits / 2), true, want, copy_tbps);
-    decode_variant<512, 4, 2>("512 thr, unroll 4", d, splits, true, want, copy_tbps);
+      if (n >= 1) decode_variant(launch_decode<256, 4, 4>, "256 thr, unroll 4", d, n, true, want, copy_tbps);
+    decode_variant(launch_decode<128, 4, 8>, "128 thr, unroll 4", d, splits128, true, want, copy_tbps);
+    decode_variant(launch_decode<128, 4, 8>, "128 thr, unroll 4", d, splits128 * 2, true, want, copy_tbps);
+    decode_variant(launch_decode<512, 4, 2>, "512 thr, unroll 4", d, std::max(1, splits / 2), true, want, copy_tbps);
+    decode_variant(launch_decode<512, 4, 2>, "512 thr, unroll 4", d, splits, true, want, copy_tbps);
+    decode_variant(launch_decode<256, 8, 2>, "256 thr, unroll 8", d, splits, true, want, copy_tbps);
+    decode_variant(launch_decode<256, 8, 2>, "256 thr, unroll 8", d, splits * 2, true, want, copy_tbps);
+    decode_variant(launch_decode<128, 8, 4>, "128 thr, unroll 8", d, splits128, true, want, copy_tbps);
+    decode_variant(launch_decode<128, 8, 4>, "128 thr, unroll 8", d, splits128 * 2, true, want, copy_tbps);
   } else {
-    decode_variant<256, 4, 4>("256 thr, unroll 4", d, 1, true, want, copy_tbps);
-    decode_variant<128, 4, 8>("128 thr, unroll 4", d, 2, true, want, copy_tbps);
-    decode_variant<128, 2, 8>("128 thr, unroll 2", d, 1, true, want, copy_tbps);
-    decode_variant<64, 4, 16>("64 thr, unroll 4", d, 1, true, want, copy_tbps);
-    decode_variant<64, 8, 8>("64 thr, unroll 8", d, 1, true, want, copy_tbps);
+    decode_variant(launch_decode<256, 4, 4>, "256 thr, unroll 4", d, 1, true, want, copy_tbps);
+    decode_variant(launch_decode<128, 4, 8>, "128 thr, unroll 4", d, 2, true, want, copy_tbps);
+    decode_variant(launch_decode<128, 2, 8>, "128 thr, unroll 2", d, 1, true, want, copy_tbps);
+    decode_variant(launch_decode<64, 4, 16>, "64 thr, unroll 4", d, 1, true, want, copy_tbps);
+    decode_variant(launch_decode<64, 8, 8>, "64 thr, unroll 8", d, 1, true, want, copy_tbps);
   }
+  // Bulk copies, all heads a block, one block an SM: splits = SMs / batch (and half, twice that).
+  const int bulk_splits = std::max(1, sms / batch);
+  decode_variant(launch_decode_bulk<1, 12>, "bulk: 1 key x 12 stages", d, bulk_splits, true, want, copy_tbps);
+  decode_variant(launch_decode_bulk<4, 3>, "bulk: 4 keys x 3 stages", d, bulk_splits, true, want, copy_tbps);
+  if (bulk_splits > 1)
+    decode_variant(launch_decode_bulk<1, 12>, "bulk: 1 key x 12 stages", d, bulk_splits / 2, true, want, copy_tbps);
+  decode_variant(launch_decode_bulk<1, 12>, "bulk: 1 key x 12 stages", d, 2 * bulk_splits, true, want, copy_tbps);
+  decode_variant(launch_decode_bulk<1, 12>, "bulk: 1 key x 12, plain", d, bulk_splits, false, want, copy_tbps);
+  // Unchecked timings: without the combine, and the copies alone.
+  decode_variant(launch_decode_bulk<4, 3, kCompute, false>, "bulk: 4 x 3, no combine", d, bulk_splits, true, nullptr,
+                 copy_tbps);
+  decode_variant(launch_decode_bulk<4, 3, kCopyKV, false>, "bulk: 4 x 3, copies only", d, bulk_splits, true, nullptr,
+                 copy_tbps);
+  decode_variant(launch_decode_bulk<1, 12, kCopyKV, false>, "bulk: 1 x 12, copies only", d, bulk_splits, true, nullptr,
+                 copy_tbps);
+  decode_variant(launch_decode_bulk<1, 12, kCopyKVShifted, false>, "bulk: 1 x 12, copies, V shifted", d, bulk_splits,
+                 true, nullptr, copy_tbps);
+  // Half the bytes: the printed rate is twice the real one.
+  decode_variant(launch_decode_bulk<1, 12, kCopyK, false>, "bulk: 1 x 12, K only (rate / 2)", d, bulk_splits, true,
+                 nullptr, copy_tbps);
   for (int i = 0; i < d.n; ++i) {
     cudaFree(d.q[i]);
     cudaFree(d.k[i]);
@@ -582,6 +639,7 @@ int main(int argc, char** argv) {
   if (only != "decode") bench_prefill(lengths, filter);
   if (only != "prefill") {
     bench_decode(1, 2048, copy, prop.multiProcessorCount);
+    bench_decode(1, 8192, copy, prop.multiProcessorCount);
     bench_decode(1, 16384, copy, prop.multiProcessorCount);
     bench_decode(8, 2048, copy, prop.multiProcessorCount);
     // The engine's batch decode at short contexts (one split a row).
