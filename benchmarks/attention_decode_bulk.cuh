@@ -50,7 +50,7 @@ __device__ __forceinline__ int bulk_split_len(int kv_len, int num_splits) {
 
 // A split's stages: stage i holds keys first + i * STAGE_KEYS .. (at most STAGE_KEYS of them, below end).
 // (Stages dealt round-robin to the splits, so that all blocks read neighbouring keys at once, read no
-// faster: run A3.)
+// faster: run A3, benchmarks/RESULTS.md.)
 struct BulkStages {
   int first, end, count;
 };
