@@ -67,18 +67,25 @@ __device__ __forceinline__ int bulk_live_splits(const DecodeParams& p, int kv_le
   return (kv_len + split_len - 1) / split_len;
 }
 
-// Shared memory of a variant: the ring, then its full / empty barriers.
+// Shared memory of a variant: the ring, then its full / empty barriers and the stages' first keys.
 template <typename T, int VECS, int STAGE_KEYS, int STAGES>
 constexpr int bulk_decode_smem_bytes() {
-  return STAGES * 2 * STAGE_KEYS * kBulkConsumers * kVec * VECS * int(sizeof(T)) + 2 * STAGES * 8;
+  return STAGES * 2 * STAGE_KEYS * kBulkConsumers * kVec * VECS * int(sizeof(T)) + 2 * STAGES * 8 + STAGES * 4;
 }
 
 // Grid: (num_splits, B); block: kBulkConsumers + 32 threads; dynamic shared memory bulk_decode_smem_bytes.
 // H * D must be kBulkConsumers * 8 * VECS; the cache 16-byte aligned.
 enum BulkCopies : int { kCompute = 0, kCopyKV = 1, kCopyK = 2, kCopyKVShifted = 3 };
 
-template <typename T, int D, int VECS, int STAGE_KEYS, int STAGES, int COPIES>
-__global__ void __launch_bounds__(kBulkConsumers + 32, 1) attention_decode_bulk_kernel(const DecodeParams p) {
+// DYNAMIC: instead of a fixed share, each block's producer claims the next kClaimStages stages of its
+// sequence from claims[seq] (zeroed before the launch), one claim ahead, as the weight ring claims its
+// units: no block waits on a slow one at the end. The combine then merges every split (some may have no
+// keys). (Claims of one stage, run A5's first form, left the producer waiting on each atomic.)
+constexpr int kClaimStages = 8;
+
+template <typename T, int D, int VECS, int STAGE_KEYS, int STAGES, int COPIES, bool DYNAMIC>
+__global__ void __launch_bounds__(kBulkConsumers + 32, 1)
+    attention_decode_bulk_kernel(const DecodeParams p, unsigned* claims) {
   constexpr int kRowElems = kBulkConsumers * kVec * VECS;  // H * D: one key of every head
   constexpr int kRowBytes = kRowElems * int(sizeof(T));
   constexpr int kLanes = D / kVec;                         // lanes sharing one head
@@ -91,6 +98,7 @@ __global__ void __launch_bounds__(kBulkConsumers + 32, 1) attention_decode_bulk_
   T* ring = reinterpret_cast<T*>(smem);  // [STAGES][K, V][STAGE_KEYS][kRowElems]
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + STAGES * 2 * STAGE_KEYS * kRowBytes);
   uint64_t* empty = full + STAGES;
+  int* stage_key = reinterpret_cast<int*>(empty + STAGES);  // a stage's first key; -1: no more stages
 
   const int split = blockIdx.x;
   const int seq = blockIdx.y;
@@ -106,8 +114,9 @@ __global__ void __launch_bounds__(kBulkConsumers + 32, 1) attention_decode_bulk_
     return;
   }
   const BulkStages st = bulk_stages<STAGE_KEYS>(p, split, kv_len);
-  if (st.count == 0) return;
-  const int n_stages = st.count;
+  if (!DYNAMIC && st.count == 0) return;
+  const int end = DYNAMIC ? kv_len : st.end;
+  constexpr int kClaimKeys = kClaimStages * STAGE_KEYS;
 
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -122,11 +131,26 @@ __global__ void __launch_bounds__(kBulkConsumers + 32, 1) attention_decode_bulk_
     if (tid == kBulkConsumers) {
       const T* k_src = static_cast<const T*>(p.k_cache) + int64_t(seq) * p.cache_len * kRowElems;
       const T* v_src = static_cast<const T*>(p.v_cache) + int64_t(seq) * p.cache_len * kRowElems;
-      for (int s = 0; s < n_stages; ++s) {
+      unsigned claim = DYNAMIC ? atomicAdd(claims + seq, 1u) : 0;
+      unsigned next_claim = DYNAMIC ? atomicAdd(claims + seq, 1u) : 0;  // its latency hides behind a claim
+      for (int s = 0;; ++s) {
         const int slot = s % STAGES;
-        const int key0 = st.first + s * STAGE_KEYS;
+        int key0 = s < st.count ? st.first + s * STAGE_KEYS : -1;
+        if (DYNAMIC) {
+          if (s > 0 && s % kClaimStages == 0) {
+            claim = next_claim;
+            next_claim = atomicAdd(claims + seq, 1u);
+          }
+          const int64_t first = int64_t(claim) * kClaimKeys + (s % kClaimStages) * STAGE_KEYS;
+          key0 = first < kv_len ? static_cast<int>(first) : -1;  // later claims are all past the end
+        }
         sm90::mbar_wait(&empty[slot], ((s / STAGES) & 1) ^ 1);
-        const uint32_t bytes = min(STAGE_KEYS, st.end - key0) * kRowBytes;
+        stage_key[slot] = key0;
+        if (key0 < 0) {
+          sm90::mbar_arrive(&full[slot]);  // the end (the arrival releases stage_key)
+          break;
+        }
+        const uint32_t bytes = min(STAGE_KEYS, end - key0) * kRowBytes;
         sm90::mbar_arrive_expect_tx(&full[slot], COPIES == kCopyK ? bytes : 2 * bytes);
         T* dst = ring + slot * 2 * STAGE_KEYS * kRowElems;
         bulk_load_evict_first(dst, k_src + int64_t(key0) * kRowElems, bytes, &full[slot]);
@@ -153,10 +177,12 @@ __global__ void __launch_bounds__(kBulkConsumers + 32, 1) attention_decode_bulk_
     run_sum[i] = 0.f;
   }
 
-  for (int s = 0; s < n_stages; ++s) {
+  for (int s = 0;; ++s) {
     const int slot = s % STAGES;
-    const int n = min(STAGE_KEYS, st.end - st.first - s * STAGE_KEYS);  // keys in this stage (block-uniform)
     sm90::mbar_wait(&full[slot], (s / STAGES) & 1);
+    const int key0 = stage_key[slot];
+    if (key0 < 0) break;
+    const int n = min(STAGE_KEYS, end - key0);  // keys in this stage (block-uniform)
     if (COPIES != kCompute) {
       __syncwarp();
       if (tid % 32 == 0) sm90::mbar_arrive(&empty[slot]);
@@ -226,7 +252,7 @@ __global__ void __launch_bounds__(kBulkConsumers + 32, 1) attention_decode_bulk_
 
 // Grid: (H, B), THREADS threads: the combine of attention_decode_combine_kernel for many splits. Lane
 // group g (THREADS / D of them) takes splits g, g + G, ...; the groups are merged in shared memory.
-template <typename T, int D, int THREADS>
+template <typename T, int D, int THREADS, bool DYNAMIC>
 __global__ void __launch_bounds__(THREADS) attention_decode_combine_wide_kernel(const DecodeParams p) {
   constexpr int G = THREADS / D;
   static_assert(THREADS % D == 0 && G >= 1, "whole lane groups of D");
@@ -244,7 +270,7 @@ __global__ void __launch_bounds__(THREADS) attention_decode_combine_wide_kernel(
     if (g == 0) static_cast<T*>(p.out)[row * D + d] = from_float<T>(0.f);
     return;
   }
-  const int live = bulk_live_splits(p, kv_len);
+  const int live = DYNAMIC ? p.num_splits : bulk_live_splits(p, kv_len);
   const int64_t slot0 = row * p.num_splits;
   float m = -INFINITY;
 #pragma unroll 4
@@ -252,7 +278,8 @@ __global__ void __launch_bounds__(THREADS) attention_decode_combine_wide_kernel(
   float o = 0.f, l = 0.f;
 #pragma unroll 4
   for (int s = g; s < live; s += G) {
-    const float w = exp2f(p.partial_max[slot0 + s] - m);
+    const float split_max = p.partial_max[slot0 + s];  // -inf: a split without keys (DYNAMIC)
+    const float w = split_max == -INFINITY ? 0.f : exp2f(split_max - m);
     o = fmaf(w, p.partial_out[(slot0 + s) * D + d], o);
     l = fmaf(w, p.partial_sum[slot0 + s], l);
   }
@@ -269,7 +296,7 @@ __global__ void __launch_bounds__(THREADS) attention_decode_combine_wide_kernel(
   float out = 0.f, sum = 0.f;
 #pragma unroll
   for (int j = 0; j < G; ++j) {
-    const float w = exp2f(s_max[j] - block_max);  // group 0 has split 0, so block_max is finite
+    const float w = s_max[j] == -INFINITY ? 0.f : exp2f(s_max[j] - block_max);  // some split has keys
     out = fmaf(w, s_out[j][d], out);
     sum = fmaf(w, s_sum[j], sum);
   }

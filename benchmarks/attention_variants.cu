@@ -463,19 +463,25 @@ void launch_decode(const DecodeParams& p, int batch, bool pdl, cudaStream_t s) {
 
 // The bulk-copy kernel (attention_decode_bulk.cuh; one block a split and sequence, all heads) and its
 // wide combine (unless !COMBINE: the split kernel's time alone), both under PDL when `pdl`.
-template <int STAGE_KEYS, int STAGES, int COPIES = kCompute, bool COMBINE = true>
+template <int STAGE_KEYS, int STAGES, int COPIES = kCompute, bool COMBINE = true, bool DYNAMIC = false>
 void launch_decode_bulk(const DecodeParams& p, int batch, bool pdl, cudaStream_t s) {
+  static unsigned* claims = [] {
+    unsigned* c = nullptr;
+    PRT_CUDA_CHECK(cudaMalloc(&c, 1024 * sizeof(unsigned)));
+    return c;
+  }();
+  if (DYNAMIC) PRT_CUDA_CHECK(cudaMemsetAsync(claims, 0, batch * sizeof(unsigned), s));
   constexpr int kVecs = H * D / (kBulkConsumers * kVec);
   constexpr int smem = bulk_decode_smem_bytes<T, kVecs, STAGE_KEYS, STAGES>();
-  const auto kernel = attention_decode_bulk_kernel<T, D, kVecs, STAGE_KEYS, STAGES, COPIES>;
+  const auto kernel = attention_decode_bulk_kernel<T, D, kVecs, STAGE_KEYS, STAGES, COPIES, DYNAMIC>;
   static const bool sized = [&] {
     PRT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     return true;
   }();
   (void)sized;
-  launch_kernel(kernel, dim3(p.num_splits, batch), dim3(kBulkConsumers + 32), smem, s, pdl, p);
+  launch_kernel(kernel, dim3(p.num_splits, batch), dim3(kBulkConsumers + 32), smem, s, pdl, p, claims);
   if (p.num_splits == 1 || !COMBINE) return;
-  const auto combine = attention_decode_combine_wide_kernel<T, D, 512>;
+  const auto combine = attention_decode_combine_wide_kernel<T, D, 512, DYNAMIC>;
   launch_kernel(combine, dim3(H, batch), dim3(512), 0, s, pdl, p);
 }
 
@@ -590,6 +596,14 @@ void bench_decode(int batch, int len, double copy_tbps, int sms) {
   decode_variant(launch_decode_bulk<1, 12, kCopyKV, false>, "bulk: 1 x 12, copies only", d, bulk_splits, true, nullptr,
                  copy_tbps);
   decode_variant(launch_decode_bulk<1, 12, kCopyKVShifted, false>, "bulk: 1 x 12, copies, V shifted", d, bulk_splits,
+                 true, nullptr, copy_tbps);
+  // Stages claimed dynamically (with a memset of the claim counters before each call, which the static rows
+  // do not pay).
+  decode_variant(launch_decode_bulk<1, 12, kCompute, true, true>, "bulk: 1 x 12, dynamic", d, bulk_splits, true, want,
+                 copy_tbps);
+  decode_variant(launch_decode_bulk<4, 3, kCompute, true, true>, "bulk: 4 x 3, dynamic", d, bulk_splits, true, want,
+                 copy_tbps);
+  decode_variant(launch_decode_bulk<1, 12, kCopyKV, false, true>, "bulk: 1 x 12, dynamic, copies", d, bulk_splits,
                  true, nullptr, copy_tbps);
   // Half the bytes: the printed rate is twice the real one.
   decode_variant(launch_decode_bulk<1, 12, kCopyK, false>, "bulk: 1 x 12, K only (rate / 2)", d, bulk_splits, true,
