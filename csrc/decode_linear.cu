@@ -43,6 +43,12 @@ constexpr int kDefault16 = 5;
 // With the LayerNorm prologue, config 5 spills (~470 bytes: the LN weight and bias fragments sit beside
 // two x fragments and four weight chunks); the J2 variant spills 12 bytes.
 constexpr int kDefault16Ln = 6;
+// The folded LayerNorm at 3..8 rows: a persistent configuration stages x once a block for all its tiles,
+// where config 0's one-tile blocks stage all of x once a tile. At eight rows c9 was the fastest on all three
+// folded shapes (QKV / MLP-up / lm_head 29.9 / 37.8 / 542.6 us against c0's 41.3 / 54.7 / 779.3 and c8's
+// 34.0 / 46.0 / 571.6, benchmarks/RESULTS.md run F1); at two rows c0 is within 3 % of the best and stays;
+// 3..7 rows are unmeasured and take the eight-row choice.
+constexpr int kDefaultFold8 = 9;
 
 // Per-shape choices (Persimmon-8B decode shapes, as the engine calls them: no LayerNorm prologue), from the
 // H200 sweep of benchmarks/bench_decode_linear.py --sweep (benchmarks/RESULTS.md, run D): config for one
@@ -105,14 +111,25 @@ void launch(const DecodeLinearParams& p, DType dtype, bool out_fp32, cudaStream_
       }
       launch_kernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(Cfg::kThreads), smem, stream, /*pdl=*/true, p);
     };
-    // With a LayerNorm (prologue or folded) a pipelined configuration runs the one-stage loop of its tile
-    // shape.
+    // With the LayerNorm prologue a pipelined configuration runs the one-stage loop of its tile shape.
     if constexpr (IsPipelined<Cfg>::value) {
-      if (!ln && !fold) {
-        // One persistent wave: MIN_BLOCKS per SM, which the launch bounds leave room for, each with a tile.
-        const int grid = Cfg::PERSISTENT ? std::min(tiles, Cfg::MIN_BLOCKS * multiprocessors()) : tiles;
-        out_fp32 ? run(gemv::decode_linear_pipelined_kernel<T, float, Cfg>, grid)
-                 : run(gemv::decode_linear_pipelined_kernel<T, T, Cfg>, grid);
+      if (!ln) {
+        // One persistent wave: MIN_BLOCKS per SM, which the launch bounds leave room for, each with a tile
+        // (with the folded LayerNorm, as many as the staged x leaves room for).
+        const size_t smem = fold ? static_cast<size_t>(p.M) * gemv::fold_stage_stride(p.K) * sizeof(T) : 0;
+        const auto kernel = fold ? (out_fp32 ? gemv::decode_linear_pipelined_kernel<T, float, Cfg, true>
+                                             : gemv::decode_linear_pipelined_kernel<T, T, Cfg, true>)
+                                 : (out_fp32 ? gemv::decode_linear_pipelined_kernel<T, float, Cfg>
+                                             : gemv::decode_linear_pipelined_kernel<T, T, Cfg>);
+        int per_sm = Cfg::MIN_BLOCKS;
+        if (fold) {
+          PRT_CUDA_CHECK(
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+          PRT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads, smem));
+          per_sm = std::max(1, std::min(per_sm, Cfg::MIN_BLOCKS));
+        }
+        const int grid = Cfg::PERSISTENT ? std::min(tiles, per_sm * multiprocessors()) : tiles;
+        run(kernel, grid, smem);
         return;
       }
     }
@@ -198,7 +215,8 @@ void launch_decode_linear_folded_ln(const void* x, const void* weight, const voi
   set_folded_layernorm(p, ln_weight, fold_scale, fold_shift, unscale, eps);
   // The LayerNorm rules of kShapeRules (there are none: at one row the default, c0, was the fastest for QKV
   // and lm_head in run U4's --sweep --fold, and within 1.2 % of c1 for MLP-up).
-  launch_config(config < 0 ? choose_config(M, N, K, true) : config, p, dtype, out_fp32, stream,
+  const int chosen = M >= 3 && M <= 8 ? kDefaultFold8 : choose_config(M, N, K, true);
+  launch_config(config < 0 ? chosen : config, p, dtype, out_fp32, stream,
                 std::make_index_sequence<kNumConfigs>{});
 }
 

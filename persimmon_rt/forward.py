@@ -44,7 +44,9 @@ REFERENCE_DECODE_ROWS = 16
 # token at one row (run U3), no change at two rows, slower from four (4.62 -> 4.82 ms) and at eight (4.75 ->
 # 7.21): each of the GEMV's many one-tile blocks stages all of x. int8 weights gain 0.13-0.15 ms a step at 1, 2,
 # 4 and 8 rows (runs V2, V5, V6): their persistent grids stage x once a block for all its tiles. At 16 rows
-# the staged x (131 KB a block) would leave one block an SM.
+# the staged x (131 KB a block) would leave one block an SM. The fp16 GEMV's persistent grid with the fold
+# (run F2) still lost at four and eight rows: 4.60 -> 4.76 and 4.76 -> 5.15 ms (its folded GEMVs take
+# ~5 us more than the plain ones, against 2.6 us for a LayerNorm kernel).
 FOLDED_LN_MAX_ROWS = 1
 FOLDED_LN_INT8_MAX_ROWS = 8
 # Decode buckets of up to this many rows take the fused qkv_attention_decode: measured on the H200 it saves

@@ -172,10 +172,10 @@ def run_and_check(M, N, K, dtype, residual, relu2, out_dtype=None, config=-1, bi
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_config(dtype):
-    """Every compiled tile configuration (pipelined ones run the one-stage loop of their tile shape)."""
+    """Every compiled tile configuration; the persistent ones walk several tiles on the x they staged once."""
     for config, name in enumerate(ops.DECODE_LINEAR_CONFIGS):
         for M in sorted({1, 7, int(name.split()[0][1:])}):
-            for N, K in [(83, 256), (300, 4096)]:
+            for N, K in [(83, 256), (300, 4096), (8200, 4096)]:
                 run_and_check(M, N, K, dtype, True, True, config=config)
                 run_and_check(M, N, K, dtype, False, False, out_dtype=torch.float32, config=config)
 

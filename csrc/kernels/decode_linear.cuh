@@ -575,7 +575,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
 }
 
 
-// ---- the pipelined loop (no LayerNorm prologue) ------------------------------------------------------
+// ---- the pipelined loop (no LayerNorm prologue; the folded LayerNorm optional) --------------------------
 // PipelinedGemvConfig adds the int8 GEMV's two knobs (decode_linear_int8.cuh explains them) to a
 // GemvConfig: STAGES = 2 requests a warp's next step of weights before this step's mma, so its stream
 // never drains between steps; PERSISTENT launches one wave of blocks that walk the 16-row tiles with a
@@ -583,7 +583,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
 // start, exit and first round trip are paid once per wave slot rather than once per tile (the waves'
 // tail is then a fraction of one tile, not of one block's whole share). The epilogue is the plain
 // strided loop of decode_linear_kernel; persistent blocks alternate two partial buffers (one barrier a
-// tile).
+// tile). LN_FOLD: the folded LayerNorm of decode_linear_kernel, x staged once a block (fold_stage_x) for
+// all its tiles: a persistent grid stages it once an SM slot instead of once a 16-row tile.
 template <int RT_, int MT_, int J_, int WARPS_, int MIN_BLOCKS_, int STAGES_, bool PERSISTENT_>
 struct PipelinedGemvConfig : GemvConfig<RT_, MT_, J_, WARPS_, MIN_BLOCKS_> {
   static_assert(STAGES_ == 1 || STAGES_ == 2, "one or two register stages");
@@ -592,13 +593,16 @@ struct PipelinedGemvConfig : GemvConfig<RT_, MT_, J_, WARPS_, MIN_BLOCKS_> {
 };
 
 // Grid: ceil(N / (16 * RT)) blocks, or with PERSISTENT at most MIN_BLOCKS per SM (each with a tile).
-template <typename T, typename OutT, typename Cfg>
+// LN_FOLD: dynamic shared memory M x fold_stage_stride(K) elements, as decode_linear_kernel's.
+template <typename T, typename OutT, typename Cfg, bool LN_FOLD = false>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
     decode_linear_pipelined_kernel(const DecodeLinearParams p) {
   constexpr int RT = Cfg::RT, MT = Cfg::MT, J = Cfg::J, WARPS = Cfg::WARPS, S = Cfg::STAGES;
   constexpr int kBufs = Cfg::PERSISTENT ? 2 : 1;
   constexpr int kVals = RT * MT * 4;
   __shared__ float s_partial[kBufs][WARPS][kVals][32];
+  __shared__ float2 s_rowsum[LN_FOLD ? WARPS : 1][LN_FOLD ? Cfg::kMaxM : 1];
+  extern __shared__ uint4 s_fold_x[];
 
   pdl_launch_dependents();
 
@@ -625,6 +629,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
   };
 
   const XRows<T, MT> xr(p.x, p.ldx, p.M, g, 8 * q);
+  // x fragments of the main loop: row 8t + g of the staged x (LN_FOLD), or of x.
+  T* const s_x = reinterpret_cast<T*>(s_fold_x);
+  const T* x_frag[MT];
+#pragma unroll
+  for (int t = 0; t < MT; ++t)
+    x_frag[t] = LN_FOLD ? s_x + (xr.ok[t] ? 8 * t + g : 0) * fold_stage_stride(K) + 8 * q : xr.row[t];
 
   float acc[RT][MT][4];
   const auto clear = [&] {
@@ -642,14 +652,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
     for (int j = 0; j < J; ++j) {
       const int c = c_begin + step * J + j;
 #pragma unroll
-      for (int t = 0; t < MT; ++t) xv[j][t] = in_range(c) && xr.ok[t] ? ld_x_16(xr.row[t] + c * kChunk) : zero;
+      for (int t = 0; t < MT; ++t) {
+        if constexpr (LN_FOLD) {
+          xv[j][t] = in_range(c) && xr.ok[t] ? *reinterpret_cast<const uint4*>(x_frag[t] + c * kChunk) : zero;
+        } else {
+          xv[j][t] = in_range(c) && xr.ok[t] ? ld_x_16(x_frag[t] + c * kChunk) : zero;
+        }
+      }
     }
 #pragma unroll
     for (int j = 0; j < J; ++j) mma_chunk<T, RT, MT>(acc, w[j], xv[j]);
   };
 
   const auto finish_tile = [&](int tile, int buf) {
-    strided_epilogue<T, OutT, Cfg>(s_partial[buf], acc, static_cast<int64_t>(tile) * Cfg::kRowsPerBlock, p);
+    strided_epilogue<T, OutT, Cfg, LN_FOLD>(s_partial[buf], acc, static_cast<int64_t>(tile) * Cfg::kRowsPerBlock, p,
+                                            &s_rowsum[0][0]);
   };
 
   clear();
@@ -660,6 +677,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS)
   for (int s = 0; s < S; ++s)
     if (s < items) load_weights(wv[s], s);
   pdl_wait();
+  if constexpr (LN_FOLD) {  // s_rowsum is read after the epilogue's barrier
+    fold_stage_x<T, Cfg>(static_cast<const T*>(p.x), static_cast<const T*>(p.ln_weight), p.ldx, p.M, K,
+                         c_begin * (kChunk / kVec), max(c_begin, c_end) * (kChunk / kVec), s_x, s_rowsum);
+  }
 
   int tile = blockIdx.x, step = 0, buf = 0;  // the tile and step being computed (persistent walk)
   for (int base = 0; base < items; base += S) {
