@@ -22,23 +22,10 @@
 
 #include "kernels/attention_decode.cuh"
 #include "kernels/ptx_sm90.cuh"
+#include "bulk_copy.cuh"
 
 namespace persimmon_rt {
 namespace attention {
-
-// Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) of contiguous global memory to shared
-// memory at `dst`, completing on `bar`; the L2 lines are marked evict-first (a stream read once).
-__device__ __forceinline__ void bulk_load_evict_first(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-#ifdef PRT_SM90A
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::
-          "r"(smem_addr(dst)),
-      "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
-      : "memory");
-#endif
-}
 
 constexpr int kBulkConsumers = 256;  // consumer threads; one more warp issues the copies
 constexpr int kBulkSplitAlign = 16;   // keys: short sequences use few splits
@@ -129,6 +116,7 @@ __global__ void __launch_bounds__(kBulkConsumers + 32, 1)
 
   if (tid >= kBulkConsumers) {
     if (tid == kBulkConsumers) {
+      const uint64_t policy = harness::evict_first_policy();
       const T* k_src = static_cast<const T*>(p.k_cache) + int64_t(seq) * p.cache_len * kRowElems;
       const T* v_src = static_cast<const T*>(p.v_cache) + int64_t(seq) * p.cache_len * kRowElems;
       unsigned claim = DYNAMIC ? atomicAdd(claims + seq, 1u) : 0;
@@ -153,10 +141,11 @@ __global__ void __launch_bounds__(kBulkConsumers + 32, 1)
         const uint32_t bytes = min(STAGE_KEYS, end - key0) * kRowBytes;
         sm90::mbar_arrive_expect_tx(&full[slot], COPIES == kCopyK ? bytes : 2 * bytes);
         T* dst = ring + slot * 2 * STAGE_KEYS * kRowElems;
-        bulk_load_evict_first(dst, k_src + int64_t(key0) * kRowElems, bytes, &full[slot]);
+        harness::bulk_copy_evict_first(dst, k_src + int64_t(key0) * kRowElems, bytes, &full[slot], policy);
         const int v_key = COPIES == kCopyKVShifted ? (key0 + kv_len / 2) % (kv_len - STAGE_KEYS + 1) : key0;
         if (COPIES != kCopyK)
-          bulk_load_evict_first(dst + STAGE_KEYS * kRowElems, v_src + int64_t(v_key) * kRowElems, bytes, &full[slot]);
+          harness::bulk_copy_evict_first(dst + STAGE_KEYS * kRowElems, v_src + int64_t(v_key) * kRowElems, bytes,
+                                         &full[slot], policy);
       }
     }
     return;

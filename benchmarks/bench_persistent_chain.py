@@ -44,7 +44,7 @@ class ChainLibrary:
         here = os.path.dirname(os.path.abspath(__file__))
         root = os.path.normpath(os.path.join(here, ".."))
         path = os.path.join(root, "build", "dev", "libpersistent_chain.so")
-        sources = [os.path.join(here, name) for name in ("persistent_chain.cu", "persistent_chain.cuh")]
+        sources = [os.path.join(here, name) for name in ("persistent_chain.cu", "persistent_chain.cuh", "bulk_copy.cuh")]
         if not os.path.exists(path) or os.path.getmtime(path) < max(os.path.getmtime(f) for f in sources):
             nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
             os.makedirs(os.path.dirname(path), exist_ok=True)

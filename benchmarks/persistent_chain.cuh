@@ -47,6 +47,7 @@
 
 #include "kernels/decode_linear_int8.cuh"
 #include "kernels/ptx_sm90.cuh"
+#include "bulk_copy.cuh"
 
 namespace persimmon_rt {
 namespace chain {
@@ -57,6 +58,9 @@ using sm90::mbar_arrive_expect_tx;
 using sm90::mbar_init;
 using sm90::mbar_wait;
 using sm90::named_barrier_sync;
+using harness::bulk_copy_evict_first;
+using harness::evict_first_policy;
+using harness::tma_2d_evict_first;
 
 struct OpDesc {
   const char* w;           // packed pages (see above), or the row-major weights (LAYOUT 1-2)
@@ -101,47 +105,6 @@ constexpr int chain_min_blocks() {
   return chain_smem_bytes<PK, R, C, CH, FW, INT8, LAYOUT>() <= 113 * 1024 ? 2 : 1;
 }
 
-__device__ __forceinline__ void grid_dependency_wait() {
-#ifdef PRT_SM90A
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void grid_launch_dependents() {
-#ifdef PRT_SM90A
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void bulk_copy_evict_first(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
-                                                      uint64_t policy) {
-#ifdef PRT_SM90A
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::
-          "r"(smem_addr(dst)),
-      "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
-      : "memory");
-#endif
-}
-
-__device__ __forceinline__ void tma_2d_evict_first(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
-                                                   uint64_t policy) {
-#ifdef PRT_SM90A
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], "
-      "[%1, {%2, %3}], [%4], %5;\n" ::"r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "l"(policy)
-      : "memory");
-#endif
-}
-
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t policy = 0;
-#ifdef PRT_SM90A
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-#endif
-  return policy;
-}
 
 __device__ __forceinline__ unsigned ld_acquire_gpu_u32(const unsigned* p) {
   unsigned v;
@@ -254,7 +217,7 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, (chain_min_blocks<PK, R, C,
     }
     fence_barrier_init();
   }
-  if (flags & kPdl) grid_launch_dependents();  // the next op's blocks may become resident now
+  if (flags & kPdl) pdl_launch_dependents();  // the next op's blocks may become resident now
   __syncthreads();
 
   if (warp == C + FW) {  // producer
@@ -306,7 +269,7 @@ __global__ void __launch_bounds__((C + FW + 1) * 32, (chain_min_blocks<PK, R, C,
     return claim;
   };
 
-  if (flags & kPdl) grid_dependency_wait();  // x and residual are the previous launch's outputs
+  if (flags & kPdl) pdl_wait();  // x and residual are the previous launch's outputs
 
   if (warp >= C) {  // finishers
     const int f = warp - C;
