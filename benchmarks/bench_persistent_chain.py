@@ -44,7 +44,8 @@ class ChainLibrary:
         here = os.path.dirname(os.path.abspath(__file__))
         root = os.path.normpath(os.path.join(here, ".."))
         path = os.path.join(root, "build", "dev", "libpersistent_chain.so")
-        sources = [os.path.join(here, name) for name in ("persistent_chain.cu", "persistent_chain.cuh", "bulk_copy.cuh")]
+        names = ("persistent_chain.cu", "persistent_chain.cuh", "bulk_copy.cuh")
+        sources = [os.path.join(here, name) for name in names]
         if not os.path.exists(path) or os.path.getmtime(path) < max(os.path.getmtime(f) for f in sources):
             nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -63,7 +64,8 @@ class ChainLibrary:
         lib.chain_error_string.restype = ctypes.c_char_p
         self.lib = lib
         self.desc_bytes = lib.chain_desc_bytes()
-        lib.chain_encode_map.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
+        lib.chain_encode_map.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
+                                         ctypes.c_int]
         self.variants = []  # (page k, pages a unit, int8 weights, weight layout: 0 packed, 1 tensor maps)
         for v in range(lib.chain_num_variants()):
             fields = [ctypes.c_int() for _ in range(4)]
