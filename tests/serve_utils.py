@@ -28,6 +28,43 @@ def demo_engine(max_batch_size: int = 8, max_seq_len: int = MAX_SEQ_LEN, device:
                                   max_batch_size=max_batch_size, max_seq_len=max_seq_len)
 
 
+class StepGate:
+    """Holds an engine's scheduler at step boundaries, so a test can make the server busy for as long as it
+    needs instead of racing a generation that a fast machine finishes first. `allow(n)` lets n more steps
+    run, `open()` lets every step run; the scheduler thread waits before any step beyond what was allowed."""
+
+    def __init__(self, engine: Engine):
+        self._cond = threading.Condition()
+        self._left: int | None = None            # None: open
+        build = engine.scheduler
+
+        def gated_scheduler(*args, **kwargs):
+            scheduler = build(*args, **kwargs)
+            step = scheduler.step
+
+            def gated_step():
+                with self._cond:
+                    self._cond.wait_for(lambda: self._left is None or self._left > 0)
+                    if self._left is not None:
+                        self._left -= 1
+                return step()
+
+            scheduler.step = gated_step
+            return scheduler
+
+        engine.scheduler = gated_scheduler
+
+    def allow(self, steps: int) -> None:
+        with self._cond:
+            self._left = steps
+            self._cond.notify_all()
+
+    def open(self) -> None:
+        with self._cond:
+            self._left = None
+            self._cond.notify_all()
+
+
 class InProcessServer:
     """uvicorn serving the app in a thread, on a socket bound here (port 0: a free one)."""
 

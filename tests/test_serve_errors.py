@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 from persimmon_rt import cli  # noqa: E402
 from persimmon_rt.serving import create_app  # noqa: E402
 
-from serve_utils import MAX_SEQ_LEN, MODEL, InProcessServer, demo_engine, metric  # noqa: E402
+from serve_utils import MAX_SEQ_LEN, MODEL, InProcessServer, StepGate, demo_engine, metric  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,21 +118,39 @@ def test_the_official_client_raises_its_own_errors(server):
         client.completions.create(model=MODEL, prompt="x", temperature=3)
 
 
-def test_a_full_queue_answers_429_with_retry_after(server):
-    """One row, one queue place: a running stream holds the row, a second request waits, the third is
-    refused; when the first client leaves, the waiting one is served."""
+@pytest.fixture
+def one_row_server():
+    """One row, one queue place, and a gate on the scheduler's steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = demo_engine(max_batch_size=1)
+    gate = StepGate(engine)
+    with InProcessServer(create_app(engine, model_name=MODEL, max_queue=1)) as s:
+        yield s, gate
+        gate.open()
+    torch.set_num_threads(threads)
+
+
+def test_a_full_queue_answers_429_with_retry_after(one_row_server):
+    """A running stream holds the only row, a second request waits, the third is refused; when the first
+    client leaves, the waiting one is served. The running stream is held after a few steps (far short of its
+    max_tokens), so it still holds the row when the other two arrive, however fast the machine."""
+    server, gate = one_row_server
     long = completion(max_tokens=MAX_SEQ_LEN - 8, temperature=0, stream=True)
+    gate.allow(16)
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             async with client.stream("POST", "/v1/completions", json=long) as running:
-                await anext(running.aiter_lines())
+                lines = running.aiter_lines()    # held: an abandoned line iterator may close the stream when collected
+                await anext(lines)
                 waiting = asyncio.ensure_future(client.post("/v1/completions", json=completion(max_tokens=3)))
                 for _ in range(3000):
                     if server.state.worker.queue_depth() >= 1:
                         break
                     await asyncio.sleep(0.01)
                 refused = await client.post("/v1/completions", json=completion(max_tokens=3))
+                gate.open()
             return refused, await waiting
 
     refused, waited = asyncio.run(run())
