@@ -36,7 +36,7 @@ def make_case(M, N, K, dtype, device, bias=True, residual=False, x_mean=1.0, ln_
     w = torch.randn(N, K, device=device, dtype=dtype).mul_(K ** -0.5)
     b = torch.randn(N, device=device, dtype=dtype).mul_(0.5) if bias else None
     r = torch.randn(M, N, device=device, dtype=dtype) if residual else None
-    lw = 1 + 0.2 * torch.randn(K, device=device)
+    lw = (1 + 0.2 * torch.randn(K, device=device)).clamp(max=ln_peak)   # ln_peak is the largest: a fixed unscale
     lw[0] = ln_peak
     lb = 0.2 * torch.randn(K, device=device)
     return x, w, b, r, lw.to(dtype), lb.to(dtype)

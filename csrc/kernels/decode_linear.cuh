@@ -30,7 +30,9 @@
 //
 // Programmatic dependent launch: the kernel lets its successor be scheduled at once, loads its first
 // weights (constants: no predecessor writes them), and only then waits for the predecessor grid
-// before it reads x or residual or writes out.
+// before it reads x or residual or writes out. The one-tile kernel with the folded LayerNorm or a residual
+// also reads its epilogue's constants before the wait and its residual right after it (SlotInputs), so a
+// block's end waits only for its partial sums.
 #pragma once
 
 #include <cstdint>
@@ -330,6 +332,47 @@ __device__ __forceinline__ void gemv_epilogue(float (&s_partial)[Cfg::WARPS][Cfg
   }
 }
 
+// One output's epilogue inputs, read long before its partial sums meet: the per-output constants (bias, or
+// the folded LayerNorm's shift and scale) before the kernel's dependency wait, the residual right after it.
+// Then a block's epilogue waits only for its partial sums, not for another memory round trip at its end.
+// In every fp16 configuration a thread finishes at most one output of its tile (kEpilogueRounds == 1).
+// bias and residual stay in T until the epilogue: converting them at once would make the warp wait for the
+// load right there.
+template <typename T>
+struct SlotInputs {
+  float shift = 0.f, scale = 0.f;  // folded LayerNorm
+  T bias, residual;                // read only where p.bias / p.residual are given
+};
+
+template <typename T, typename Cfg, bool FOLD>
+__device__ __forceinline__ SlotInputs<T> load_slot_constants(const DecodeLinearParams& p, int64_t n0) {
+  static_assert(kEpilogueRounds<Cfg> == 1, "one output a thread");
+  SlotInputs<T> in;
+  int64_t n;
+  int m;
+  epilogue_slot<Cfg>(threadIdx.x, n0, n, m);
+  if (threadIdx.x < kEpilogueSlots<Cfg> && n < p.N && m < p.M) {
+    if constexpr (FOLD) {
+      in.shift = __ldg(p.ln_fold_shift + n);
+      in.scale = __ldg(p.ln_fold_scale + n);
+    } else if (p.bias != nullptr) {
+      in.bias = __ldg(static_cast<const T*>(p.bias) + n);
+    }
+  }
+  return in;
+}
+
+// After the dependency wait (the residual is the previous kernels' output). Plain load: residual may alias
+// out, which this thread alone writes, later.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void load_slot_residual(SlotInputs<T>& in, const DecodeLinearParams& p, int64_t n0) {
+  int64_t n;
+  int m;
+  epilogue_slot<Cfg>(threadIdx.x, n0, n, m);
+  if (p.residual != nullptr && threadIdx.x < kEpilogueSlots<Cfg> && n < p.N && m < p.M)
+    in.residual = static_cast<const T*>(p.residual)[static_cast<int64_t>(m) * p.N + n];
+}
+
 // The fp16 GEMV's epilogue (the same sum and epilogue as gemv_epilogue, which the int8 GEMV uses, as a
 // plain strided loop: through gemv_epilogue the fp16 decode step measured 0.19 ms slower at one row and
 // 0.22 ms at eight on the H200, benchmarks/RESULTS.md run K). Stores this warp's accumulators into
@@ -338,10 +381,13 @@ __device__ __forceinline__ void gemv_epilogue(float (&s_partial)[Cfg::WARPS][Cfg
 // FOLD (the folded LayerNorm): the warps' row sums s_rowsum (fold_stage_x, written before the barrier) give
 // each row's mean and rstd (fp32, E[x^2] - mean^2, clamped at 0), and y = unscale rstd (acc - mean s) + c
 // takes the bias's place.
-template <typename T, typename OutT, typename Cfg, bool FOLD = false>
+// PRE and use_pre: the output's bias / fold constants and residual come from `pre` (load_slot_constants,
+// load_slot_residual) instead of memory.
+template <typename T, typename OutT, typename Cfg, bool FOLD = false, bool PRE = false>
 __device__ __forceinline__ void strided_epilogue(float (&s_partial)[Cfg::WARPS][Cfg::RT * Cfg::MT * 4][32],
                                                  const float (&acc)[Cfg::RT][Cfg::MT][4], int64_t n0,
-                                                 const DecodeLinearParams& p, const float2* s_rowsum = nullptr) {
+                                                 const DecodeLinearParams& p, const float2* s_rowsum = nullptr,
+                                                 const SlotInputs<T>& pre = SlotInputs<T>{}, bool use_pre = false) {
   constexpr int kVals = Cfg::RT * Cfg::MT * 4;
   store_partials<Cfg>(s_partial, acc);
 
@@ -368,16 +414,17 @@ __device__ __forceinline__ void strided_epilogue(float (&s_partial)[Cfg::WARPS][
       const float mean = xs * inv_k;
       const float var = fmaxf(xq * inv_k - mean * mean, 0.f);
       const float rstd = rsqrtf(var + p.eps) * p.ln_fold_unscale;
-      y = rstd * (y - mean * p.ln_fold_scale[n]) + p.ln_fold_shift[n];
+      y = PRE && use_pre ? rstd * (y - mean * pre.scale) + pre.shift
+                         : rstd * (y - mean * p.ln_fold_scale[n]) + p.ln_fold_shift[n];
     } else if (bias != nullptr) {
-      y += to_float(bias[n]);
+      y += to_float(PRE && use_pre ? pre.bias : bias[n]);
     }
     if (p.relu2) {
       const float r = y < 0.f ? 0.f : y;  // not fmaxf: relu must keep a NaN, as torch.relu does
       y = r * r;
     }
     const int64_t o = static_cast<int64_t>(m) * p.N + n;
-    if (residual != nullptr) y += to_float(residual[o]);
+    if (residual != nullptr) y += to_float(PRE && use_pre ? pre.residual : residual[o]);
     store_out(out + o, y);
   }
 }
@@ -510,10 +557,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
           wv[j][rt][h] = ok && w_ok[rt][h] ? ld_weight_16<Cfg::L2_256B>(w_row[rt][h] + (c + j) * kChunk) : zero;
     }
   };
-  // The first step's weights go out before the wait: they are constants, and the predecessor's tail
-  // hides their latency.
+  // The first step's weights go out before the wait: they are constants, and the predecessor's tail hides
+  // their latency. So do the epilogue's constants, and the residual right after the wait, where that was
+  // measured to pay on the H200 (benchmarks/RESULTS.md, runs E1-E3): the folded LayerNorm's, and a GEMV's that
+  // adds into the residual stream (-0.11 ms a token at one row); a GEMV with a bias alone lost (+0.07 ms a
+  // step at eight rows). Not with the LN prologue, whose registers are taken.
   if (c_begin < c_end) load_weights(c_begin);
+  constexpr bool kPre = !LN;
+  const bool early = kPre && (LN_FOLD || p.residual != nullptr);
+  SlotInputs<T> pre;
+  if (early) pre = load_slot_constants<T, Cfg, LN_FOLD>(p, n0);
   pdl_wait();
+  if (early) load_slot_residual<T, Cfg>(pre, p, n0);
 
   float ln_mean[MT], ln_rstd[MT];
   const T* ln_w = LN ? static_cast<const T*>(p.ln_weight) + 8 * q : nullptr;
@@ -571,7 +626,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
     if (c + J < c_end) load_weights(c + J);
   }
 
-  strided_epilogue<T, OutT, Cfg, LN_FOLD>(s_partial, acc, n0, p, &s_rowsum[0][0]);
+  strided_epilogue<T, OutT, Cfg, LN_FOLD, kPre>(s_partial, acc, n0, p, &s_rowsum[0][0], pre, early);
 }
 
 
