@@ -335,7 +335,8 @@ __device__ __forceinline__ void gemv_epilogue(float (&s_partial)[Cfg::WARPS][Cfg
 // One output's epilogue inputs, read long before its partial sums meet: the per-output constants (bias, or
 // the folded LayerNorm's shift and scale) before the kernel's dependency wait, the residual right after it.
 // Then a block's epilogue waits only for its partial sums, not for another memory round trip at its end.
-// In every fp16 configuration a thread finishes at most one output of its tile (kEpilogueRounds == 1).
+// In every configuration of decode_linear_kernel a thread finishes at most one output of its tile
+// (kEpilogueRounds == 1).
 // bias and residual stay in T until the epilogue: converting them at once would make the warp wait for the
 // load right there.
 template <typename T>
