@@ -155,6 +155,18 @@ def test_engine_decode_with_folded_layernorms_equals_reference(monkeypatch):
 
 # ---- CUDA kernel ------------------------------------------------------------------------------------
 
+def check_fold_against_fp32(out, ref, lowp, fold_fp32):
+    """check_against_fp32 with a baseline that allows for the fold itself: the worse of plain PyTorch's
+    unfolded op in the low precision (`lowp`) and the fold's fp32 reference rounded once to out's dtype.
+    The fold subtracts mean * (W ln_weight) from x (W ln_weight), which cancels in fp32 where the row mean is
+    large, so near a rounding boundary the exactly rounded fold can land an ulp from where plain PyTorch
+    does: on the H200, 7 of 500 one-row, N = 83 draws of the int8 kernel were above twice plain PyTorch's
+    error, each with exactly the error of the reference fold rounded once (benchmarks/RESULTS.md, run D2)."""
+    rounded = fold_fp32.to(out.dtype)
+    baseline = rounded if max_abs_err(rounded, ref) > max_abs_err(lowp, ref) else lowp
+    check_against_fp32(out, ref, baseline)
+
+
 def run_and_check(M, N, K, dtype, residual, relu2, out_dtype=None, config=-1, bias=True):
     out_dtype = out_dtype or dtype
     x, w, b, r, lw, lb = make_case(M, N, K, dtype, "cuda", bias, residual)
@@ -162,10 +174,10 @@ def run_and_check(M, N, K, dtype, residual, relu2, out_dtype=None, config=-1, bi
     out = torch.full((M, N), float("nan"), dtype=out_dtype, device="cuda")
     torch.ops.persimmon_rt.decode_linear_folded_ln(x, w, fold.ln_weight, fold.scale, fold.shift, r, out, relu2, EPS,
                                                    fold.unscale, config)
-    check_against_fp32(out, unfolded_fp32(x, w, b, r, lw, lb, relu2),
-                       lowp_composition(x, w, b, r, lw, lb, relu2, out_dtype))
-    # And against its own reference (same fold, same rounding of x * ln_weight): only the summation order differs.
+    # Its own reference (same fold, same rounding of x * ln_weight): only the summation order differs.
     want = folded(x, w, b, r, lw, lb, relu2, torch.float32)
+    check_fold_against_fp32(out, unfolded_fp32(x, w, b, r, lw, lb, relu2),
+                            lowp_composition(x, w, b, r, lw, lb, relu2, out_dtype), want)
     assert max_abs_err(out, want) <= 2 * max_abs_err(want.to(out_dtype), want) + 1e-3 * want.abs().max().item()
 
 
@@ -304,8 +316,8 @@ def int8_run_and_check(M, N, K, dtype, residual, relu2, out_dtype=None, config=-
     out = int8_folded(x, qw, b, r, lw, lb, relu2, out_dtype, device_op=True, config=config)
     want = int8_unfolded_fp32(x, qw, b, r, lw, lb, relu2)
     w_lowp = (qw.qweight.float() * qw.scale[:, None]).to(dtype)       # the dequantized weight, rounded once
-    check_against_fp32(out, want, lowp_composition(x, w_lowp, b, r, lw, lb, relu2, out_dtype))
     own = int8_folded(x, qw, b, r, lw, lb, relu2, torch.float32)
+    check_fold_against_fp32(out, want, lowp_composition(x, w_lowp, b, r, lw, lb, relu2, out_dtype), own)
     assert max_abs_err(out, own) <= 2 * max_abs_err(own.to(out_dtype), own) + 1e-3 * own.abs().max().item()
 
 
