@@ -3,15 +3,17 @@
 CPU tests check the fold algebra (the folded reference against LayerNorm then decode_linear in fp32, with a
 residual stream far from zero mean and LayerNorm weights above 1), its error in fp16 / bf16 against the
 unfolded op's, the scaling that keeps x * ln_weight finite, bad parameters, and the engine's folded decode
-path against the reference model. CUDA tests check the kernel against the unfolded fp32 reference (error at most twice that of plain
-PyTorch's LayerNorm + linear in the same precision) and its own reference on awkward and Persimmon shapes,
-every epilogue, fp32 output, a NaN-poisoned output, residual aliasing out, every tile configuration, opcheck,
-bad arguments and CUDA-graph replay.
+path against the reference model. CUDA tests check the kernel against the unfolded fp32 reference (error at
+most twice the worse of plain PyTorch's LayerNorm + linear in the same precision and the reference fold
+rounded once) and its own reference on awkward and Persimmon shapes, every epilogue, fp32 output, a
+NaN-poisoned output, residual aliasing out, every tile configuration, opcheck, bad arguments and CUDA-graph
+replay.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -82,13 +84,22 @@ def test_fold_equals_layernorm_then_linear_in_fp32(bias, residual, relu2):
     torch.testing.assert_close(got, unfolded_fp32(x, w, b, r, lw, lb, relu2), rtol=1e-4, atol=1e-4)
 
 
+def half_ulp(ref: torch.Tensor, dtype) -> float:
+    """Half an ulp of `dtype` at the largest magnitude in ref: how far any result rounded once can land."""
+    peak = ref.abs().max().item()
+    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(peak)) / 2 if peak > 0 else 0.0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("residual,relu2", EPILOGUES)
 def test_fold_in_low_precision_is_as_accurate_as_the_unfolded_op(dtype, residual, relu2):
+    """Within twice plain PyTorch's error plus half an ulp of the output: the fold's fp32 cancellation can move
+    a result across a rounding boundary where plain PyTorch's happened to round well (in 7 of 40000 seeded
+    draws the plain bound alone failed, each by less than that half ulp; benchmarks/RESULTS.md, fourteenth session)."""
     x, w, b, r, lw, lb = make_case(4, 96, 256, dtype, "cpu", True, residual)
     ref = unfolded_fp32(x, w, b, r, lw, lb, relu2)
     got = folded(x, w, b, r, lw, lb, relu2, dtype)
-    check_against_fp32(got, ref, lowp_composition(x, w, b, r, lw, lb, relu2, dtype))
+    check_against_fp32(got, ref, lowp_composition(x, w, b, r, lw, lb, relu2, dtype), floor=half_ulp(ref, dtype))
 
 
 def test_ln_weight_is_scaled_to_at_most_one_exactly():
