@@ -118,9 +118,11 @@ def test_large_residual_stream_stays_finite_in_fp16():
     x[:, 0] = 3e4                                     # times ln_weight[0] = 4
     assert torch.isfinite(x).all() and not torch.isfinite(x * lw).all()
     got = folded(x, w, b, None, lw, lb, False, torch.float16)
-    check_against_fp32(got, unfolded_fp32(x, w, b, None, lw, lb, False),
-                       lowp_composition(x.float(), w.float(), b.float(), None, lw.float(), lb.float(), False,
-                                        torch.float32).to(torch.float16))
+    ref = unfolded_fp32(x, w, b, None, lw, lb, False)
+    # The half-ulp floor as in test_fold_in_low_precision_is_as_accurate_as_the_unfolded_op: without it 15 of
+    # 3000 seeded draws failed (the mean here is ~1e4, so the fold's cancellation is large); with it 0 of 6000.
+    check_against_fp32(got, ref, lowp_composition(x.float(), w.float(), b.float(), None, lw.float(), lb.float(), False,
+                                                  torch.float32).to(torch.float16), floor=half_ulp(ref, torch.float16))
 
 
 def test_fold_rejects_bad_parameters():
