@@ -382,9 +382,9 @@ __device__ __forceinline__ void load_slot_residual(SlotInputs<T>& in, const Deco
 // FOLD (the folded LayerNorm): the warps' row sums s_rowsum (fold_stage_x, written before the barrier) give
 // each row's mean and rstd (fp32, E[x^2] - mean^2, clamped at 0), and y = unscale rstd (acc - mean s) + c
 // takes the bias's place.
-// PRE and use_pre: the output's bias / fold constants and residual come from `pre` (load_slot_constants,
+// use_pre: the output's bias / fold constants and residual come from `pre` (load_slot_constants,
 // load_slot_residual) instead of memory.
-template <typename T, typename OutT, typename Cfg, bool FOLD = false, bool PRE = false>
+template <typename T, typename OutT, typename Cfg, bool FOLD = false>
 __device__ __forceinline__ void strided_epilogue(float (&s_partial)[Cfg::WARPS][Cfg::RT * Cfg::MT * 4][32],
                                                  const float (&acc)[Cfg::RT][Cfg::MT][4], int64_t n0,
                                                  const DecodeLinearParams& p, const float2* s_rowsum = nullptr,
@@ -415,17 +415,17 @@ __device__ __forceinline__ void strided_epilogue(float (&s_partial)[Cfg::WARPS][
       const float mean = xs * inv_k;
       const float var = fmaxf(xq * inv_k - mean * mean, 0.f);
       const float rstd = rsqrtf(var + p.eps) * p.ln_fold_unscale;
-      y = PRE && use_pre ? rstd * (y - mean * pre.scale) + pre.shift
-                         : rstd * (y - mean * p.ln_fold_scale[n]) + p.ln_fold_shift[n];
+      y = use_pre ? rstd * (y - mean * pre.scale) + pre.shift
+              : rstd * (y - mean * p.ln_fold_scale[n]) + p.ln_fold_shift[n];
     } else if (bias != nullptr) {
-      y += to_float(PRE && use_pre ? pre.bias : bias[n]);
+      y += to_float(use_pre ? pre.bias : bias[n]);
     }
     if (p.relu2) {
       const float r = y < 0.f ? 0.f : y;  // not fmaxf: relu must keep a NaN, as torch.relu does
       y = r * r;
     }
     const int64_t o = static_cast<int64_t>(m) * p.N + n;
-    if (residual != nullptr) y += to_float(PRE && use_pre ? pre.residual : residual[o]);
+    if (residual != nullptr) y += to_float(use_pre ? pre.residual : residual[o]);
     store_out(out + o, y);
   }
 }
@@ -564,8 +564,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
   // adds into the residual stream (-0.11 ms a token at one row); a GEMV with a bias alone lost (+0.07 ms a
   // step at eight rows). Not with the LN prologue, whose registers are taken.
   if (c_begin < c_end) load_weights(c_begin);
-  constexpr bool kPre = !LN;
-  const bool early = kPre && (LN_FOLD || p.residual != nullptr);
+  const bool early = !LN && (LN_FOLD || p.residual != nullptr);
   SlotInputs<T> pre;
   if (early) pre = load_slot_constants<T, Cfg, LN_FOLD>(p, n0);
   pdl_wait();
@@ -627,7 +626,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::MIN_BLOCKS) decode_linear_
     if (c + J < c_end) load_weights(c + J);
   }
 
-  strided_epilogue<T, OutT, Cfg, LN_FOLD, kPre>(s_partial, acc, n0, p, &s_rowsum[0][0], pre, early);
+  strided_epilogue<T, OutT, Cfg, LN_FOLD>(s_partial, acc, n0, p, &s_rowsum[0][0], pre, early);
 }
 
 
